@@ -1,0 +1,138 @@
+// Host-side glue shared by the CPU and CUDA launchers: argument checks (one wording for every
+// backend) and the canonical view of an (N, C, *) input that the kernels work on.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+
+namespace fusedbn {
+
+// The two memory layouts the kernels know. Anything else is copied into kContiguous first.
+enum class Layout {
+  kContiguous,    // (N, C, S) with S = prod(spatial): planes of S values per (n, c)
+  kChannelsLast,  // (N*S, C): rows of C values, channel fastest
+};
+
+struct Geometry {
+  int64_t N = 0;
+  int64_t C = 0;
+  int64_t S = 1;  // spatial size, 1 for (N, C)
+  Layout layout = Layout::kContiguous;
+  int64_t rows() const { return N * S; }        // values per channel
+  int64_t numel() const { return N * C * S; }
+};
+
+inline bool is_float_dtype(c10::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Accumulation type: float64 for float64 input, float32 for everything else.
+inline c10::ScalarType acc_dtype(c10::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_input(const at::Tensor& input, const char* op) {
+  TORCH_CHECK(input.defined(), "fusedbn.", op, ": input must be a tensor, got None");
+  TORCH_CHECK(input.dim() >= 2, "fusedbn.", op,
+              ": input must have at least 2 dimensions (N, C, *), got ", input.dim(), "D input");
+  TORCH_CHECK_TYPE(is_float_dtype(input.scalar_type()), "fusedbn.", op,
+                   ": input must be float32, float64, float16 or bfloat16, got ",
+                   input.scalar_type());
+}
+
+// True when the strides are those of a dense channels-last tensor of any rank: C fastest, then the
+// spatial dimensions in order, then N. Sizes of 1 may carry any stride.
+inline bool is_channels_last_dense(const at::Tensor& t) {
+  const int64_t d = t.dim();
+  if (d < 3) return false;
+  int64_t expected = 1;
+  auto ok = [&](int64_t dim) {
+    if (t.size(dim) != 1 && t.stride(dim) != expected) return false;
+    expected *= t.size(dim);
+    return true;
+  };
+  if (!ok(1)) return false;
+  for (int64_t k = d - 1; k >= 2; --k)
+    if (!ok(k)) return false;
+  return ok(0);
+}
+
+// Picks the layout the kernels will read. Returns the tensor to read (the input itself, or a
+// contiguous copy when the input is neither contiguous nor dense channels-last).
+inline at::Tensor canonicalize(const at::Tensor& input, Geometry& g) {
+  g.N = input.size(0);
+  g.C = input.size(1);
+  g.S = 1;
+  for (int64_t k = 2; k < input.dim(); ++k) g.S *= input.size(k);
+  if (g.S == 1 && input.is_contiguous()) {
+    g.layout = Layout::kChannelsLast;  // (N, C): rows of C values
+    return input;
+  }
+  if (input.is_contiguous()) {
+    g.layout = Layout::kContiguous;
+    return input;
+  }
+  if (is_channels_last_dense(input)) {
+    g.layout = Layout::kChannelsLast;
+    return input;
+  }
+  g.layout = Layout::kContiguous;
+  return input.contiguous();
+}
+
+// A per-channel tensor argument (weight, bias, running statistics): shape (C,), floating dtype
+// equal to the input's or float32, same device as the input.
+inline void check_channel_tensor(const at::Tensor& t, const char* name, const at::Tensor& input,
+                                 const char* op) {
+  const int64_t C = input.size(1);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "fusedbn.", op, ": ", name,
+              " must have shape (", C, ",) to match the ", C, " channels of input (dim 1), got ",
+              t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type() || t.scalar_type() == at::kFloat,
+                   "fusedbn.", op, ": ", name, " must be ", input.scalar_type(),
+                   " (the input's dtype) or float32, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "fusedbn.", op, ": ", name,
+              " must be on the input's device ", input.device(), ", got ", t.device());
+}
+
+inline void check_optional_channel_tensor(const c10::optional<at::Tensor>& t, const char* name,
+                                          const at::Tensor& input, const char* op) {
+  if (t.has_value() && t->defined()) check_channel_tensor(*t, name, input, op);
+}
+
+// weight and bias share one dtype when both are given (the kernels read them as one type).
+inline void check_weight_bias_dtypes(const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& bias, const char* op) {
+  if (weight.has_value() && weight->defined() && bias.has_value() && bias->defined()) {
+    TORCH_CHECK_TYPE(weight->scalar_type() == bias->scalar_type(), "fusedbn.", op,
+                     ": weight and bias must have the same dtype, got ", weight->scalar_type(),
+                     " and ", bias->scalar_type());
+  }
+}
+
+// Saved per-channel statistics (mean, invstd, var): shape (C,), the accumulation dtype.
+inline void check_stat_tensor(const at::Tensor& t, const char* name, const at::Tensor& input,
+                              const char* op) {
+  const int64_t C = input.size(1);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "fusedbn.", op, ": ", name, " must have shape (",
+              C, ",), got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == acc_dtype(input.scalar_type()), "fusedbn.", op, ": ", name,
+                   " must be ", acc_dtype(input.scalar_type()), " for ", input.scalar_type(),
+                   " input, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "fusedbn.", op, ": ", name,
+              " must be on the input's device ", input.device(), ", got ", t.device());
+}
+
+inline bool defined(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Output allocated in the layout the kernels write: the input's memory format.
+inline at::Tensor empty_output(const at::Tensor& canonical_input) {
+  return at::empty_like(canonical_input, at::MemoryFormat::Preserve);
+}
+
+}  // namespace fusedbn

@@ -1,0 +1,41 @@
+// The one place where fusedbn's operator schemas are declared. Backends add kernels with
+// TORCH_LIBRARY_IMPL(fusedbn, CPU|CUDA, m) in their own files; a CPU-only build registers no CUDA
+// kernels and the dispatcher reports the missing backend (fusedbn/ops.py turns that into advice).
+//
+// Conventions shared by every backend:
+//  * input is (N, C, *) of float32/float64/float16/bfloat16, any layout; the output keeps the
+//    input's memory format (channels_last / channels_last_3d included).
+//  * weight/bias/running statistics are float32 or the input's dtype.
+//  * mean, invstd and var are per-channel tensors of the accumulation type: float64 for float64
+//    input, float32 otherwise.
+//  * Differentiable ops are functional; the running-statistics update is its own op, whose
+//    mutation is declared in the schema.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fusedbn, m) {
+  // Batch statistics (Welford) + normalize + affine in one op.
+  // Returns y, the batch mean, 1/sqrt(var + eps) and the biased batch variance (the variance is
+  // returned so that the running-statistics update does not have to rebuild it from invstd).
+  m.def(
+      "forward_train(Tensor input, Tensor? weight, Tensor? bias, float eps)"
+      " -> (Tensor output, Tensor mean, Tensor invstd, Tensor var)");
+  // Normalization with the running statistics (eval mode): a per-channel affine map.
+  m.def(
+      "forward_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean,"
+      " Tensor running_var, float eps) -> Tensor");
+  // Backward. train=True: mean/invstd are the batch statistics and dx carries the terms through
+  // the statistics; train=False: mean/invstd come from the running statistics, dx = dy*w*invstd.
+  // output_mask selects (grad_input, grad_weight, grad_bias); a result not asked for is returned
+  // as an empty tensor. grad_weight/grad_bias take weight's dtype (the accumulation type when
+  // weight is None).
+  m.def(
+      "backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd,"
+      " bool train, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight,"
+      " Tensor grad_bias)");
+  // running = (1 - f) * running + f * batch, with the variance made unbiased by count/(count-1).
+  // f = momentum, or 1/num_batches_tracked (read on the device) when momentum is None.
+  // count == 0 (an empty batch) leaves the statistics untouched, as torch does.
+  m.def(
+      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean,"
+      " Tensor var, SymInt count, float? momentum, Tensor? num_batches_tracked) -> ()");
+}
