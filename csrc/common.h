@@ -135,4 +135,10 @@ inline at::Tensor empty_output(const at::Tensor& canonical_input) {
   return at::empty_like(canonical_input, at::MemoryFormat::Preserve);
 }
 
+// grad_output with exactly the strides of the canonical input x, so that one offset addresses both.
+inline at::Tensor match_layout(const at::Tensor& grad_output, const at::Tensor& x) {
+  if (grad_output.strides() == x.strides()) return grad_output;
+  return at::empty_like(x, at::MemoryFormat::Preserve).copy_(grad_output);
+}
+
 }  // namespace fusedbn

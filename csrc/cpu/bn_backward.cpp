@@ -1,0 +1,165 @@
+// CPU backward: per-channel sums of dy and dy * (x - mean) in one pass, then dx in one more.
+//
+// With x_hat = (x - mean) * invstd and M values per channel:
+//   train: dx = w * invstd * (dy - sum_dy / M - x_hat * sum(dy * x_hat) / M)
+//             = (dy - sum_dy / M) * a - (x - mean) * (a * invstd^2 * sum(dy * (x - mean)) / M)
+//   eval:  dx = dy * w * invstd       (a per-channel affine map, no reduction needed)
+//   dweight = sum(dy * x_hat) = invstd * sum(dy * (x - mean)),   dbias = sum(dy).
+// As in the forward, a contiguous input with enough small channels is done one channel per task
+// so that the dx pass re-reads x and dy from the core's cache.
+#include "apply.h"
+#include "channel_reduce.h"
+#include "kernels.h"
+
+#include <ATen/ops/empty.h>
+
+namespace fusedbn::cpu {
+namespace {
+
+// dx = (dy - k0) * k1 - (x - k2) * k3   (inputs: dy, x)
+struct TrainGradOp {
+  template <typename V>
+  V operator()(const V* in, const V* k) const { return (in[0] - k[0]) * k[1] - (in[1] - k[2]) * k[3]; }
+};
+
+// dx = dy * k0
+struct EvalGradOp {
+  template <typename V>
+  V operator()(const V* in, const V* k) const { return in[0] * k[0]; }
+};
+
+template <typename scalar_t>
+struct GradConstants {
+  using acc_t = acc_type<scalar_t>;
+  std::vector<acc_t> mean_dy, a, mean, ak;
+  explicit GradConstants(int64_t C) : mean_dy(C), a(C), mean(C), ak(C) {}
+};
+
+template <typename scalar_t>
+void backward_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, const Geometry& g,
+                   const at::Tensor& weight, const at::Tensor& mean_t, const at::Tensor& invstd_t,
+                   bool train, bool need_dx, bool need_sums, at::Tensor& dw_t, at::Tensor& db_t,
+                   bool need_dw, bool need_db) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t C = g.C;
+  const scalar_t* dy = dyt.const_data_ptr<scalar_t>();
+  const scalar_t* x = xt.const_data_ptr<scalar_t>();
+  scalar_t* dx = need_dx ? dxt.mutable_data_ptr<scalar_t>() : nullptr;
+  std::vector<acc_t> w(C), mean(C), invstd(C), sum_dy(C, acc_t(0)), sum_dyx(C, acc_t(0));
+  read_channel_values<acc_t>(weight, C, acc_t(1), w.data());
+  read_channel_values<acc_t>(mean_t, C, acc_t(0), mean.data());
+  read_channel_values<acc_t>(invstd_t, C, acc_t(0), invstd.data());
+  const acc_t inv_m = g.rows() > 0 ? acc_t(1) / static_cast<acc_t>(g.rows()) : acc_t(0);
+  GradConstants<scalar_t> k(C);
+  auto constants = [&](int64_t c) {
+    k.a[c] = w[c] * invstd[c];
+    k.mean_dy[c] = sum_dy[c] * inv_m;
+    k.mean[c] = mean[c];
+    k.ak[c] = k.a[c] * invstd[c] * invstd[c] * sum_dyx[c] * inv_m;
+  };
+  TrainGradOp train_op;
+  EvalGradOp eval_op;
+
+  if (train && need_dx && g.layout == Layout::kContiguous &&
+      use_per_channel_path(g, 2 * sizeof(scalar_t))) {
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        nchw_channel_sums(dy, x, g, c, mean[c], sum_dy[c], sum_dyx[c]);
+        constants(c);
+        for (int64_t n = 0; n < g.N; ++n) {
+          const int64_t off = (n * C + c) * g.S;
+          apply_run<2, 4, scalar_t>({dy + off, x + off}, dx + off, g.S,
+                                    {k.mean_dy[c], k.a[c], k.mean[c], k.ak[c]}, train_op, train_op);
+        }
+      }
+    });
+  } else {
+    if (need_sums) {
+      if (g.layout == Layout::kChannelsLast) {
+        cl_sums(dy, x, g, mean.data(), sum_dy.data(), sum_dyx.data());
+      } else {
+        nchw_sums_split(dy, x, g, mean.data(), sum_dy.data(), sum_dyx.data());
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) constants(c);
+    if (need_dx && g.layout == Layout::kChannelsLast) {
+      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+      at::parallel_for(0, g.rows(), grain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t off = r * C;
+          if (train) {
+            apply_row<2, 4, scalar_t>({dy + off, x + off}, dx + off, C,
+                                      {k.mean_dy.data(), k.a.data(), k.mean.data(), k.ak.data()},
+                                      train_op, train_op);
+          } else {
+            apply_row<1, 1, scalar_t>({dy + off}, dx + off, C, {k.a.data()}, eval_op, eval_op);
+          }
+        }
+      });
+    } else if (need_dx) {
+      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1));
+      at::parallel_for(0, g.N * C, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+          const int64_t c = p % C, off = p * g.S;
+          if (train) {
+            apply_run<2, 4, scalar_t>({dy + off, x + off}, dx + off, g.S,
+                                      {k.mean_dy[c], k.a[c], k.mean[c], k.ak[c]}, train_op, train_op);
+          } else {
+            apply_run<1, 1, scalar_t>({dy + off}, dx + off, g.S, {k.a[c]}, eval_op, eval_op);
+          }
+        }
+      });
+    }
+  }
+  if (need_dw) {
+    at::Tensor dw_acc = at::empty({C}, dw_t.options().dtype(acc_dtype(xt.scalar_type())));
+    acc_t* p = dw_acc.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) p[c] = sum_dyx[c] * invstd[c];
+    dw_t.copy_(dw_acc);
+  }
+  if (need_db) {
+    at::Tensor db_acc = at::empty({C}, db_t.options().dtype(acc_dtype(xt.scalar_type())));
+    acc_t* p = db_acc.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) p[c] = sum_dy[c];
+    db_t.copy_(db_acc);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, bool train, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "backward";
+  check_input(input, op);
+  TORCH_CHECK(grad_output.defined() && grad_output.sizes() == input.sizes(), "fusedbn.", op,
+              ": grad_output must have the input's shape ", input.sizes(), ", got ",
+              grad_output.defined() ? grad_output.sizes() : c10::IntArrayRef{});
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "fusedbn.", op,
+                   ": grad_output must have the input's dtype ", input.scalar_type(), ", got ",
+                   grad_output.scalar_type());
+  TORCH_CHECK(grad_output.device() == input.device(), "fusedbn.", op,
+              ": grad_output must be on the input's device ", input.device(), ", got ",
+              grad_output.device());
+  check_optional_channel_tensor(weight, "weight", input, op);
+  check_stat_tensor(mean, "mean", input, op);
+  check_stat_tensor(invstd, "invstd", input, op);
+
+  Geometry g;
+  const at::Tensor x = canonicalize(input, g);
+  const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
+  const auto acc = acc_dtype(input.scalar_type());
+  const auto param_opts = input.options().dtype(defined(weight) ? weight->scalar_type() : acc);
+  at::Tensor dx = need_dx ? empty_output(x) : at::empty({0}, input.options());
+  at::Tensor dw = at::empty({need_dw ? g.C : 0}, param_opts);
+  at::Tensor db = at::empty({need_db ? g.C : 0}, param_opts);
+  at::Tensor dyc = match_layout(grad_output, x);
+  const at::Tensor w = weight.value_or(at::Tensor());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fusedbn_backward", [&] {
+    backward_impl<scalar_t>(dyc, x, dx, g, w, mean, invstd, train, need_dx,
+                            train || need_dw || need_db, dw, db, need_dw, need_db);
+  });
+  return {dx, dw, db};
+}
+
+}  // namespace fusedbn::cpu

@@ -1,0 +1,28 @@
+// The CPU kernels' entry points, registered with TORCH_LIBRARY_IMPL(fusedbn, CPU, m) in register.cpp.
+#pragma once
+
+#include "common.h"
+
+#include <array>
+#include <tuple>
+
+namespace fusedbn::cpu {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps);
+
+at::Tensor forward_eval(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                        const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                        const at::Tensor& running_var, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, bool train, std::array<bool, 3> output_mask);
+
+void update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                          const at::Tensor& mean, const at::Tensor& var, int64_t count,
+                          c10::optional<double> momentum,
+                          const c10::optional<at::Tensor>& num_batches_tracked);
+
+}  // namespace fusedbn::cpu

@@ -1,0 +1,22 @@
+// Registers the CPU kernels and makes this build variant importable as a Python module
+// (fusedbn._cpu_default or fusedbn._cpu_avx2; fusedbn/_ext.py imports exactly one of them).
+#include "kernels.h"
+
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY_IMPL(fusedbn, CPU, m) {
+  m.impl("forward_train", &fusedbn::cpu::forward_train);
+  m.impl("forward_eval", &fusedbn::cpu::forward_eval);
+  m.impl("backward", &fusedbn::cpu::backward);
+  m.impl("update_running_stats", &fusedbn::cpu::update_running_stats);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fusedbn CPU kernels (one instruction-set variant)";
+#if defined(CPU_CAPABILITY_AVX2)
+  m.attr("variant") = "avx2";
+#else
+  m.attr("variant") = "default";
+#endif
+}

@@ -1,0 +1,65 @@
+// Vector loads and stores between a tensor's dtype and its accumulation type.
+//
+// A "unit" is the number of input elements that fill kVecs accumulation vectors: one vector for
+// float/double, two float vectors for half/bfloat16 (loaded and converted in one go). The same
+// source is compiled per CPU capability (see setup.py), so Vectorized<> is AVX2 in one build and
+// portable in the other.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16-math.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace fusedbn::cpu {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t, typename Enable = void>
+struct VecIO {
+  using acc_t = scalar_t;
+  using AVec = Vectorized<acc_t>;
+  static constexpr int kVecs = 1;
+  static constexpr int64_t kUnit = AVec::size();
+  static inline void load(const scalar_t* p, AVec* v) { v[0] = AVec::loadu(p); }
+  static inline void store(scalar_t* p, const AVec* v) { v[0].store(p); }
+};
+
+template <typename scalar_t>
+struct VecIO<scalar_t, std::enable_if_t<c10::is_reduced_floating_point_v<scalar_t>>> {
+  using acc_t = float;
+  using AVec = Vectorized<float>;
+  static constexpr int kVecs = 2;
+  static constexpr int64_t kUnit = 2 * AVec::size();
+  static inline void load(const scalar_t* p, AVec* v) {
+    at::vec::load_to_float<scalar_t>(p, v[0], v[1]);
+  }
+  static inline void store(scalar_t* p, const AVec* v) {
+    at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
+  }
+};
+
+template <typename scalar_t>
+using acc_type = typename VecIO<scalar_t>::acc_t;
+
+// Per-channel parameters and statistics come as float32 or the input's dtype; the kernels read them
+// once, as the accumulation type, into a small host array (C values, negligible next to the data).
+template <typename acc_t>
+void read_channel_values(const at::Tensor& t, int64_t C, acc_t fill, acc_t* out) {
+  if (!t.defined()) {
+    for (int64_t c = 0; c < C; ++c) out[c] = fill;
+    return;
+  }
+  const at::Tensor tc = t.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tc.scalar_type(), "fusedbn_read", [&] {
+    const scalar_t* p = tc.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<acc_t>(p[c]);
+  });
+}
+
+}  // namespace fusedbn::cpu

@@ -1,0 +1,3 @@
+"""fusedbn: fused batch normalization for PyTorch."""
+from ._ext import build_info
+from .version import __version__
