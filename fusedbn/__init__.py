@@ -1,3 +1,22 @@
-"""fusedbn: fused batch normalization for PyTorch."""
+"""fusedbn: fused batch normalization for PyTorch.
+
+    import fusedbn
+    bn = fusedbn.FusedBatchNorm2d(64)          # instead of nn.BatchNorm2d(64)
+    model = fusedbn.convert_batchnorm(model)   # or convert a whole model
+"""
+from . import functional, ops
 from ._ext import build_info
+from .convert import convert_batchnorm, revert_batchnorm
+from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d
 from .version import __version__
+
+__all__ = [
+    "FusedBatchNorm1d",
+    "FusedBatchNorm2d",
+    "FusedBatchNorm3d",
+    "build_info",
+    "convert_batchnorm",
+    "functional",
+    "revert_batchnorm",
+    "__version__",
+]

@@ -1,0 +1,52 @@
+"""fusedbn.functional.batch_norm: torch.nn.functional.batch_norm's signature and semantics on the
+fusedbn kernels."""
+from . import ops
+
+
+def verify_batch_size(size):
+    """torch's check that training sees more than one value per channel (same message)."""
+    size_prods = size[0]
+    for s in size[2:]:
+        size_prods *= s
+    if size_prods == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def check_eps(eps, use_batch_stats):
+    """torch's eps checks (same messages)."""
+    if use_batch_stats and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def check_running_stats(running_mean, running_var, use_batch_stats):
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "fusedbn.batch_norm: running_mean and running_var must both be tensors or both be "
+            f"None, got running_mean={'None' if running_mean is None else 'a tensor'} and "
+            f"running_var={'None' if running_var is None else 'a tensor'}")
+    if not use_batch_stats and running_mean is None:
+        raise ValueError(
+            "fusedbn.batch_norm: running_mean and running_var must be given when training=False "
+            "(eval mode normalizes with the running statistics)")
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """Batch normalization over the channel dimension (dim 1) of an (N, C, *) input.
+
+    Same signature and semantics as torch.nn.functional.batch_norm: with training=True the batch
+    statistics normalize the input and, when given, running_mean/running_var are updated in place
+    (running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance);
+    with training=False the running statistics are used.
+    """
+    if training:
+        verify_batch_size(input.size())
+    check_eps(eps, training)
+    check_running_stats(running_mean, running_var, training)
+    if momentum is None:
+        raise ValueError("fusedbn.batch_norm: momentum must be a float (use the modules for "
+                         "momentum=None, which needs num_batches_tracked)")
+    return ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -1,0 +1,47 @@
+"""Drop-in batch-norm modules: subclasses of nn.BatchNorm1d/2d/3d (same constructor, parameters,
+buffers, state_dict keys and input checks) whose forward runs the fusedbn kernels."""
+from torch import nn
+
+from . import ops
+from .functional import check_eps, check_running_stats, verify_batch_size
+
+
+class _FusedBatchNormMixin:
+    """forward() of nn.modules.batchnorm._BatchNorm on the fusedbn kernels. Two deliberate
+    differences, neither visible in results: momentum=None reads num_batches_tracked on the device
+    instead of syncing it to the host, and input errors are raised before num_batches_tracked is
+    incremented, so a rejected batch leaves the module's state untouched."""
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        update = self.training and self.track_running_stats
+        running_mean = self.running_mean if not self.training or self.track_running_stats else None
+        running_var = self.running_var if not self.training or self.track_running_stats else None
+        if use_batch_stats:
+            verify_batch_size(input.size())
+        check_eps(self.eps, use_batch_stats)
+        check_running_stats(running_mean, running_var, use_batch_stats)
+
+        momentum = self.momentum
+        num_batches_tracked = None
+        if update and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average: 1 / num_batches_tracked
+                num_batches_tracked = self.num_batches_tracked
+        if momentum is None and num_batches_tracked is None:
+            momentum = 0.0  # what nn.BatchNorm uses when there is no counter to average with
+        return ops.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                              use_batch_stats, momentum, self.eps, num_batches_tracked)
+
+
+class FusedBatchNorm1d(_FusedBatchNormMixin, nn.BatchNorm1d):
+    """Drop-in nn.BatchNorm1d on (N, C) or (N, C, L) input."""
+
+
+class FusedBatchNorm2d(_FusedBatchNormMixin, nn.BatchNorm2d):
+    """Drop-in nn.BatchNorm2d on (N, C, H, W) input, NCHW or channels_last."""
+
+
+class FusedBatchNorm3d(_FusedBatchNormMixin, nn.BatchNorm3d):
+    """Drop-in nn.BatchNorm3d on (N, C, D, H, W) input, NCDHW or channels_last_3d."""

@@ -1,0 +1,160 @@
+"""Python bindings of the fusedbn operators: device checks, fake (meta) kernels for tracing, and the
+autograd Function that the modules and fusedbn.functional call.
+
+The operators themselves (schemas in csrc/schema.cpp) live under torch.ops.fusedbn:
+  forward_train(input, weight?, bias?, eps) -> (output, mean, invstd, var)
+  forward_eval(input, weight?, bias?, running_mean, running_var, eps) -> output
+  backward(grad_output, input, weight?, mean, invstd, train, output_mask) -> (dx, dweight, dbias)
+  update_running_stats(running_mean!, running_var!, mean, var, count, momentum?, num_batches_tracked?)
+"""
+import functools
+
+import torch
+
+from . import _ext
+
+_ops = torch.ops.fusedbn
+
+
+@functools.lru_cache(maxsize=None)
+def _backends():
+    return frozenset(_ext.build_info()["backends"])
+
+
+def _check_device_supported(tensor):
+    """Raises a RuntimeError saying what to do when fusedbn has no kernels for tensor's device."""
+    device_type = tensor.device.type
+    if device_type in _backends():
+        return
+    if device_type == "cuda":
+        raise RuntimeError(
+            f"fusedbn: input is on {tensor.device} but this fusedbn was built without CUDA "
+            "kernels (build_info()['backends'] = ('cpu',)). Rebuild it where a CUDA build of "
+            "torch and the CUDA toolkit are installed: `FORCE_CUDA=1 pip install "
+            "--no-build-isolation .` (set CUDA_HOME if the toolkit is not in /usr/local/cuda, "
+            "and TORCH_CUDA_ARCH_LIST, e.g. '9.0', for your GPU).")
+    raise RuntimeError(
+        f"fusedbn: no kernels for device type '{device_type}' (this build has "
+        f"{', '.join(sorted(_backends()))})")
+
+
+def acc_dtype(dtype):
+    """The accumulation dtype of the statistics for an input dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- fake kernels: shapes, dtypes and strides of the real ones, for torch.compile tracing ----------
+
+def _is_channels_last_dense(t):
+    if t.dim() < 3:
+        return False
+    expected = 1
+    for d in [1] + list(range(t.dim() - 1, 1, -1)) + [0]:
+        if t.size(d) != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return True
+
+
+def _empty_output(input):
+    """The output layout the kernels produce: the input's own when it is contiguous or dense
+    channels-last, contiguous otherwise."""
+    if input.is_contiguous() or _is_channels_last_dense(input):
+        return torch.empty_like(input, memory_format=torch.preserve_format)
+    return input.new_empty(input.shape)
+
+
+@torch.library.register_fake("fusedbn::forward_train")
+def _forward_train_fake(input, weight, bias, eps):
+    torch._check(input.dim() >= 2, lambda: "fusedbn.forward_train: input must have at least 2 dimensions")
+    stat = input.new_empty((input.shape[1],), dtype=acc_dtype(input.dtype))
+    return _empty_output(input), stat, stat.new_empty(stat.shape), stat.new_empty(stat.shape)
+
+
+@torch.library.register_fake("fusedbn::forward_eval")
+def _forward_eval_fake(input, weight, bias, running_mean, running_var, eps):
+    torch._check(input.dim() >= 2, lambda: "fusedbn.forward_eval: input must have at least 2 dimensions")
+    return _empty_output(input)
+
+
+@torch.library.register_fake("fusedbn::backward")
+def _backward_fake(grad_output, input, weight, mean, invstd, train, output_mask):
+    C = input.shape[1]
+    pdtype = weight.dtype if weight is not None else acc_dtype(input.dtype)
+    dx = _empty_output(input) if output_mask[0] else input.new_empty((0,))
+    dw = input.new_empty((C if output_mask[1] else 0,), dtype=pdtype)
+    db = input.new_empty((C if output_mask[2] else 0,), dtype=pdtype)
+    return dx, dw, db
+
+
+@torch.library.register_fake("fusedbn::update_running_stats")
+def _update_running_stats_fake(running_mean, running_var, mean, var, count, momentum,
+                               num_batches_tracked):
+    return None
+
+
+# ---- autograd -------------------------------------------------------------------------------------
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes the first-order gradients through and raises if they are differentiated again."""
+
+    @staticmethod
+    def forward(ctx, dx, dw, db, *sources):
+        return dx.view_as(dx), dw.view_as(dw), db.view_as(db)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "fusedbn: double backward (differentiating a batch-norm gradient again, e.g. for a "
+            "gradient penalty) is not supported yet; use torch.nn.BatchNorm* for that model or "
+            "fusedbn.revert_batchnorm(model)")
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """y = batch_norm(x); in training mode also updates the running statistics in place."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                use_batch_stats, momentum, eps):
+        if use_batch_stats:
+            output, mean, invstd, var = _ops.forward_train(input, weight, bias, eps)
+            if running_mean is not None:
+                count = input.numel() // input.shape[1] if input.shape[1] else 0
+                _ops.update_running_stats(running_mean, running_var, mean, var, count, momentum,
+                                          num_batches_tracked)
+        else:
+            output = _ops.forward_eval(input, weight, bias, running_mean, running_var, eps)
+            mean = invstd = None
+            if torch.is_grad_enabled() and any(ctx.needs_input_grad[:3]):
+                acc = acc_dtype(input.dtype)
+                mean = running_mean.to(acc, copy=True)
+                invstd = torch.rsqrt(running_var.to(acc) + eps)
+        ctx.use_batch_stats = use_batch_stats
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(input, weight, mean, invstd)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, mean, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1] and weight is not None, need[2] and ctx.bias_dtype is not None]
+        with torch.no_grad():
+            dx, dw, db = _ops.backward(grad_output, input, weight, mean, invstd,
+                                       ctx.use_batch_stats, mask)
+        if torch.is_grad_enabled():  # create_graph=True: allow first order, refuse the second
+            dx, dw, db = _NoDoubleBackward.apply(dx, dw, db, grad_output, input)
+        if mask[2] and db.dtype != ctx.bias_dtype:  # weight None, bias given
+            db = db.to(ctx.bias_dtype)
+        return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
+                None, None, None, None, None, None)
+
+
+def batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps,
+               num_batches_tracked=None):
+    """The op-level entry: no Python-side validation beyond the device (see fusedbn.functional).
+    momentum=None means the cumulative average 1/num_batches_tracked, read on the device."""
+    _check_device_supported(input)
+    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
+                                   num_batches_tracked, use_batch_stats, momentum, eps)
