@@ -27,10 +27,10 @@ def check_running_stats(running_mean, running_var, use_batch_stats):
             "fusedbn.batch_norm: running_mean and running_var must both be tensors or both be "
             f"None, got running_mean={'None' if running_mean is None else 'a tensor'} and "
             f"running_var={'None' if running_var is None else 'a tensor'}")
-    if not use_batch_stats and running_mean is None:
-        raise ValueError(
-            "fusedbn.batch_norm: running_mean and running_var must be given when training=False "
-            "(eval mode normalizes with the running statistics)")
+    if not use_batch_stats and running_mean is None:  # torch's exception type and wording
+        raise RuntimeError(
+            "running_mean must be defined in evaluation mode (fusedbn.batch_norm with "
+            "training=False normalizes with running_mean and running_var)")
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -47,6 +47,6 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     check_eps(eps, training)
     check_running_stats(running_mean, running_var, training)
     if momentum is None:
-        raise ValueError("fusedbn.batch_norm: momentum must be a float (use the modules for "
-                         "momentum=None, which needs num_batches_tracked)")
+        raise TypeError("fusedbn.batch_norm: momentum must be a float, not None (momentum=None, "
+                        "the cumulative average, needs the modules' num_batches_tracked)")
     return ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
