@@ -7,8 +7,6 @@ The operators themselves (schemas in csrc/schema.cpp) live under torch.ops.fused
   backward(grad_output, input, weight?, mean, invstd, train, output_mask) -> (dx, dweight, dbias)
   update_running_stats(running_mean!, running_var!, mean, var, count, momentum?, num_batches_tracked?)
 """
-import functools
-
 import torch
 
 from . import _ext
@@ -16,15 +14,14 @@ from . import _ext
 _ops = torch.ops.fusedbn
 
 
-@functools.lru_cache(maxsize=None)
-def _backends():
-    return frozenset(_ext.build_info()["backends"])
+# Read once at import: a constant for torch.compile to trace through.
+_BACKENDS = frozenset(_ext.build_info()["backends"])
 
 
 def _check_device_supported(tensor):
     """Raises a RuntimeError saying what to do when fusedbn has no kernels for tensor's device."""
     device_type = tensor.device.type
-    if device_type in _backends():
+    if device_type in _BACKENDS:
         return
     if device_type == "cuda":
         raise RuntimeError(
@@ -35,7 +32,7 @@ def _check_device_supported(tensor):
             "and TORCH_CUDA_ARCH_LIST, e.g. '9.0', for your GPU).")
     raise RuntimeError(
         f"fusedbn: no kernels for device type '{device_type}' (this build has "
-        f"{', '.join(sorted(_backends()))})")
+        f"{', '.join(sorted(_BACKENDS))})")
 
 
 def acc_dtype(dtype):
