@@ -27,6 +27,23 @@ struct Geometry {
   int64_t numel() const { return N * C * S; }
 };
 
+// torch's Python spelling of a dtype ("float32", "bfloat16", "int64"), for error messages.
+inline const char* dtype_name(c10::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
 inline bool is_float_dtype(c10::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
@@ -42,7 +59,7 @@ inline void check_input(const at::Tensor& input, const char* op) {
               ": input must have at least 2 dimensions (N, C, *), got ", input.dim(), "D input");
   TORCH_CHECK_TYPE(is_float_dtype(input.scalar_type()), "fusedbn.", op,
                    ": input must be float32, float64, float16 or bfloat16, got ",
-                   input.scalar_type());
+                   dtype_name(input.scalar_type()));
 }
 
 // True when the strides are those of a dense channels-last tensor of any rank: C fastest, then the
@@ -94,8 +111,8 @@ inline void check_channel_tensor(const at::Tensor& t, const char* name, const at
               " must have shape (", C, ",) to match the ", C, " channels of input (dim 1), got ",
               t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type() || t.scalar_type() == at::kFloat,
-                   "fusedbn.", op, ": ", name, " must be ", input.scalar_type(),
-                   " (the input's dtype) or float32, got ", t.scalar_type());
+                   "fusedbn.", op, ": ", name, " must be ", dtype_name(input.scalar_type()),
+                   " (the input's dtype) or float32, got ", dtype_name(t.scalar_type()));
   TORCH_CHECK(t.device() == input.device(), "fusedbn.", op, ": ", name,
               " must be on the input's device ", input.device(), ", got ", t.device());
 }
@@ -110,8 +127,8 @@ inline void check_weight_bias_dtypes(const c10::optional<at::Tensor>& weight,
                                      const c10::optional<at::Tensor>& bias, const char* op) {
   if (weight.has_value() && weight->defined() && bias.has_value() && bias->defined()) {
     TORCH_CHECK_TYPE(weight->scalar_type() == bias->scalar_type(), "fusedbn.", op,
-                     ": weight and bias must have the same dtype, got ", weight->scalar_type(),
-                     " and ", bias->scalar_type());
+                     ": weight and bias must have the same dtype, got ",
+                     dtype_name(weight->scalar_type()), " and ", dtype_name(bias->scalar_type()));
   }
 }
 
@@ -122,8 +139,8 @@ inline void check_stat_tensor(const at::Tensor& t, const char* name, const at::T
   TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "fusedbn.", op, ": ", name, " must have shape (",
               C, ",), got ", t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == acc_dtype(input.scalar_type()), "fusedbn.", op, ": ", name,
-                   " must be ", acc_dtype(input.scalar_type()), " for ", input.scalar_type(),
-                   " input, got ", t.scalar_type());
+                   " must be ", dtype_name(acc_dtype(input.scalar_type())), " for ",
+                   dtype_name(input.scalar_type()), " input, got ", dtype_name(t.scalar_type()));
   TORCH_CHECK(t.device() == input.device(), "fusedbn.", op, ": ", name,
               " must be on the input's device ", input.device(), ", got ", t.device());
 }

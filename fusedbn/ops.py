@@ -10,6 +10,7 @@ The operators themselves (schemas in csrc/schema.cpp) live under torch.ops.fused
 import torch
 
 from . import _ext
+from .double_backward import BatchNormBackward
 
 _ops = torch.ops.fusedbn
 
@@ -92,19 +93,24 @@ def _update_running_stats_fake(running_mean, running_var, mean, var, count, mome
 
 # ---- autograd -------------------------------------------------------------------------------------
 
-class _NoDoubleBackward(torch.autograd.Function):
-    """Passes the first-order gradients through and raises if they are differentiated again."""
+def _check_running_stats(input, running_mean, running_var):
+    """The training forward never sees the running statistics and the update op cannot tell the
+    input's dtype, so their dtype and shape are checked here, before the forward runs, with the
+    kernels' wording."""
+    C = input.shape[1] if input.dim() >= 2 else None
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t.dtype not in (input.dtype, torch.float32):
+            raise TypeError(
+                f"fusedbn.batch_norm: {name} must be {_dtype_name(input.dtype)} (the input's "
+                f"dtype) or float32, got {_dtype_name(t.dtype)}")
+        if C is not None and tuple(t.shape) != (C,):
+            raise RuntimeError(
+                f"fusedbn.batch_norm: {name} must have shape ({C},) to match the {C} channels of "
+                f"input (dim 1), got {list(t.shape)}")
 
-    @staticmethod
-    def forward(ctx, dx, dw, db, *sources):
-        return dx.view_as(dx), dw.view_as(dw), db.view_as(db)
 
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            "fusedbn: double backward (differentiating a batch-norm gradient again, e.g. for a "
-            "gradient penalty) is not supported yet; use torch.nn.BatchNorm* for that model or "
-            "fusedbn.revert_batchnorm(model)")
+def _dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -114,6 +120,8 @@ class BatchNormFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
                 use_batch_stats, momentum, eps):
         if use_batch_stats:
+            if running_mean is not None:  # checked before anything runs: never a partial update
+                _check_running_stats(input, running_mean, running_var)
             output, mean, invstd, var = _ops.forward_train(input, weight, bias, eps)
             if running_mean is not None:
                 count = input.numel() // input.shape[1] if input.shape[1] else 0
@@ -122,7 +130,7 @@ class BatchNormFunction(torch.autograd.Function):
         else:
             output = _ops.forward_eval(input, weight, bias, running_mean, running_var, eps)
             mean = invstd = None
-            if torch.is_grad_enabled() and any(ctx.needs_input_grad[:3]):
+            if any(ctx.needs_input_grad[:3]):  # (grad mode is always off inside forward)
                 acc = acc_dtype(input.dtype)
                 mean = running_mean.to(acc, copy=True)
                 invstd = torch.rsqrt(running_var.to(acc) + eps)
@@ -137,11 +145,12 @@ class BatchNormFunction(torch.autograd.Function):
         input, weight, mean, invstd = ctx.saved_tensors
         need = ctx.needs_input_grad
         mask = [need[0], need[1] and weight is not None, need[2] and ctx.bias_dtype is not None]
-        with torch.no_grad():
+        if torch.is_grad_enabled():  # create_graph=True: the gradients are differentiable
+            dx, dw, db = BatchNormBackward.apply(grad_output, input, weight, mean, invstd,
+                                                 ctx.use_batch_stats, mask)
+        else:
             dx, dw, db = _ops.backward(grad_output, input, weight, mean, invstd,
                                        ctx.use_batch_stats, mask)
-        if torch.is_grad_enabled():  # create_graph=True: allow first order, refuse the second
-            dx, dw, db = _NoDoubleBackward.apply(dx, dw, db, grad_output, input)
         if mask[2] and db.dtype != ctx.bias_dtype:  # weight None, bias given
             db = db.to(ctx.bias_dtype)
         return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,

@@ -136,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
               ": grad_output must have the input's shape ", input.sizes(), ", got ",
               grad_output.defined() ? grad_output.sizes() : c10::IntArrayRef{});
   TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "fusedbn.", op,
-                   ": grad_output must have the input's dtype ", input.scalar_type(), ", got ",
-                   grad_output.scalar_type());
+                   ": grad_output must have the input's dtype ", dtype_name(input.scalar_type()),
+                   ", got ", dtype_name(grad_output.scalar_type()));
   TORCH_CHECK(grad_output.device() == input.device(), "fusedbn.", op,
               ": grad_output must be on the input's device ", input.device(), ", got ",
               grad_output.device());

@@ -17,16 +17,17 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
   TORCH_CHECK(mean.dim() == 1, "fusedbn.", op, ": mean must be 1-D (C,), got ", mean.sizes());
   const int64_t C = mean.size(0);
   TORCH_CHECK_TYPE(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
-                   "fusedbn.", op, ": mean must be float32 or float64, got ", mean.scalar_type());
+                   "fusedbn.", op, ": mean must be float32 or float64, got ",
+                   dtype_name(mean.scalar_type()));
   TORCH_CHECK(var.sizes() == mean.sizes() && var.scalar_type() == mean.scalar_type(), "fusedbn.",
-              op, ": var must match mean (", mean.sizes(), ", ", mean.scalar_type(), "), got ",
-              var.sizes(), ", ", var.scalar_type());
+              op, ": var must match mean (", mean.sizes(), ", ", dtype_name(mean.scalar_type()),
+              "), got ", var.sizes(), ", ", dtype_name(var.scalar_type()));
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{running_mean, "running_mean"},
                                 {running_var, "running_var"}}) {
     TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "fusedbn.", op, ": ", name, " must have shape (",
                 C, ",), got ", t.sizes());
     TORCH_CHECK_TYPE(is_float_dtype(t.scalar_type()), "fusedbn.", op, ": ", name,
-                     " must be a floating-point tensor, got ", t.scalar_type());
+                     " must be a floating-point tensor, got ", dtype_name(t.scalar_type()));
     TORCH_CHECK(t.device() == mean.device(), "fusedbn.", op, ": ", name,
                 " must be on the statistics' device ", mean.device(), ", got ", t.device());
   }

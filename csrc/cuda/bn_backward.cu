@@ -1,0 +1,179 @@
+// fusedbn.backward on CUDA.
+//
+// With xhat = (x - mean) * invstd and M = N*S values per channel:
+//   train: dx = w*invstd * (dy - sum_dy/M - xhat * sum_dy_xhat/M);  eval: dx = dy * w*invstd;
+//   dweight = sum_dy_xhat, dbias = sum_dy (both modes).
+// Launches on the current stream, no host synchronization:
+//   1. when sums are needed (train and dx asked for, or dweight/dbias asked for):
+//      reduce_pass1<GradOp> over (dy, x): split reduction of (sum dy, sum dy*(x - mean)) ->
+//      partials [C][P]; reduce_pass2 with BackwardEpilogue: per channel, merges the partials in a
+//      fixed order, writes grad_weight/grad_bias (weight's dtype) and the dx coefficients;
+//      otherwise (eval, dx only) one per-channel kernel writes the dx coefficients;
+//   2. train: channel_grad(dy, x) -> dx; eval: channel_affine(dy) -> dx (x is not read).
+// grad_output is brought to the canonical layout of the input first (a copy only when its
+// layout differs), so that every pass reads dy and x at the same offsets.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <tuple>
+
+#include "bn_cuda_ops.h"
+#include "bn_elementwise.cuh"
+#include "bn_reduce.cuh"
+#include "common.h"
+
+namespace fusedbn {
+namespace cuda {
+namespace {
+
+enum class DxCoeffs : int { kNone = 0, kTrain, kEval };
+
+template <typename acc_t>
+struct BackwardEpilogue {
+  const acc_t* mean;
+  const acc_t* invstd;
+  ChannelPtr weight;
+  ChannelPtr grad_weight;  // kNone when not asked for
+  ChannelPtr grad_bias;    // kNone when not asked for
+  acc_t* coeffs;           // train: [4][C] (mean, k, mdy, g); eval: [3][C] (0, g, 0); or nullptr
+  int64_t C;
+  acc_t M;
+  DxCoeffs mode;
+
+  __device__ void operator()(int64_t c, const GradPartial<acc_t>& s) const {
+    const acc_t is = invstd[c];
+    const acc_t sum_dy = s.sum_dy;
+    const acc_t sum_dy_xhat = s.sum_dy_xmu * is;
+    grad_weight.store(c, sum_dy_xhat);
+    grad_bias.store(c, sum_dy);
+    const acc_t g = weight.load<acc_t>(c, acc_t(1)) * is;
+    if (mode == DxCoeffs::kTrain) {
+      coeffs[c] = mean[c];
+      coeffs[C + c] = is * (sum_dy_xhat / M);
+      coeffs[2 * C + c] = sum_dy / M;
+      coeffs[3 * C + c] = g;
+    } else if (mode == DxCoeffs::kEval) {
+      coeffs[c] = acc_t(0);
+      coeffs[C + c] = g;
+      coeffs[2 * C + c] = acc_t(0);
+    }
+  }
+};
+
+// Eval mode, dx only: coefficients (0, w * invstd, 0) for channel_affine over dy.
+template <typename acc_t>
+__global__ void eval_dx_coeffs_kernel(ChannelPtr weight, const acc_t* invstd, acc_t* coeffs,
+                                      int64_t C) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  coeffs[c] = acc_t(0);
+  coeffs[C + c] = weight.load<acc_t>(c, acc_t(1)) * invstd[c];
+  coeffs[2 * C + c] = acc_t(0);
+}
+
+void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const char* op) {
+  TORCH_CHECK(grad_output.defined(), "fusedbn.", op, ": grad_output must be a tensor, got None");
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), "fusedbn.", op,
+              ": grad_output must have the input's shape ", input.sizes(), ", got ",
+              grad_output.sizes());
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "fusedbn.", op,
+                   ": grad_output must be ", input.scalar_type(), " (the input's dtype), got ",
+                   grad_output.scalar_type());
+  TORCH_CHECK(grad_output.device() == input.device(), "fusedbn.", op,
+              ": grad_output must be on the input's device ", input.device(), ", got ",
+              grad_output.device());
+}
+
+// grad_output in the canonical layout of x (the canonical input).
+at::Tensor match_layout(const at::Tensor& grad_output, const at::Tensor& x, const Geometry& g) {
+  if (g.layout == Layout::kContiguous || x.is_contiguous()) return grad_output.contiguous();
+  if (is_channels_last_dense(grad_output)) return grad_output;
+  if (x.dim() == 4) return grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+  if (x.dim() == 5) return grad_output.contiguous(at::MemoryFormat::ChannelsLast3d);
+  at::Tensor dy = at::empty_like(x, at::MemoryFormat::Preserve);  // x's strides (dense)
+  dy.copy_(grad_output);
+  return dy;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, bool train, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "backward";
+  check_input(input, op);
+  check_grad_output(grad_output, input, op);
+  check_optional_channel_tensor(weight, "weight", input, op);
+  check_stat_tensor(mean, "mean", input, op);
+  check_stat_tensor(invstd, "invstd", input, op);
+  const c10::cuda::CUDAGuard guard(input.device());
+
+  const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
+  Geometry g;
+  const at::Tensor x = canonicalize(input, g);
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const auto acc_opts = input.options().dtype(acc);
+  const auto grad_param_opts =
+      input.options().dtype(defined(weight) ? weight->scalar_type() : acc);
+  at::Tensor grad_input = need_dx ? empty_output(x) : at::empty({0}, input.options());
+  at::Tensor grad_weight = at::empty({need_dw ? g.C : 0}, grad_param_opts);
+  at::Tensor grad_bias = at::empty({need_db ? g.C : 0}, grad_param_opts);
+  if (g.numel() == 0) {  // no values: the sums are zero
+    if (need_dw) grad_weight.zero_();
+    if (need_db) grad_bias.zero_();
+    return {grad_input, grad_weight, grad_bias};
+  }
+  const bool need_sums = (train && need_dx) || need_dw || need_db;
+  if (!need_sums && !need_dx) return {grad_input, grad_weight, grad_bias};
+
+  const at::Tensor dy = match_layout(grad_output, x, g);
+  const at::Tensor mean_c = mean.contiguous();
+  const at::Tensor invstd_c = invstd.contiguous();
+  const DxCoeffs mode = !need_dx ? DxCoeffs::kNone : train ? DxCoeffs::kTrain : DxCoeffs::kEval;
+  at::Tensor coeffs;
+  if (need_dx) coeffs = at::empty({(train ? kGradParams : kAffineParams) * g.C}, acc_opts);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "fusedbn_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* coeffs_ptr = need_dx ? coeffs.mutable_data_ptr<acc_t>() : nullptr;
+    if (need_sums) {
+      using Op = GradOp<scalar_t>;
+      const Partials parts = reduce_pass1<Op>(dy, x, mean_c.const_data_ptr<acc_t>(), g);
+      BackwardEpilogue<acc_t> epi{mean_c.const_data_ptr<acc_t>(),
+                                  invstd_c.const_data_ptr<acc_t>(),
+                                  channel_ptr(weight),
+                                  need_dw ? channel_ptr(grad_weight) : ChannelPtr{},
+                                  need_db ? channel_ptr(grad_bias) : ChannelPtr{},
+                                  coeffs_ptr,
+                                  g.C,
+                                  static_cast<acc_t>(g.rows()),
+                                  mode};
+      reduce_pass2<Op>(parts, g.C, epi);
+    } else {
+      const auto blocks = static_cast<unsigned>(ceil_div<int64_t>(g.C, kBlockThreads));
+      eval_dx_coeffs_kernel<acc_t><<<blocks, kBlockThreads, 0,
+                                     c10::cuda::getCurrentCUDAStream()>>>(
+          channel_ptr(weight), invstd_c.const_data_ptr<acc_t>(), coeffs_ptr, g.C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+
+  if (need_dx) {
+    if (train) {
+      channel_grad(dy, x, grad_input, g, coeffs);
+    } else {
+      channel_affine(dy, grad_input, g, coeffs);
+    }
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace cuda
+}  // namespace fusedbn

@@ -1,0 +1,37 @@
+// The CUDA kernels of the four fusedbn operators (schemas in csrc/schema.cpp), registered with
+// the dispatcher in register.cu. Each takes tensors on one CUDA device (checked, with the CPU
+// backend's wording, through common.h) and launches on the current stream without synchronizing.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <array>
+#include <cstdint>
+#include <tuple>
+
+namespace fusedbn {
+namespace cuda {
+
+// bn_forward.cu
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps);
+
+at::Tensor forward_eval(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                        const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                        const at::Tensor& running_var, double eps);
+
+// bn_backward.cu
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, bool train, std::array<bool, 3> output_mask);
+
+// bn_running_stats.cu
+void update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                          const at::Tensor& mean, const at::Tensor& var, int64_t count,
+                          c10::optional<double> momentum,
+                          const c10::optional<at::Tensor>& num_batches_tracked);
+
+}  // namespace cuda
+}  // namespace fusedbn

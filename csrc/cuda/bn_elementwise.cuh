@@ -1,0 +1,39 @@
+// The element-wise passes of batch norm: a per-channel map over the canonical layout, with
+// per-channel coefficients prepared beforehand in the accumulation type, stored [kParams][C]:
+//
+//   channel_affine:  coefficients (m, s, b)           y  = (x - m) * s + b
+//       forward_train: (mean, invstd * w, bias); forward_eval: (rm, w / sqrt(rv + eps), bias);
+//       backward in eval mode: (0, w * invstd, 0) applied to grad_output.
+//   channel_grad:    coefficients (mean, k, mdy, g)   dx = (dy - mdy - (x - mean) * k) * g
+//       with k = invstd * sum(dy * xhat) / M, mdy = sum(dy) / M, g = w * invstd.
+//
+// Kernels (bn_elementwise.cu): contiguous layout -> a grid-stride loop over 16-byte vectors of the
+// flat tensor; each thread tracks its (position in plane, channel) incrementally, so there is no
+// division per element and vectors that cross plane boundaries (7x7 planes) are handled lane by
+// lane. channels_last -> threads along C keep their channels' coefficients in registers and
+// stride over rows. Both templated on the vector width (16 bytes, or 1 when unaligned) and the
+// index type (32-bit under 2^31 elements).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "common.h"
+
+namespace fusedbn {
+namespace cuda {
+
+constexpr int kAffineParams = 3;
+constexpr int kGradParams = 4;
+
+// out = affine(in) per channel; in/out share the canonical layout g; params: [3][C] accumulation
+// type, contiguous. No-op when numel is 0.
+void channel_affine(const at::Tensor& in, const at::Tensor& out, const Geometry& g,
+                    const at::Tensor& params);
+
+// dx = (dy - mdy - (x - mean) * k) * g per channel; dy, x, dx share the canonical layout g;
+// params: [4][C] accumulation type, contiguous. No-op when numel is 0.
+void channel_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx,
+                  const Geometry& g, const at::Tensor& params);
+
+}  // namespace cuda
+}  // namespace fusedbn

@@ -1,0 +1,154 @@
+// fusedbn.forward_train and fusedbn.forward_eval on CUDA.
+//
+// forward_train, three launches on the current stream, no host synchronization:
+//   1. reduce_pass1<WelfordOp>: split Welford reduction (bn_reduce.cuh) -> partial states [C][P];
+//   2. reduce_pass2 with TrainStatsEpilogue: per channel, merges the P partials in a fixed order,
+//      writes mean, invstd = 1/sqrt(var + eps), var = M2/M (biased), and the affine coefficients
+//      (mean, invstd * w, b) for the normalize pass;
+//   3. channel_affine (bn_elementwise.cu): y = (x - mean) * (invstd * w) + b, vectorized.
+// The three pieces stay separate so that a persistent single-read kernel can reuse them later.
+//
+// forward_eval: one per-channel kernel computes (rm, w / sqrt(rv + eps), b), then channel_affine.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "bn_cuda_ops.h"
+#include "bn_elementwise.cuh"
+#include "bn_reduce.cuh"
+#include "common.h"
+
+namespace fusedbn {
+namespace cuda {
+namespace {
+
+template <typename acc_t>
+struct TrainStatsEpilogue {
+  acc_t* mean;
+  acc_t* invstd;
+  acc_t* var;
+  acc_t* coeffs;  // [3][C]: mean, invstd * w, b
+  int64_t C;
+  acc_t eps;
+  ChannelPtr weight, bias;
+
+  __device__ void operator()(int64_t c, const fusedbn::WelfordState<acc_t>& s) const {
+    const acc_t v = fusedbn::welford_var(s);
+    const acc_t is = acc_t(1) / ::sqrt(v + eps);
+    mean[c] = s.mean;
+    var[c] = v;
+    invstd[c] = is;
+    coeffs[c] = s.mean;
+    coeffs[C + c] = is * weight.load<acc_t>(c, acc_t(1));
+    coeffs[2 * C + c] = bias.load<acc_t>(c, acc_t(0));
+  }
+};
+
+template <typename acc_t>
+__global__ void eval_coeffs_kernel(ChannelPtr running_mean, ChannelPtr running_var,
+                                   ChannelPtr weight, ChannelPtr bias, acc_t eps, acc_t* coeffs,
+                                   int64_t C) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const acc_t is = acc_t(1) / ::sqrt(running_var.load<acc_t>(c, acc_t(1)) + eps);
+  coeffs[c] = running_mean.load<acc_t>(c, acc_t(0));
+  coeffs[C + c] = is * weight.load<acc_t>(c, acc_t(1));
+  coeffs[2 * C + c] = bias.load<acc_t>(c, acc_t(0));
+}
+
+void check_affine(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                  const c10::optional<at::Tensor>& bias, const char* op) {
+  check_input(input, op);
+  check_optional_channel_tensor(weight, "weight", input, op);
+  check_optional_channel_tensor(bias, "bias", input, op);
+  check_weight_bias_dtypes(weight, bias, op);
+}
+
+// 1/sqrt(eps) rounded as the accumulation type computes it.
+double empty_invstd(double eps, at::ScalarType acc) {
+  if (acc == at::kDouble) return 1.0 / std::sqrt(eps);
+  return static_cast<double>(1.0f / std::sqrt(static_cast<float>(eps)));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps) {
+  check_affine(input, weight, bias, "forward_train");
+  const c10::cuda::CUDAGuard guard(input.device());
+  Geometry g;
+  const at::Tensor x = canonicalize(input, g);
+  at::Tensor out = empty_output(x);
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const auto stat_opts = input.options().dtype(acc);
+  at::Tensor mean = at::empty({g.C}, stat_opts);
+  at::Tensor invstd = at::empty({g.C}, stat_opts);
+  at::Tensor var = at::empty({g.C}, stat_opts);
+  if (g.C == 0) return {out, mean, invstd, var};
+  if (g.numel() == 0) {  // empty batch: no statistics to take
+    mean.zero_();
+    var.zero_();
+    invstd.fill_(empty_invstd(eps, acc));
+    return {out, mean, invstd, var};
+  }
+
+  at::Tensor coeffs = at::empty({kAffineParams * g.C}, stat_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "fusedbn_forward_train", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Op = WelfordOp<scalar_t>;
+    const Partials parts = reduce_pass1<Op>(x, at::Tensor(), nullptr, g);
+    TrainStatsEpilogue<acc_t> epi{mean.mutable_data_ptr<acc_t>(),
+                                  invstd.mutable_data_ptr<acc_t>(),
+                                  var.mutable_data_ptr<acc_t>(),
+                                  coeffs.mutable_data_ptr<acc_t>(),
+                                  g.C,
+                                  static_cast<acc_t>(eps),
+                                  channel_ptr(weight),
+                                  channel_ptr(bias)};
+    reduce_pass2<Op>(parts, g.C, epi);
+  });
+  channel_affine(x, out, g, coeffs);
+  return {out, mean, invstd, var};
+}
+
+at::Tensor forward_eval(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                        const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                        const at::Tensor& running_var, double eps) {
+  constexpr const char* op = "forward_eval";
+  check_affine(input, weight, bias, op);
+  check_channel_tensor(running_mean, "running_mean", input, op);
+  check_channel_tensor(running_var, "running_var", input, op);
+  TORCH_CHECK_TYPE(running_mean.scalar_type() == running_var.scalar_type(), "fusedbn.", op,
+                   ": running_mean and running_var must have the same dtype, got ",
+                   running_mean.scalar_type(), " and ", running_var.scalar_type());
+  const c10::cuda::CUDAGuard guard(input.device());
+  Geometry g;
+  const at::Tensor x = canonicalize(input, g);
+  at::Tensor out = empty_output(x);
+  if (g.numel() == 0) return out;
+
+  const auto stat_opts = input.options().dtype(acc_dtype(input.scalar_type()));
+  at::Tensor coeffs = at::empty({kAffineParams * g.C}, stat_opts);
+  AT_DISPATCH_FLOATING_TYPES(coeffs.scalar_type(), "fusedbn_forward_eval", [&] {
+    using acc_t = scalar_t;
+    const auto blocks = static_cast<unsigned>(ceil_div<int64_t>(g.C, kBlockThreads));
+    eval_coeffs_kernel<acc_t><<<blocks, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        channel_ptr(running_mean), channel_ptr(running_var), channel_ptr(weight),
+        channel_ptr(bias), static_cast<acc_t>(eps), coeffs.mutable_data_ptr<acc_t>(), g.C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  channel_affine(x, out, g, coeffs);
+  return out;
+}
+
+}  // namespace cuda
+}  // namespace fusedbn

@@ -1,0 +1,364 @@
+// Kernels of the split per-channel reduction over the canonical layouts (common.h), generic over
+// an op of bn_reduce_ops.cuh; bn_reduce.cuh plans and launches them.
+//
+// Pass 1 tiles the N*S values of each channel across many CTAs, whatever C is, so that the grid
+// fills the GPU; each CTA writes one partial state per channel it touched to a workspace [C][P].
+// Pass 2 (merge_partials_kernel) merges the P partials of each channel in a fixed order and hands
+// the result to an epilogue functor. No floating-point atomics: the same shape on the same GPU
+// gives the same bits.
+//
+// Pass 1 has three shapes:
+//  * planes (contiguous, S >= 256 vectors): CTA = (channel, segment of the plane, range of
+//    samples). Each plane segment is read as 16-byte vectors aligned to the address; the partial
+//    vectors at either end (S * elem not a multiple of 16) are read element-wise. One state per
+//    thread, then warp shuffles -> shared memory -> one partial per CTA.
+//  * packed (contiguous, small planes, e.g. 7x7, 14x14): the cb*S values of a group of cb
+//    channels of one sample are one contiguous run; a CTA reads that run for a range of samples
+//    with 16-byte vectors that cross plane boundaries (channel = position / S). Since C*S is a
+//    multiple of the vector width, every sample puts the same channels in the same lanes: each
+//    thread keeps two states per vector slot (a vector spans at most two channels, as V <= S),
+//    and the CTA merges the slots of each channel from shared memory at the end.
+//  * rows (channels_last and (N, C)): threads along C with one 16-byte vector of channels each,
+//    CTA rows along N*S; per-thread states for its channels, merged across the CTA's rows by a
+//    tree in shared memory.
+// K vectors (per input) are loaded before any is used, for memory-level parallelism. Index math
+// is 32-bit for tensors of at most 2^30 elements, 64-bit otherwise (template parameter index_t).
+#pragma once
+
+#include <cstdint>
+
+#include "bn_reduce_ops.cuh"
+#include "bn_utils.cuh"
+
+namespace fusedbn {
+namespace cuda {
+
+template <typename T, typename acc_t>
+struct ReduceArgs {
+  const T* in0 = nullptr;
+  const T* in1 = nullptr;       // second input of two-input ops
+  const acc_t* chan = nullptr;  // per-channel op parameter, or nullptr
+  void* partials = nullptr;     // [C][P] Op::Partial
+  int64_t N = 0, C = 0, S = 0;
+  int64_t P = 0;         // partials per channel
+  int64_t splits = 1;    // gridDim.y: ranges of samples (planes, packed) or of rows (rows)
+  int64_t nseg = 1;      // planes: segments per plane
+  int64_t seg_len = 0;   // planes: values per segment (a multiple of V)
+  int64_t cb = 1;        // packed: channels per group
+};
+
+constexpr int kReduceK = 4;  // vectors in flight per thread and input
+
+// Values per CTA pass over a window (V-element vectors, K per thread).
+template <int V>
+constexpr int64_t window_capacity(int K) {
+  return int64_t{kBlockThreads} * K * V - (V - 1);
+}
+
+__host__ __device__ __forceinline__ int64_t split_begin(int64_t i, int64_t total, int64_t parts) {
+  return i * total / parts;
+}
+
+template <class Op, int V, typename index_t>
+__device__ __forceinline__ void load_group(
+    const ReduceArgs<typename Op::scalar_t, typename Op::acc_t>& a, index_t offset, int lo, int hi,
+    Vec<typename Op::scalar_t, V>& r0, Vec<typename Op::scalar_t, V>& r1) {
+  using T = typename Op::scalar_t;
+  if (lo == 0 && hi == V) {
+    r0 = load_vec<T, V>(a.in0 + offset);
+    if constexpr (Op::kInputs == 2) r1 = load_vec<T, V>(a.in1 + offset);
+  } else if (lo < hi) {
+    r0 = load_partial<T, V>(a.in0 + offset, lo, hi);
+    if constexpr (Op::kInputs == 2) r1 = load_partial<T, V>(a.in1 + offset, lo, hi);
+  }
+}
+
+template <typename acc_t, typename T, int V>
+__device__ __forceinline__ void to_acc(const Vec<T, V>& r, acc_t (&x)[V]) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) x[j] = static_cast<acc_t>(r.v[j]);
+}
+
+// Pushes elements [lo, hi) of a loaded group.
+template <class Op, int V>
+__device__ __forceinline__ void push_group(typename Op::Thread& s,
+                                           const Vec<typename Op::scalar_t, V>& r0,
+                                           const Vec<typename Op::scalar_t, V>& r1, int lo, int hi,
+                                           const typename Op::Param& par) {
+  using acc_t = typename Op::acc_t;
+  acc_t x0[V], x1[V];
+  to_acc(r0, x0);
+  if constexpr (Op::kInputs == 2) to_acc(r1, x1);
+  if (lo == 0 && hi == V) {
+    Op::push_all(s, x0, Op::kInputs == 2 ? x1 : x0, par);
+  } else {
+    Op::push(s, x0, Op::kInputs == 2 ? x1 : x0, lo, hi, par);
+  }
+}
+
+template <typename Partial>
+__device__ __forceinline__ Partial* shared_partials() {
+  extern __shared__ __align__(16) unsigned char fusedbn_smem[];
+  return reinterpret_cast<Partial*>(fusedbn_smem);
+}
+
+// ---- planes ------------------------------------------------------------------------------
+template <class Op, int V, typename index_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    reduce_planes_kernel(const ReduceArgs<typename Op::scalar_t, typename Op::acc_t> a) {
+  using T = typename Op::scalar_t;
+  using Partial = typename Op::Partial;
+  constexpr int K = kReduceK;
+  const index_t C = a.C, S = a.S, nseg = a.nseg;
+  const index_t c = static_cast<index_t>(blockIdx.x) / nseg;
+  const index_t seg = static_cast<index_t>(blockIdx.x) - c * nseg;
+  const index_t n0 = split_begin(blockIdx.y, a.N, a.splits);
+  const index_t n1 = split_begin(blockIdx.y + 1, a.N, a.splits);
+  const index_t off = seg * static_cast<index_t>(a.seg_len);
+  const index_t len = min(static_cast<index_t>(a.seg_len), S - off);
+  const typename Op::Param par = Op::param(a.chan, c);
+  typename Op::Thread st = Op::init();
+
+  for (index_t n = n0; n < n1; ++n) {
+    const index_t start = (n * C + c) * S + off;
+    const int head = static_cast<int>(start & (V - 1));  // vectors are aligned to the address
+    const index_t first = start - head;
+    const index_t nvec = (head + len + V - 1) / V;
+    for (index_t base = threadIdx.x; base < nvec; base += kBlockThreads * K) {
+      Vec<T, V> r0[K], r1[K];
+      int lo[K], hi[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const index_t q = base + k * kBlockThreads;
+        lo[k] = q == 0 ? head : 0;
+        hi[k] = q < nvec ? static_cast<int>(min(static_cast<index_t>(V), head + len - q * V)) : 0;
+        load_group<Op, V, index_t>(a, first + q * V, lo[k], hi[k], r0[k], r1[k]);
+      }
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+        if (lo[k] < hi[k]) push_group<Op, V>(st, r0[k], r1[k], lo[k], hi[k], par);
+    }
+  }
+
+  __shared__ __align__(16) unsigned char warp_buf[kBlockThreads / kWarpSize * sizeof(Partial)];
+  Partial* warp_parts = reinterpret_cast<Partial*>(warp_buf);
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  Partial p = warp_reduce<Op>(Op::finish(st));
+  if (lane == 0) warp_parts[warp] = p;
+  __syncthreads();
+  if (warp == 0) {
+    p = lane < kBlockThreads / kWarpSize ? warp_parts[lane] : Op::empty();
+    p = warp_reduce<Op>(p);
+    if (lane == 0) {
+      Partial* out = static_cast<Partial*>(a.partials);
+      out[static_cast<int64_t>(c) * a.P + static_cast<int64_t>(seg) * a.splits + blockIdx.y] = p;
+    }
+  }
+}
+
+// ---- packed ------------------------------------------------------------------------------
+template <class Op, int V, int K, typename index_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    reduce_packed_kernel(const ReduceArgs<typename Op::scalar_t, typename Op::acc_t> a) {
+  using T = typename Op::scalar_t;
+  using Partial = typename Op::Partial;
+  const index_t C = a.C;
+  const int S = static_cast<int>(a.S);  // S < window capacity here
+  const index_t c0 = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(a.cb);
+  const int cbn = static_cast<int>(min(static_cast<index_t>(a.cb), C - c0));
+  const int W = cbn * S;
+  const int sh = static_cast<int>((c0 * S) & (V - 1));  // same for every sample: C*S % V == 0
+  const int nvec = (sh + W + V - 1) / V;                // <= kBlockThreads * K (plan)
+  const index_t n0 = split_begin(blockIdx.y, a.N, a.splits);
+  const index_t n1 = split_begin(blockIdx.y + 1, a.N, a.splits);
+
+  // Vector slot k holds elements [lo, bnd) of local channel ch and [bnd, hi) of channel ch + 1.
+  int lo[K], hi[K], bnd[K];
+  typename Op::Param p0[K], p1[K];
+  typename Op::Thread s0[K], s1[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int q = threadIdx.x + k * kBlockThreads;
+    const int rel = q * V - sh;  // window position of the vector's first lane
+    lo[k] = max(0, -rel);
+    hi[k] = q < nvec ? min(V, W - rel) : 0;
+    const int ch = lo[k] < hi[k] ? (rel + lo[k]) / S : 0;
+    bnd[k] = lo[k] < hi[k] ? min(hi[k], max(lo[k], (ch + 1) * S - rel)) : hi[k];
+    p0[k] = Op::param(a.chan, c0 + ch);
+    p1[k] = bnd[k] < hi[k] ? Op::param(a.chan, c0 + ch + 1) : p0[k];
+    s0[k] = Op::init();
+    s1[k] = Op::init();
+  }
+
+  for (index_t n = n0; n < n1; ++n) {
+    const index_t first = (n * C + c0) * S - sh;
+    Vec<T, V> r0[K], r1[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const index_t q = threadIdx.x + k * kBlockThreads;
+      load_group<Op, V, index_t>(a, first + q * V, lo[k], hi[k], r0[k], r1[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (lo[k] >= hi[k]) continue;
+      if (lo[k] == 0 && bnd[k] == V) {
+        push_group<Op, V>(s0[k], r0[k], r1[k], 0, V, p0[k]);
+      } else {
+        if (lo[k] < bnd[k]) push_group<Op, V>(s0[k], r0[k], r1[k], lo[k], bnd[k], p0[k]);
+        if (bnd[k] < hi[k]) push_group<Op, V>(s1[k], r0[k], r1[k], bnd[k], hi[k], p1[k]);
+      }
+    }
+  }
+
+  // Slot states -> shared memory as pieces[2 * q + side], then per channel in a fixed order.
+  Partial* pieces = shared_partials<Partial>();
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int q = threadIdx.x + k * kBlockThreads;
+    pieces[2 * q] = Op::finish(s0[k]);
+    pieces[2 * q + 1] = Op::finish(s1[k]);
+  }
+  __syncthreads();
+
+  Partial* out = static_cast<Partial*>(a.partials);
+  // Pieces of local channel ch: vectors q_first..q_last; the first one holds ch in its second
+  // side when it started in the previous channel.
+  auto piece = [&](int ch, int q, int q_first) -> const Partial& {
+    const bool second = q == q_first && max(q * V - sh, 0) < ch * S;
+    return pieces[2 * q + (second ? 1 : 0)];
+  };
+  // A thread per channel (sequential merges) or a warp per channel (strided merges and a
+  // shuffle tree), whichever has the shorter chain of dependent merges; uniform over the CTA.
+  constexpr int kWarps = kBlockThreads / kWarpSize;
+  const int per_channel = S / V + 2;  // vectors touching one channel, at most
+  const int thread_chain = per_channel * ((cbn + kBlockThreads - 1) / kBlockThreads);
+  const int warp_chain =
+      ((cbn + kWarps - 1) / kWarps) * ((per_channel + kWarpSize - 1) / kWarpSize + 5);
+  if (thread_chain <= warp_chain) {
+    for (int ch = threadIdx.x; ch < cbn; ch += kBlockThreads) {
+      const int q_first = (ch * S + sh) / V, q_last = ((ch + 1) * S - 1 + sh) / V;
+      Partial acc = Op::empty();
+      for (int q = q_first; q <= q_last; ++q) Op::merge(acc, piece(ch, q, q_first));
+      out[static_cast<int64_t>(c0 + ch) * a.P + blockIdx.y] = acc;
+    }
+  } else {
+    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+    for (int ch = warp; ch < cbn; ch += kWarps) {
+      const int q_first = (ch * S + sh) / V, q_last = ((ch + 1) * S - 1 + sh) / V;
+      Partial acc = Op::empty();
+      for (int q = q_first + lane; q <= q_last; q += kWarpSize)
+        Op::merge(acc, piece(ch, q, q_first));
+      acc = warp_reduce<Op>(acc);
+      if (lane == 0) out[static_cast<int64_t>(c0 + ch) * a.P + blockIdx.y] = acc;
+    }
+  }
+}
+
+// ---- rows (channels_last) ----------------------------------------------------------------
+template <class Op, int V, typename index_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    reduce_rows_kernel(const ReduceArgs<typename Op::scalar_t, typename Op::acc_t> a) {
+  using T = typename Op::scalar_t;
+  using acc_t = typename Op::acc_t;
+  using Partial = typename Op::Partial;
+  constexpr int K = kReduceK;  // rows in flight per thread
+  const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x, TY = blockDim.y;
+  const index_t C = a.C;
+  const index_t cv = static_cast<index_t>(blockIdx.x) * TX + tx;  // vector of channels
+  const bool active = cv < C / V;
+  const index_t rows = a.N * a.S;
+  const index_t r0 = split_begin(blockIdx.y, rows, a.splits);
+  const index_t r1 = split_begin(blockIdx.y + 1, rows, a.splits);
+
+  typename Op::Param par[V];
+  typename Op::Thread st[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    par[j] = active ? Op::param(a.chan, cv * V + j) : typename Op::Param{};
+    st[j] = Op::init();
+  }
+  if (active) {
+    for (index_t r = r0 + ty; r < r1; r += static_cast<index_t>(TY) * K) {
+      const int cnt = static_cast<int>(min(static_cast<index_t>(K), (r1 - r + TY - 1) / TY));
+      Vec<T, V> v0[K], v1[K];
+#pragma unroll
+      for (int u = 0; u < K; ++u) {
+        if (u < cnt) {
+          const index_t offset = (r + static_cast<index_t>(u) * TY) * C + cv * V;
+          v0[u] = load_vec<T, V>(a.in0 + offset);
+          if constexpr (Op::kInputs == 2) v1[u] = load_vec<T, V>(a.in1 + offset);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        acc_t x0[K], x1[K];
+#pragma unroll
+        for (int u = 0; u < K; ++u) {
+          x0[u] = u < cnt ? static_cast<acc_t>(v0[u].v[j]) : acc_t(0);
+          if constexpr (Op::kInputs == 2)
+            x1[u] = u < cnt ? static_cast<acc_t>(v1[u].v[j]) : acc_t(0);
+        }
+        if (cnt == K) {
+          Op::push_all(st[j], x0, Op::kInputs == 2 ? x1 : x0, par[j]);
+        } else {
+          Op::push(st[j], x0, Op::kInputs == 2 ? x1 : x0, 0, cnt, par[j]);
+        }
+      }
+    }
+  }
+
+  // Merge across the CTA's rows: a tree over ty in shared memory.
+  Partial* sm = shared_partials<Partial>();
+  const int tid = ty * TX + tx;
+#pragma unroll
+  for (int j = 0; j < V; ++j) sm[tid * V + j] = Op::finish(st[j]);
+  __syncthreads();
+  int step = 1;
+  while (step < TY) step <<= 1;
+  for (step >>= 1; step > 0; step >>= 1) {
+    if (ty < step && ty + step < TY) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) Op::merge(sm[tid * V + j], sm[(tid + step * TX) * V + j]);
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && active) {
+    Partial* out = static_cast<Partial*>(a.partials);
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[(cv * V + j) * a.P + blockIdx.y] = sm[tx * V + j];
+  }
+}
+
+// ---- pass 2 ------------------------------------------------------------------------------
+// `group` threads (a power of two, 32..256) merge the P partials of one channel: each merges a
+// strided subset in order, then warps by shuffles, then the group's warps in order. The
+// epilogue runs once per channel with the merged state.
+template <class Op, class Epilogue>
+__global__ void __launch_bounds__(kBlockThreads)
+    merge_partials_kernel(const typename Op::Partial* partials, int64_t C, int64_t P, int group,
+                          const Epilogue epi) {
+  using Partial = typename Op::Partial;
+  __shared__ __align__(16) unsigned char buf[kBlockThreads / kWarpSize * sizeof(Partial)];
+  Partial* warp_parts = reinterpret_cast<Partial*>(buf);
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int t = threadIdx.x % group;
+  const int64_t c =
+      static_cast<int64_t>(blockIdx.x) * (kBlockThreads / group) + threadIdx.x / group;
+  Partial acc = Op::empty();
+  if (c < C) {
+    for (int64_t p = t; p < P; p += group) Op::merge(acc, partials[c * P + p]);
+  }
+  acc = warp_reduce<Op>(acc);
+  if (group > kWarpSize) {
+    if (lane == 0) warp_parts[warp] = acc;
+    __syncthreads();
+    if (t == 0) {
+      acc = warp_parts[warp];
+      for (int w = 1; w < group / kWarpSize; ++w) Op::merge(acc, warp_parts[warp + w]);
+    }
+  }
+  if (t == 0 && c < C) epi(c, acc);
+}
+
+}  // namespace cuda
+}  // namespace fusedbn

@@ -1,0 +1,187 @@
+// The per-channel reductions that the split-reduction kernels of bn_reduce.cuh run, as "ops":
+//
+//   WelfordOp<T>  input x           -> per channel (n, mean, m2)        forward_train statistics
+//   GradOp<T>     inputs dy, x      -> per channel (sum dy, sum dy*(x - mean))   backward
+//
+// An op has a thread-local state (Thread) that a thread grows from groups of values of one
+// channel, a partial state (Partial) that threads, warps, blocks and the grid merge in a fixed
+// order, and an optional per-channel parameter (Param: GradOp reads the saved mean).
+//
+// Welford without a division per value: a thread takes its values in groups of L (a 16-byte
+// vector of one plane, or L rows of one channel for channels_last), computes the group's own mean
+// and M2 exactly (two passes over registers; the mean is sum * (1/L), a constant for full groups),
+// and merges the group into its state with Chan's formula, which needs nb/n = L/(n+L): one
+// correctly rounded reciprocal per group, not a division per value. Chan's merge of exact group
+// states is as accurate as Welford's update (it is the same recurrence with blocks of L values),
+// and the cross-thread merges keep the error growth logarithmic.
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include "bn_utils.cuh"
+#include "welford.h"
+
+namespace fusedbn {
+namespace cuda {
+
+template <typename acc_t>
+struct WelfordThread {
+  acc_t mean;
+  acc_t m2;
+  int n;
+};
+
+template <typename T>
+struct WelfordOp {
+  using scalar_t = T;
+  using acc_t = at::opmath_type<T>;
+  static constexpr int kInputs = 1;
+  using Thread = WelfordThread<acc_t>;
+  using Partial = fusedbn::WelfordState<acc_t>;
+  struct Param {};
+
+  __device__ __forceinline__ static Thread init() { return {acc_t(0), acc_t(0), 0}; }
+  __device__ __forceinline__ static Param param(const acc_t*, int64_t) { return {}; }
+
+  // Chan's merge of an exact group state (cnt values, mean gmean, M2 gm2) into s.
+  __device__ __forceinline__ static void combine(Thread& s, acc_t gmean, acc_t gm2, int cnt) {
+    const int n = s.n + cnt;
+    const acc_t nb_over_n = static_cast<acc_t>(cnt) * reciprocal(static_cast<acc_t>(n));
+    const acc_t delta = gmean - s.mean;
+    s.mean += delta * nb_over_n;
+    s.m2 += gm2 + delta * delta * static_cast<acc_t>(s.n) * nb_over_n;
+    s.n = n;
+  }
+
+  // All L values of a[] (b[] is unused: one input).
+  template <int L>
+  __device__ __forceinline__ static void push_all(Thread& s, const acc_t (&a)[L],
+                                                  const acc_t (&)[L], Param) {
+    acc_t sum = acc_t(0);
+#pragma unroll
+    for (int j = 0; j < L; ++j) sum += a[j];
+    const acc_t gmean = sum * (acc_t(1) / acc_t(L));  // L is a power of two: exact
+    acc_t gm2 = acc_t(0);
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      const acc_t d = a[j] - gmean;
+      gm2 += d * d;
+    }
+    combine(s, gmean, gm2, L);
+  }
+
+  // Values a[lo..hi), 0 <= lo < hi <= L.
+  template <int L>
+  __device__ __forceinline__ static void push(Thread& s, const acc_t (&a)[L], const acc_t (&)[L],
+                                              int lo, int hi, Param) {
+    acc_t sum = acc_t(0);
+#pragma unroll
+    for (int j = 0; j < L; ++j)
+      if (j >= lo && j < hi) sum += a[j];
+    const int cnt = hi - lo;
+    const acc_t gmean = sum * reciprocal(static_cast<acc_t>(cnt));
+    acc_t gm2 = acc_t(0);
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      if (j >= lo && j < hi) {
+        const acc_t d = a[j] - gmean;
+        gm2 += d * d;
+      }
+    }
+    combine(s, gmean, gm2, cnt);
+  }
+
+  __device__ __forceinline__ static Partial finish(const Thread& s) {
+    Partial p;
+    p.mean = s.mean;
+    p.m2 = s.m2;
+    p.n = s.n;
+    return p;
+  }
+  __device__ __forceinline__ static Partial empty() { return Partial{}; }
+  __device__ __forceinline__ static void merge(Partial& a, const Partial& b) {
+    fusedbn::welford_merge(a, b);
+  }
+  __device__ __forceinline__ static Partial shfl_down(const Partial& p, int delta) {
+    Partial r;
+    r.mean = __shfl_down_sync(0xffffffffu, p.mean, delta);
+    r.m2 = __shfl_down_sync(0xffffffffu, p.m2, delta);
+    r.n = __shfl_down_sync(0xffffffffu, p.n, delta);
+    return r;
+  }
+};
+
+template <typename acc_t>
+struct GradPartial {
+  acc_t sum_dy = acc_t(0);
+  acc_t sum_dy_xmu = acc_t(0);  // sum of dy * (x - mean); times invstd gives sum of dy * xhat
+};
+
+// Inputs: a = grad_output, b = input. Param: the channel's saved mean.
+template <typename T>
+struct GradOp {
+  using scalar_t = T;
+  using acc_t = at::opmath_type<T>;
+  static constexpr int kInputs = 2;
+  using Thread = GradPartial<acc_t>;
+  using Partial = GradPartial<acc_t>;
+  using Param = acc_t;
+
+  __device__ __forceinline__ static Thread init() { return Thread{}; }
+  __device__ __forceinline__ static Param param(const acc_t* mean, int64_t c) { return mean[c]; }
+
+  template <int L>
+  __device__ __forceinline__ static void push_all(Thread& s, const acc_t (&dy)[L],
+                                                  const acc_t (&x)[L], Param mean) {
+    acc_t s0 = acc_t(0), s1 = acc_t(0);
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      s0 += dy[j];
+      s1 += dy[j] * (x[j] - mean);
+    }
+    s.sum_dy += s0;
+    s.sum_dy_xmu += s1;
+  }
+
+  template <int L>
+  __device__ __forceinline__ static void push(Thread& s, const acc_t (&dy)[L], const acc_t (&x)[L],
+                                              int lo, int hi, Param mean) {
+    acc_t s0 = acc_t(0), s1 = acc_t(0);
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      if (j >= lo && j < hi) {
+        s0 += dy[j];
+        s1 += dy[j] * (x[j] - mean);
+      }
+    }
+    s.sum_dy += s0;
+    s.sum_dy_xmu += s1;
+  }
+
+  __device__ __forceinline__ static Partial finish(const Thread& s) { return s; }
+  __device__ __forceinline__ static Partial empty() { return Partial{}; }
+  __device__ __forceinline__ static void merge(Partial& a, const Partial& b) {
+    a.sum_dy += b.sum_dy;
+    a.sum_dy_xmu += b.sum_dy_xmu;
+  }
+  __device__ __forceinline__ static Partial shfl_down(const Partial& p, int delta) {
+    Partial r;
+    r.sum_dy = __shfl_down_sync(0xffffffffu, p.sum_dy, delta);
+    r.sum_dy_xmu = __shfl_down_sync(0xffffffffu, p.sum_dy_xmu, delta);
+    return r;
+  }
+};
+
+// Tree merge across a full warp in a fixed order; the result is valid in lane 0.
+template <class Op>
+__device__ __forceinline__ typename Op::Partial warp_reduce(typename Op::Partial p) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+    const typename Op::Partial other = Op::shfl_down(p, offset);
+    Op::merge(p, other);
+  }
+  return p;
+}
+
+}  // namespace cuda
+}  // namespace fusedbn

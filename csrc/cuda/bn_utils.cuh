@@ -1,0 +1,190 @@
+// Small pieces shared by every fusedbn CUDA file: the SM count (cached per device), aligned vector
+// loads, the choice of vector width and index type, occupancy-based grid sizing, and ChannelPtr, a
+// type-tagged pointer to a per-channel tensor.
+//
+// ChannelPtr is how the per-channel kernels (C threads: statistics epilogues, eval parameters,
+// running statistics) read and write weight/bias/running statistics/grad_weight of either the
+// input's dtype or float32 without a template instantiation per dtype pair: the dtype switch runs
+// once per channel, which costs nothing next to the element-wise passes. The bandwidth-bound
+// kernels never see these tensors; they read per-channel coefficients prepared in the
+// accumulation type.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/Optional.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+
+namespace fusedbn {
+namespace cuda {
+
+constexpr int kWarpSize = 32;
+constexpr int kBlockThreads = 256;  // every bandwidth-bound kernel runs 256-thread blocks
+
+template <typename T>
+constexpr T ceil_div(T a, T b) {
+  return (a + b - 1) / b;
+}
+
+// Streaming multiprocessors of `device`, queried once per device.
+inline int sm_count(int device) {
+  constexpr int kCached = 256;
+  static std::atomic<int> cache[kCached] = {};
+  if (device >= 0 && device < kCached) {
+    int n = cache[device].load(std::memory_order_relaxed);
+    if (n > 0) return n;
+  }
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  n = std::max(n, 1);
+  if (device >= 0 && device < kCached) cache[device].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+// Resident blocks per SM of `kernel` (at least 1). Callers cache it in a function-local static
+// per kernel instantiation.
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel, int threads, size_t smem) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &n, reinterpret_cast<const void*>(kernel), threads, smem));
+  return std::max(n, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vector loads: 16 bytes per thread per load.
+
+template <typename T>
+constexpr int max_vec() {
+  return 16 / static_cast<int>(sizeof(T));  // 4 float, 8 half/bfloat16, 2 double
+}
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
+  *reinterpret_cast<Vec<T, V>*>(p) = v;
+}
+
+// Loads elements [lo, hi) of the V-element group at p; the others are left zero.
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> load_partial(const T* p, int lo, int hi) {
+  Vec<T, V> r;
+#pragma unroll
+  for (int j = 0; j < V; ++j) r.v[j] = (j >= lo && j < hi) ? p[j] : static_cast<T>(0.0f);
+  return r;
+}
+
+inline bool aligned_to(const void* p, int bytes) {
+  return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+// Tensors of at most 2^30 elements use 32-bit index math; larger ones 64-bit. The headroom
+// covers the kernels' intermediate values: a position plus a step (< 2 * numel) and indices a
+// grid-stride step past the end.
+inline bool fits_int32(int64_t numel) { return numel <= (int64_t{1} << 30); }
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<index_t>{}) with index_t = int64_t when use64, else int32_t.
+template <typename F>
+void dispatch_index(bool use64, F&& f) {
+  if (use64) {
+    f(TypeTag<int64_t>{});
+  } else {
+    f(TypeTag<int32_t>{});
+  }
+}
+
+// Calls f(std::integral_constant<int, V>{}) with V = vmax when vectorized, else 1.
+template <int vmax, typename F>
+void dispatch_vec(bool vectorized, F&& f) {
+  if (vectorized) {
+    f(std::integral_constant<int, vmax>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+// Correctly rounded reciprocal (cheaper than a division; used once per group of values).
+__device__ __forceinline__ float reciprocal(float x) { return __frcp_rn(x); }
+__device__ __forceinline__ double reciprocal(double x) { return __drcp_rn(x); }
+
+// ---------------------------------------------------------------------------------------------
+// ChannelPtr: a strided per-channel tensor of float/double/half/bfloat16, or nothing.
+
+struct ChannelPtr {
+  enum Kind : int32_t { kNone = 0, kFloat, kDouble, kHalf, kBFloat16 };
+  void* data = nullptr;
+  int64_t stride = 0;
+  int32_t kind = kNone;
+
+  template <typename acc_t>
+  __device__ __forceinline__ acc_t load(int64_t c, acc_t absent) const {
+    const int64_t i = c * stride;
+    switch (kind) {
+      case kFloat: return static_cast<acc_t>(static_cast<const float*>(data)[i]);
+      case kDouble: return static_cast<acc_t>(static_cast<const double*>(data)[i]);
+      case kHalf:
+        return static_cast<acc_t>(static_cast<float>(static_cast<const c10::Half*>(data)[i]));
+      case kBFloat16:
+        return static_cast<acc_t>(static_cast<float>(static_cast<const c10::BFloat16*>(data)[i]));
+      default: return absent;
+    }
+  }
+
+  template <typename acc_t>
+  __device__ __forceinline__ void store(int64_t c, acc_t v) const {
+    const int64_t i = c * stride;
+    switch (kind) {
+      case kFloat: static_cast<float*>(data)[i] = static_cast<float>(v); break;
+      case kDouble: static_cast<double*>(data)[i] = static_cast<double>(v); break;
+      case kHalf: static_cast<c10::Half*>(data)[i] = c10::Half(static_cast<float>(v)); break;
+      case kBFloat16:
+        static_cast<c10::BFloat16*>(data)[i] = c10::BFloat16(static_cast<float>(v));
+        break;
+      default: break;
+    }
+  }
+};
+
+inline ChannelPtr channel_ptr(const at::Tensor& t) {
+  ChannelPtr p;
+  if (!t.defined()) return p;
+  switch (t.scalar_type()) {
+    case at::kFloat: p.kind = ChannelPtr::kFloat; break;
+    case at::kDouble: p.kind = ChannelPtr::kDouble; break;
+    case at::kHalf: p.kind = ChannelPtr::kHalf; break;
+    case at::kBFloat16: p.kind = ChannelPtr::kBFloat16; break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "fusedbn: unexpected per-channel dtype ", t.scalar_type());
+  }
+  p.data = t.data_ptr();
+  p.stride = t.dim() == 0 ? 0 : t.stride(0);
+  return p;
+}
+
+inline ChannelPtr channel_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? channel_ptr(*t) : ChannelPtr{};
+}
+
+}  // namespace cuda
+}  // namespace fusedbn
