@@ -1,8 +1,10 @@
 // fusedbn.backward on CUDA.
 //
-// With xhat = (x - mean) * invstd and M = N*S values per channel:
-//   train: dx = w*invstd * (dy - sum_dy/M - xhat * sum_dy_xhat/M);  eval: dx = dy * w*invstd;
-//   dweight = sum_dy_xhat, dbias = sum_dy (both modes).
+// With xhat = (x - mean) * invstd, a = w * invstd and M = N*S values per channel (the CPU
+// backend's formulas, csrc/cpu/bn_backward.cpp):
+//   train: dx = (dy - sum_dy/M) * a - (x - mean) * (a * invstd^2 * sum(dy * (x - mean)) / M)
+//             = w*invstd * (dy - sum_dy/M - xhat * sum_dy_xhat/M);
+//   eval:  dx = dy * a;   dweight = invstd * sum(dy * (x - mean)) = sum_dy_xhat, dbias = sum_dy.
 // Launches on the current stream, no host synchronization:
 //   1. when sums are needed (train and dx asked for, or dweight/dbias asked for):
 //      reduce_pass1<GradOp> over (dy, x): split reduction of (sum dy, sum dy*(x - mean)) ->
@@ -10,13 +12,12 @@
 //      fixed order, writes grad_weight/grad_bias (weight's dtype) and the dx coefficients;
 //      otherwise (eval, dx only) one per-channel kernel writes the dx coefficients;
 //   2. train: channel_grad(dy, x) -> dx; eval: channel_affine(dy) -> dx (x is not read).
-// grad_output is brought to the canonical layout of the input first (a copy only when its
-// layout differs), so that every pass reads dy and x at the same offsets.
+// grad_output is brought to the strides of the canonical input first (common.h match_layout: a
+// copy only when they differ), so that every pass reads dy and x at the same offsets.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -41,32 +42,30 @@ struct BackwardEpilogue {
   ChannelPtr weight;
   ChannelPtr grad_weight;  // kNone when not asked for
   ChannelPtr grad_bias;    // kNone when not asked for
-  acc_t* coeffs;           // train: [4][C] (mean, k, mdy, g); eval: [3][C] (0, g, 0); or nullptr
+  acc_t* coeffs;  // train: [4][C] (sum_dy/M, a, mean, k3); eval: [3][C] (0, a, 0); or nullptr
   int64_t C;
-  acc_t M;
+  acc_t inv_m;  // 1 / M
   DxCoeffs mode;
 
   __device__ void operator()(int64_t c, const GradPartial<acc_t>& s) const {
     const acc_t is = invstd[c];
-    const acc_t sum_dy = s.sum_dy;
-    const acc_t sum_dy_xhat = s.sum_dy_xmu * is;
-    grad_weight.store(c, sum_dy_xhat);
-    grad_bias.store(c, sum_dy);
-    const acc_t g = weight.load<acc_t>(c, acc_t(1)) * is;
+    grad_weight.store(c, s.sum_dy_xmu * is);
+    grad_bias.store(c, s.sum_dy);
+    const acc_t a = weight.load<acc_t>(c, acc_t(1)) * is;
     if (mode == DxCoeffs::kTrain) {
-      coeffs[c] = mean[c];
-      coeffs[C + c] = is * (sum_dy_xhat / M);
-      coeffs[2 * C + c] = sum_dy / M;
-      coeffs[3 * C + c] = g;
+      coeffs[c] = s.sum_dy * inv_m;
+      coeffs[C + c] = a;
+      coeffs[2 * C + c] = mean[c];
+      coeffs[3 * C + c] = a * is * is * s.sum_dy_xmu * inv_m;
     } else if (mode == DxCoeffs::kEval) {
       coeffs[c] = acc_t(0);
-      coeffs[C + c] = g;
+      coeffs[C + c] = a;
       coeffs[2 * C + c] = acc_t(0);
     }
   }
 };
 
-// Eval mode, dx only: coefficients (0, w * invstd, 0) for channel_affine over dy.
+// Eval mode, dx only: coefficients (0, a = w * invstd, 0) for channel_affine over dy.
 template <typename acc_t>
 __global__ void eval_dx_coeffs_kernel(ChannelPtr weight, const acc_t* invstd, acc_t* coeffs,
                                       int64_t C) {
@@ -77,28 +76,17 @@ __global__ void eval_dx_coeffs_kernel(ChannelPtr weight, const acc_t* invstd, ac
   coeffs[2 * C + c] = acc_t(0);
 }
 
+// The CPU backend's checks and wording.
 void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const char* op) {
-  TORCH_CHECK(grad_output.defined(), "fusedbn.", op, ": grad_output must be a tensor, got None");
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), "fusedbn.", op,
+  TORCH_CHECK(grad_output.defined() && grad_output.sizes() == input.sizes(), "fusedbn.", op,
               ": grad_output must have the input's shape ", input.sizes(), ", got ",
-              grad_output.sizes());
+              grad_output.defined() ? grad_output.sizes() : c10::IntArrayRef{});
   TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "fusedbn.", op,
-                   ": grad_output must be ", input.scalar_type(), " (the input's dtype), got ",
-                   grad_output.scalar_type());
+                   ": grad_output must have the input's dtype ", dtype_name(input.scalar_type()),
+                   ", got ", dtype_name(grad_output.scalar_type()));
   TORCH_CHECK(grad_output.device() == input.device(), "fusedbn.", op,
               ": grad_output must be on the input's device ", input.device(), ", got ",
               grad_output.device());
-}
-
-// grad_output in the canonical layout of x (the canonical input).
-at::Tensor match_layout(const at::Tensor& grad_output, const at::Tensor& x, const Geometry& g) {
-  if (g.layout == Layout::kContiguous || x.is_contiguous()) return grad_output.contiguous();
-  if (is_channels_last_dense(grad_output)) return grad_output;
-  if (x.dim() == 4) return grad_output.contiguous(at::MemoryFormat::ChannelsLast);
-  if (x.dim() == 5) return grad_output.contiguous(at::MemoryFormat::ChannelsLast3d);
-  at::Tensor dy = at::empty_like(x, at::MemoryFormat::Preserve);  // x's strides (dense)
-  dy.copy_(grad_output);
-  return dy;
 }
 
 }  // namespace
@@ -132,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const bool need_sums = (train && need_dx) || need_dw || need_db;
   if (!need_sums && !need_dx) return {grad_input, grad_weight, grad_bias};
 
-  const at::Tensor dy = match_layout(grad_output, x, g);
+  const at::Tensor dy = match_layout(grad_output, x);
   const at::Tensor mean_c = mean.contiguous();
   const at::Tensor invstd_c = invstd.contiguous();
   const DxCoeffs mode = !need_dx ? DxCoeffs::kNone : train ? DxCoeffs::kTrain : DxCoeffs::kEval;
@@ -153,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                                   need_db ? channel_ptr(grad_bias) : ChannelPtr{},
                                   coeffs_ptr,
                                   g.C,
-                                  static_cast<acc_t>(g.rows()),
+                                  acc_t(1) / static_cast<acc_t>(g.rows()),
                                   mode};
       reduce_pass2<Op>(parts, g.C, epi);
     } else {

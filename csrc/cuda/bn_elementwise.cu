@@ -35,9 +35,8 @@ template <typename acc_t>
 struct GradFn {
   static constexpr int kInputs = 2;
   static constexpr int kParams = kGradParams;
-  // a = dy, b = x
   __device__ __forceinline__ static acc_t apply(acc_t dy, acc_t x, const acc_t (&p)[kParams]) {
-    return (dy - p[2] - (x - p[0]) * p[1]) * p[3];
+    return (dy - p[0]) * p[1] - (x - p[2]) * p[3];
   }
 };
 

@@ -4,8 +4,10 @@
 //   channel_affine:  coefficients (m, s, b)           y  = (x - m) * s + b
 //       forward_train: (mean, invstd * w, bias); forward_eval: (rm, w / sqrt(rv + eps), bias);
 //       backward in eval mode: (0, w * invstd, 0) applied to grad_output.
-//   channel_grad:    coefficients (mean, k, mdy, g)   dx = (dy - mdy - (x - mean) * k) * g
-//       with k = invstd * sum(dy * xhat) / M, mdy = sum(dy) / M, g = w * invstd.
+//   channel_grad:    coefficients (k0, k1, k2, k3)    dx = (dy - k0) * k1 - (x - k2) * k3
+//       with k0 = sum(dy) / M, k1 = a = w * invstd, k2 = mean,
+//       k3 = a * invstd^2 * sum(dy * (x - mean)) / M (the CPU backend's form of
+//       w * invstd * (dy - sum_dy / M - xhat * sum(dy * xhat) / M)).
 //
 // Kernels (bn_elementwise.cu): contiguous layout -> a grid-stride loop over 16-byte vectors of the
 // flat tensor; each thread tracks its (position in plane, channel) incrementally, so there is no
@@ -30,7 +32,7 @@ constexpr int kGradParams = 4;
 void channel_affine(const at::Tensor& in, const at::Tensor& out, const Geometry& g,
                     const at::Tensor& params);
 
-// dx = (dy - mdy - (x - mean) * k) * g per channel; dy, x, dx share the canonical layout g;
+// dx = (dy - k0) * k1 - (x - k2) * k3 per channel; dy, x, dx share the canonical layout g;
 // params: [4][C] accumulation type, contiguous. No-op when numel is 0.
 void channel_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx,
                   const Geometry& g, const at::Tensor& params);

@@ -9,6 +9,7 @@
 // The three pieces stay separate so that a persistent single-read kernel can reuse them later.
 //
 // forward_eval: one per-channel kernel computes (rm, w / sqrt(rv + eps), b), then channel_affine.
+// The per-channel formulas and the checks follow the CPU backend (csrc/cpu/bn_forward.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -57,9 +58,9 @@ __global__ void eval_coeffs_kernel(ChannelPtr running_mean, ChannelPtr running_v
                                    int64_t C) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  const acc_t is = acc_t(1) / ::sqrt(running_var.load<acc_t>(c, acc_t(1)) + eps);
   coeffs[c] = running_mean.load<acc_t>(c, acc_t(0));
-  coeffs[C + c] = is * weight.load<acc_t>(c, acc_t(1));
+  const acc_t rv = running_var.load<acc_t>(c, acc_t(1));
+  coeffs[C + c] = weight.load<acc_t>(c, acc_t(1)) / ::sqrt(rv + eps);
   coeffs[2 * C + c] = bias.load<acc_t>(c, acc_t(0));
 }
 
@@ -82,7 +83,9 @@ double empty_invstd(double eps, at::ScalarType acc) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, double eps) {
-  check_affine(input, weight, bias, "forward_train");
+  constexpr const char* op = "forward_train";
+  check_affine(input, weight, bias, op);
+  TORCH_CHECK(eps > 0, "fusedbn.", op, ": eps must be positive in training, got ", eps);
   const c10::cuda::CUDAGuard guard(input.device());
   Geometry g;
   const at::Tensor x = canonicalize(input, g);
@@ -127,9 +130,7 @@ at::Tensor forward_eval(const at::Tensor& input, const c10::optional<at::Tensor>
   check_affine(input, weight, bias, op);
   check_channel_tensor(running_mean, "running_mean", input, op);
   check_channel_tensor(running_var, "running_var", input, op);
-  TORCH_CHECK_TYPE(running_mean.scalar_type() == running_var.scalar_type(), "fusedbn.", op,
-                   ": running_mean and running_var must have the same dtype, got ",
-                   running_mean.scalar_type(), " and ", running_var.scalar_type());
+  TORCH_CHECK(eps >= 0, "fusedbn.", op, ": eps must be non-negative, got ", eps);
   const c10::cuda::CUDAGuard guard(input.device());
   Geometry g;
   const at::Tensor x = canonicalize(input, g);
