@@ -14,6 +14,7 @@ import glob
 import os
 import platform
 import re
+import sys
 
 from setuptools import setup
 
@@ -117,10 +118,14 @@ def main():
     if platform.machine().lower() in ("x86_64", "amd64"):
         variants.append(("avx2", ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2",
                                   "-DCPU_CAPABILITY_AVX2"]))
+    # at::parallel_for is an inline `#pragma omp parallel`: without OpenMP the CPU kernels would
+    # silently run on one thread. libgomp resolves to the copy torch has already loaded.
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     for name, flags in variants:
         extensions.append(CppExtension(
             "fusedbn._cpu_" + name, cpu_sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": common_cxx + flags}))
+            extra_compile_args={"cxx": common_cxx + openmp + flags},
+            extra_link_args=openmp))
 
     print("fusedbn %s build configuration:" % version)
     print("  torch %s (CUDA %s)" % (torch.__version__, torch.version.cuda))

@@ -1,72 +1,85 @@
 // Elementwise passes with per-channel constants: over one contiguous run of a single channel
 // (an NCHW plane) or over one channels-last row of C values.
 //
-// The functors see accumulation-type values: vf(const AVec* in, const AVec* k) -> AVec and
-// sf(const acc_t* in, const acc_t* k) -> acc_t, with NIn inputs and NK per-channel constants.
+// The functor sees accumulation-type vectors: vf(const AVec* in, const AVec* k) -> AVec, with NIn
+// inputs and NK per-channel constants. A partial last unit is loaded zero-padded and stored partially.
 #pragma once
 
 #include "vec_io.h"
 
+#include <algorithm>
 #include <array>
 
 namespace fusedbn::cpu {
 
 // out[i] = f(in[0][i], ..., k) over len values of one channel (constants k are scalars).
-template <int NIn, int NK, typename scalar_t, typename VF, typename SF>
+template <int NIn, int NK, typename scalar_t, typename VF>
 inline void apply_run(const std::array<const scalar_t*, NIn>& in, scalar_t* out, int64_t len,
-                      const std::array<acc_type<scalar_t>, NK>& k, const VF& vf, const SF& sf) {
+                      const std::array<acc_type<scalar_t>, NK>& k, const VF& vf) {
   using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
   using AVec = typename IO::AVec;
   AVec kv[NK > 0 ? NK : 1];
   for (int j = 0; j < NK; ++j) kv[j] = AVec(k[j]);
-  int64_t i = 0;
-  for (; i + IO::kUnit <= len; i += IO::kUnit) {
+  for (int64_t i = 0; i < len; i += IO::kUnit) {
+    const int64_t n = std::min<int64_t>(IO::kUnit, len - i);  // the last unit may be partial
     AVec v[NIn][IO::kVecs];
-    for (int a = 0; a < NIn; ++a) IO::load(in[a] + i, v[a]);
+    for (int a = 0; a < NIn; ++a) {
+      if (n == IO::kUnit) {
+        IO::load(in[a] + i, v[a]);
+      } else {
+        IO::load_partial(in[a] + i, n, v[a]);
+      }
+    }
     AVec r[IO::kVecs];
     for (int j = 0; j < IO::kVecs; ++j) {
       AVec args[NIn];
       for (int a = 0; a < NIn; ++a) args[a] = v[a][j];
       r[j] = vf(args, kv);
     }
-    IO::store(out + i, r);
-  }
-  for (; i < len; ++i) {
-    acc_t args[NIn];
-    for (int a = 0; a < NIn; ++a) args[a] = static_cast<acc_t>(in[a][i]);
-    out[i] = static_cast<scalar_t>(sf(args, k.data()));
+    if (n == IO::kUnit) {
+      IO::store(out + i, r);
+    } else {
+      IO::store_partial(out + i, n, r);
+    }
   }
 }
 
 // out[c] = f(in[0][c], ..., k[0][c], ...) over one row of C channels (constants are arrays).
-template <int NIn, int NK, typename scalar_t, typename VF, typename SF>
+template <int NIn, int NK, typename scalar_t, typename VF>
 inline void apply_row(const std::array<const scalar_t*, NIn>& in, scalar_t* out, int64_t C,
-                      const std::array<const acc_type<scalar_t>*, NK>& k, const VF& vf,
-                      const SF& sf) {
+                      const std::array<const acc_type<scalar_t>*, NK>& k, const VF& vf) {
   using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
   using AVec = typename IO::AVec;
   constexpr int64_t L = AVec::size();
-  int64_t c = 0;
-  for (; c + IO::kUnit <= C; c += IO::kUnit) {
+  for (int64_t c = 0; c < C; c += IO::kUnit) {
+    const int64_t n = std::min<int64_t>(IO::kUnit, C - c);  // the last unit may be partial
     AVec v[NIn][IO::kVecs];
-    for (int a = 0; a < NIn; ++a) IO::load(in[a] + c, v[a]);
+    for (int a = 0; a < NIn; ++a) {
+      if (n == IO::kUnit) {
+        IO::load(in[a] + c, v[a]);
+      } else {
+        IO::load_partial(in[a] + c, n, v[a]);
+      }
+    }
     AVec r[IO::kVecs];
     for (int j = 0; j < IO::kVecs; ++j) {
+      const int64_t nj = std::clamp<int64_t>(n - j * L, 0, L);
+      if (nj == 0) {
+        r[j] = AVec(0);
+        continue;
+      }
       AVec args[NIn];
       for (int a = 0; a < NIn; ++a) args[a] = v[a][j];
       AVec kv[NK > 0 ? NK : 1];
-      for (int b = 0; b < NK; ++b) kv[b] = AVec::loadu(k[b] + c + j * L);
+      for (int b = 0; b < NK; ++b)
+        kv[b] = nj == L ? AVec::loadu(k[b] + c + j * L) : AVec::loadu(k[b] + c + j * L, nj);
       r[j] = vf(args, kv);
     }
-    IO::store(out + c, r);
-  }
-  for (; c < C; ++c) {
-    acc_t args[NIn], kc[NK > 0 ? NK : 1];
-    for (int a = 0; a < NIn; ++a) args[a] = static_cast<acc_t>(in[a][c]);
-    for (int b = 0; b < NK; ++b) kc[b] = k[b][c];
-    out[c] = static_cast<scalar_t>(sf(args, kc));
+    if (n == IO::kUnit) {
+      IO::store(out + c, r);
+    } else {
+      IO::store_partial(out + c, n, r);
+    }
   }
 }
 

@@ -16,10 +16,18 @@
 namespace fusedbn::cpu {
 namespace {
 
-// dx = (dy - k0) * k1 - (x - k2) * k3   (inputs: dy, x)
+// Training dx. float32/float64: (dy - mean_dy) * a - (x - mean) * ak, centring first as the
+// forward does; float16/bfloat16: two fmas, dy * a + x * (-ak) + c0 with
+// c0 = mean * ak - mean_dy * a (the output's own rounding dominates there).
 struct TrainGradOp {
   template <typename V>
   V operator()(const V* in, const V* k) const { return (in[0] - k[0]) * k[1] - (in[1] - k[2]) * k[3]; }
+};
+struct TrainGradFmaOp {
+  template <typename V>
+  V operator()(const V* in, const V* k) const {
+    return at::vec::fmadd(in[0], k[0], at::vec::fmadd(in[1], k[1], k[2]));
+  }
 };
 
 // dx = dy * k0
@@ -28,12 +36,35 @@ struct EvalGradOp {
   V operator()(const V* in, const V* k) const { return in[0] * k[0]; }
 };
 
-template <typename scalar_t>
+template <typename acc_t>
 struct GradConstants {
-  using acc_t = acc_type<scalar_t>;
-  std::vector<acc_t> mean_dy, a, mean, ak;
-  explicit GradConstants(int64_t C) : mean_dy(C), a(C), mean(C), ak(C) {}
+  std::vector<acc_t> mean_dy, a, mean, ak, neg_ak, c0;
+  explicit GradConstants(int64_t C) : mean_dy(C), a(C), mean(C), ak(C), neg_ak(C), c0(C) {}
 };
+
+template <typename scalar_t>
+inline void train_dx_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len, int64_t c,
+                         const GradConstants<acc_type<scalar_t>>& k) {
+  if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+    apply_run<2, 3, scalar_t>({dy, x}, dx, len, {k.a[c], k.neg_ak[c], k.c0[c]}, TrainGradFmaOp{});
+  } else {
+    apply_run<2, 4, scalar_t>({dy, x}, dx, len, {k.mean_dy[c], k.a[c], k.mean[c], k.ak[c]},
+                              TrainGradOp{});
+  }
+}
+
+template <typename scalar_t>
+inline void train_dx_row(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C,
+                         const GradConstants<acc_type<scalar_t>>& k) {
+  if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+    apply_row<2, 3, scalar_t>({dy, x}, dx, C, {k.a.data(), k.neg_ak.data(), k.c0.data()},
+                              TrainGradFmaOp{});
+  } else {
+    apply_row<2, 4, scalar_t>({dy, x}, dx, C,
+                              {k.mean_dy.data(), k.a.data(), k.mean.data(), k.ak.data()},
+                              TrainGradOp{});
+  }
+}
 
 template <typename scalar_t>
 void backward_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, const Geometry& g,
@@ -50,26 +81,26 @@ void backward_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt,
   read_channel_values<acc_t>(mean_t, C, acc_t(0), mean.data());
   read_channel_values<acc_t>(invstd_t, C, acc_t(0), invstd.data());
   const acc_t inv_m = g.rows() > 0 ? acc_t(1) / static_cast<acc_t>(g.rows()) : acc_t(0);
-  GradConstants<scalar_t> k(C);
+  GradConstants<acc_t> k(C);
   auto constants = [&](int64_t c) {
     k.a[c] = w[c] * invstd[c];
     k.mean_dy[c] = sum_dy[c] * inv_m;
     k.mean[c] = mean[c];
     k.ak[c] = k.a[c] * invstd[c] * invstd[c] * sum_dyx[c] * inv_m;
+    k.neg_ak[c] = -k.ak[c];
+    k.c0[c] = k.mean[c] * k.ak[c] - k.mean_dy[c] * k.a[c];
   };
-  TrainGradOp train_op;
   EvalGradOp eval_op;
 
   if (train && need_dx && g.layout == Layout::kContiguous &&
-      use_per_channel_path(g, 2 * sizeof(scalar_t))) {
+      use_per_channel_path(g)) {
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         nchw_channel_sums(dy, x, g, c, mean[c], sum_dy[c], sum_dyx[c]);
         constants(c);
-        for (int64_t n = 0; n < g.N; ++n) {
+        for (int64_t n = g.N - 1; n >= 0; --n) {  // newest in cache first
           const int64_t off = (n * C + c) * g.S;
-          apply_run<2, 4, scalar_t>({dy + off, x + off}, dx + off, g.S,
-                                    {k.mean_dy[c], k.a[c], k.mean[c], k.ak[c]}, train_op, train_op);
+          train_dx_run(dy + off, x + off, dx + off, g.S, c, k);
         }
       }
     });
@@ -88,11 +119,9 @@ void backward_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt,
         for (int64_t r = begin; r < end; ++r) {
           const int64_t off = r * C;
           if (train) {
-            apply_row<2, 4, scalar_t>({dy + off, x + off}, dx + off, C,
-                                      {k.mean_dy.data(), k.a.data(), k.mean.data(), k.ak.data()},
-                                      train_op, train_op);
+            train_dx_row(dy + off, x + off, dx + off, C, k);
           } else {
-            apply_row<1, 1, scalar_t>({dy + off}, dx + off, C, {k.a.data()}, eval_op, eval_op);
+            apply_row<1, 1, scalar_t>({dy + off}, dx + off, C, {k.a.data()}, eval_op);
           }
         }
       });
@@ -102,10 +131,9 @@ void backward_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt,
         for (int64_t p = begin; p < end; ++p) {
           const int64_t c = p % C, off = p * g.S;
           if (train) {
-            apply_run<2, 4, scalar_t>({dy + off, x + off}, dx + off, g.S,
-                                      {k.mean_dy[c], k.a[c], k.mean[c], k.ak[c]}, train_op, train_op);
+            train_dx_run(dy + off, x + off, dx + off, g.S, c, k);
           } else {
-            apply_run<1, 1, scalar_t>({dy + off}, dx + off, g.S, {k.a[c]}, eval_op, eval_op);
+            apply_run<1, 1, scalar_t>({dy + off}, dx + off, g.S, {k.a[c]}, eval_op);
           }
         }
       });

@@ -1,8 +1,8 @@
 // CPU training forward (batch statistics + normalize + affine) and inference forward.
 //
-// Contiguous (N, C, S) input with enough channels: one task per channel computes the channel's
-// statistics and immediately normalizes the same values while they are still in the core's L2, so
-// x is read from memory once. Otherwise (few channels, or channels larger than a cache) the
+// Contiguous (N, C, S) input whose channels share out evenly over the threads: one task per
+// channel computes the channel's statistics and immediately normalizes the same values, newest
+// first, while they are still in the core's L2 (x is read from memory once when a channel fits). Otherwise (few channels, or channels larger than a cache) the
 // statistics are reduced in parallel chunks and the normalize pass runs over all planes; the
 // channels-last layout always takes this route, with the channels in the SIMD lanes.
 // y = (x - mean) * (invstd * w) + b: subtracting the mean first keeps float32 outputs exact for
@@ -18,32 +18,63 @@
 namespace fusedbn::cpu {
 namespace {
 
+// Per-channel constants of y = (x - mean) * scale + bias.
 template <typename acc_t>
-struct NormalizeOp {
+struct NormalizeConstants {
+  std::vector<acc_t> mean, scale, bias, shift;  // shift = bias - mean * scale
+  explicit NormalizeConstants(int64_t C) : mean(C), scale(C), bias(C), shift(C) {}
+  void finish(int64_t c) { shift[c] = bias[c] - mean[c] * scale[c]; }
+};
+
+// float32/float64: (x - mean) * scale + bias -- subtracting first keeps the result exact for data
+// far from zero (mean 1e4, spread 1e-2). float16/bfloat16: one fma, x * scale + shift; the
+// output's own rounding dominates there, and the conversions already make the pass compute-bound.
+template <typename scalar_t>
+constexpr bool kNormalizeByFma = c10::is_reduced_floating_point_v<scalar_t>;
+
+struct SubMulAdd {
   template <typename V>
   V operator()(const V* in, const V* k) const { return (in[0] - k[0]) * k[1] + k[2]; }
 };
+struct MulAdd {
+  template <typename V>
+  V operator()(const V* in, const V* k) const { return at::vec::fmadd(in[0], k[0], k[1]); }
+};
 
-// y over all channels given per-channel mean, scale and shift arrays.
 template <typename scalar_t>
-void normalize_all(const scalar_t* x, scalar_t* y, const Geometry& g, const acc_type<scalar_t>* mean,
-                   const acc_type<scalar_t>* scale, const acc_type<scalar_t>* shift) {
-  using acc_t = acc_type<scalar_t>;
-  NormalizeOp<acc_t> op;
+inline void normalize_run(const scalar_t* x, scalar_t* y, int64_t len, int64_t c,
+                          const NormalizeConstants<acc_type<scalar_t>>& k) {
+  if constexpr (kNormalizeByFma<scalar_t>) {
+    apply_run<1, 2, scalar_t>({x}, y, len, {k.scale[c], k.shift[c]}, MulAdd{});
+  } else {
+    apply_run<1, 3, scalar_t>({x}, y, len, {k.mean[c], k.scale[c], k.bias[c]}, SubMulAdd{});
+  }
+}
+
+template <typename scalar_t>
+inline void normalize_row(const scalar_t* x, scalar_t* y, int64_t C,
+                          const NormalizeConstants<acc_type<scalar_t>>& k) {
+  if constexpr (kNormalizeByFma<scalar_t>) {
+    apply_row<1, 2, scalar_t>({x}, y, C, {k.scale.data(), k.shift.data()}, MulAdd{});
+  } else {
+    apply_row<1, 3, scalar_t>({x}, y, C, {k.mean.data(), k.scale.data(), k.bias.data()},
+                              SubMulAdd{});
+  }
+}
+
+// y over all channels.
+template <typename scalar_t>
+void normalize_all(const scalar_t* x, scalar_t* y, const Geometry& g,
+                   const NormalizeConstants<acc_type<scalar_t>>& k) {
   if (g.layout == Layout::kChannelsLast) {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.C, 1));
     at::parallel_for(0, g.rows(), grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        apply_row<1, 3, scalar_t>({x + r * g.C}, y + r * g.C, g.C, {mean, scale, shift}, op, op);
+      for (int64_t r = begin; r < end; ++r) normalize_row(x + r * g.C, y + r * g.C, g.C, k);
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1));
     at::parallel_for(0, g.N * g.C, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t c = p % g.C;
-        apply_run<1, 3, scalar_t>({x + p * g.S}, y + p * g.S, g.S, {mean[c], scale[c], shift[c]},
-                                  op, op);
-      }
+      for (int64_t p = begin; p < end; ++p) normalize_run(x + p * g.S, y + p * g.S, g.S, p % g.C, k);
     });
   }
 }
@@ -58,25 +89,26 @@ void forward_train_impl(const at::Tensor& xt, at::Tensor& yt, const Geometry& g,
   acc_t* mean = mean_t.mutable_data_ptr<acc_t>();
   acc_t* invstd = invstd_t.mutable_data_ptr<acc_t>();
   acc_t* var = var_t.mutable_data_ptr<acc_t>();
-  std::vector<acc_t> w(g.C), b(g.C), scale(g.C);
+  std::vector<acc_t> w(g.C);
+  NormalizeConstants<acc_t> k(g.C);
   read_channel_values<acc_t>(weight, g.C, acc_t(1), w.data());
-  read_channel_values<acc_t>(bias, g.C, acc_t(0), b.data());
+  read_channel_values<acc_t>(bias, g.C, acc_t(0), k.bias.data());
   const acc_t eps_a = static_cast<acc_t>(eps);
   auto finish_channel = [&](int64_t c, const WelfordState<acc_t>& st) {
-    mean[c] = st.n > 0 ? st.mean : acc_t(0);
+    mean[c] = k.mean[c] = st.n > 0 ? st.mean : acc_t(0);
     var[c] = welford_var(st);
     invstd[c] = acc_t(1) / std::sqrt(var[c] + eps_a);
-    scale[c] = invstd[c] * w[c];
+    k.scale[c] = invstd[c] * w[c];
+    k.finish(c);
   };
 
-  if (g.layout == Layout::kContiguous && use_per_channel_path(g, sizeof(scalar_t))) {
-    NormalizeOp<acc_t> op;
+  if (g.layout == Layout::kContiguous && use_per_channel_path(g)) {
     at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         finish_channel(c, nchw_channel_state(x, g, c));
-        for (int64_t n = 0; n < g.N; ++n) {
+        for (int64_t n = g.N - 1; n >= 0; --n) {  // newest in cache first
           const int64_t off = (n * g.C + c) * g.S;
-          apply_run<1, 3, scalar_t>({x + off}, y + off, g.S, {mean[c], scale[c], b[c]}, op, op);
+          normalize_run(x + off, y + off, g.S, c, k);
         }
       }
     });
@@ -89,7 +121,7 @@ void forward_train_impl(const at::Tensor& xt, at::Tensor& yt, const Geometry& g,
     nchw_stats_split(x, g, st.data());
   }
   for (int64_t c = 0; c < g.C; ++c) finish_channel(c, st[c]);
-  normalize_all(x, y, g, mean, scale.data(), b.data());
+  normalize_all(x, y, g, k);
 }
 
 template <typename scalar_t>
@@ -97,15 +129,17 @@ void forward_eval_impl(const at::Tensor& xt, at::Tensor& yt, const Geometry& g,
                        const at::Tensor& weight, const at::Tensor& bias,
                        const at::Tensor& running_mean, const at::Tensor& running_var, double eps) {
   using acc_t = acc_type<scalar_t>;
-  std::vector<acc_t> w(g.C), b(g.C), mean(g.C), scale(g.C);
+  std::vector<acc_t> w(g.C), var(g.C);
+  NormalizeConstants<acc_t> k(g.C);
   read_channel_values<acc_t>(weight, g.C, acc_t(1), w.data());
-  read_channel_values<acc_t>(bias, g.C, acc_t(0), b.data());
-  read_channel_values<acc_t>(running_mean, g.C, acc_t(0), mean.data());
-  read_channel_values<acc_t>(running_var, g.C, acc_t(1), scale.data());
-  for (int64_t c = 0; c < g.C; ++c)
-    scale[c] = w[c] / std::sqrt(scale[c] + static_cast<acc_t>(eps));
-  normalize_all(xt.const_data_ptr<scalar_t>(), yt.mutable_data_ptr<scalar_t>(), g, mean.data(),
-                scale.data(), b.data());
+  read_channel_values<acc_t>(bias, g.C, acc_t(0), k.bias.data());
+  read_channel_values<acc_t>(running_mean, g.C, acc_t(0), k.mean.data());
+  read_channel_values<acc_t>(running_var, g.C, acc_t(1), var.data());
+  for (int64_t c = 0; c < g.C; ++c) {
+    k.scale[c] = w[c] / std::sqrt(var[c] + static_cast<acc_t>(eps));
+    k.finish(c);
+  }
+  normalize_all(xt.const_data_ptr<scalar_t>(), yt.mutable_data_ptr<scalar_t>(), g, k);
 }
 
 }  // namespace

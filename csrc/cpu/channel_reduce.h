@@ -10,6 +10,7 @@
 #include "reduce.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 
 #include <algorithm>
 #include <vector>
@@ -27,14 +28,14 @@ WelfordState<acc_type<scalar_t>> nchw_channel_state(const scalar_t* x, const Geo
   if (M == 0) return {};
   const acc_t shift = static_cast<acc_t>(x[c * g.S]);
   const int64_t nchunks = num_chunks(M, kChunk);
-  std::vector<WelfordState<acc_t>> states(nchunks);
+  c10::SmallVector<WelfordState<acc_t>, 8> states(nchunks);
   for (int64_t k = 0; k < nchunks; ++k) {
     LaneWelford<scalar_t> lw(shift);
     for_each_run(g.C, g.S, c, k * kChunk, std::min(M, (k + 1) * kChunk),
                  [&](int64_t off, int64_t len) { lw.push_run(x + off, len); });
     states[k] = lw.finish();
   }
-  tree_merge(states.data(), nchunks);
+  tree_merge_states(states.data(), nchunks);
   states[0].mean += shift;
   return states[0];
 }
@@ -58,14 +59,17 @@ void nchw_stats_split(const scalar_t* x, const Geometry& g, WelfordState<acc_typ
   for (int64_t c = 0; c < g.C; ++c) {
     out[c] = {};
     if (nchunks == 0) continue;
-    tree_merge(states.data() + c * nchunks, nchunks);
+    tree_merge_states(states.data() + c * nchunks, nchunks);
     out[c] = states[c * nchunks];
     out[c].mean += static_cast<acc_t>(x[c * g.S]);
   }
 }
 
-// Rows per chunk for channels-last reductions: about kChunk values, at least 64 rows.
-inline int64_t rows_per_chunk(int64_t C) { return std::max<int64_t>(64, kChunk / std::max<int64_t>(C, 1)); }
+// Rows per chunk for channels-last reductions: about 4 kChunk values and at least 256 rows, so that
+// merging the chunks' per-channel states stays cheap next to reading them.
+inline int64_t rows_per_chunk(int64_t C) {
+  return std::max<int64_t>(256, 4 * kChunk / std::max<int64_t>(C, 1));
+}
 
 // All channels of a channels-last (R, C) tensor: Welford along the rows with the channels in the
 // SIMD lanes (every channel has the same count, so one reciprocal per row serves all of them).
@@ -121,7 +125,7 @@ void cl_stats(const scalar_t* x, const Geometry& g, WelfordState<acc_type<scalar
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t k = 0; k < nchunks; ++k)
         states[k] = {cmean[k * C + c], cm2[k * C + c], std::min(R, (k + 1) * rpc) - k * rpc};
-      tree_merge(states.data(), nchunks);
+      tree_merge_states(states.data(), nchunks);
       out[c] = states[0];
       out[c].mean += shift[c];
     }
@@ -140,7 +144,7 @@ void nchw_channel_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
   const int64_t nchunks = num_chunks(M, kChunk);
   sum_dy = sum_dyx = acc_t(0);
   if (nchunks == 0) return;
-  std::vector<acc_t> a(nchunks), b(nchunks);
+  c10::SmallVector<acc_t, 8> a(nchunks), b(nchunks);
   for (int64_t k = 0; k < nchunks; ++k) {
     LaneGradSums<scalar_t> ls(mean_c);
     for_each_run(g.C, g.S, c, k * kChunk, std::min(M, (k + 1) * kChunk),
@@ -233,13 +237,12 @@ void cl_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
 }
 
 // True when whole channels should be handled one per task (statistics, then the elementwise pass
-// over data still in this core's cache): enough channels to share out evenly, and a channel's
-// bytes (bytes_per_value per value) that fit comfortably in a per-core L2.
-inline bool use_per_channel_path(const Geometry& g, int64_t bytes_per_value) {
-  constexpr int64_t kCacheBudget = 768 * 1024;
+// over the same values): whenever the channels share out evenly over the threads. A channel that
+// fits in the core's L2 is then read from memory once; a larger one is read twice, as the split
+// path would, but its second read still partly hits the cache, so there is no size limit.
+inline bool use_per_channel_path(const Geometry& g) {
   const int64_t threads = at::get_num_threads();
-  const bool balanced = threads <= 1 || g.C % threads == 0 || g.C >= 4 * threads;
-  return balanced && g.rows() * bytes_per_value <= kCacheBudget;
+  return threads <= 1 || g.C % threads == 0 || g.C >= 4 * threads;
 }
 
 }  // namespace fusedbn::cpu

@@ -1,9 +1,10 @@
 // Per-channel reductions over contiguous runs of one channel's values, vectorized.
 //
 // Statistics: Welford in every SIMD lane of four independent accumulators (so four dependency
-// chains are in flight), all lanes in lockstep so that one reciprocal 1/n serves 4 vectors; units
-// that do not fill a whole step go to a fifth single-unit accumulator and the last few values to a
-// scalar Welford state. Values are shifted by a per-channel constant (the channel's first value)
+// chains are in flight), all lanes in lockstep so that one reciprocal 1/n serves 4 vectors. The
+// values left at the end of a run are carried into the next run's first step, so short runs (NCHW
+// planes of 7x7) stay on the vector path; only the last < 4 vectors of a chunk go to a scalar
+// Welford state. Values are shifted by a per-channel constant (the channel's first value)
 // before accumulation: Welford is exact under a shift, and the shifted values are small, so a
 // float32 mean of data like 1e4 +- 1e-2 does not absorb its own updates. Lanes are merged with
 // Chan's formula in a fixed order; a channel is cut into chunks of kChunk values whose states are
@@ -14,12 +15,20 @@
 #include "vec_io.h"
 #include "welford.h"
 
+#include <algorithm>
 #include <vector>
 
 namespace fusedbn::cpu {
 
 // Values of one channel per reduction chunk (a multiple of every unit size).
 constexpr int64_t kChunk = 16384;
+
+// Pairwise (tree) merge of states[0..n) in a fixed order; the result is left in states[0].
+template <typename acc_t>
+void tree_merge_states(WelfordState<acc_t>* states, int64_t n) {
+  for (int64_t stride = 1; stride < n; stride *= 2)
+    for (int64_t i = 0; i + stride < n; i += 2 * stride) welford_merge(states[i], states[i + stride]);
+}
 
 template <typename scalar_t>
 struct LaneWelford {
@@ -28,19 +37,21 @@ struct LaneWelford {
   using AVec = typename IO::AVec;
   static constexpr int kAcc = 4;                     // accumulation vectors per step
   static constexpr int kUnitsPerStep = kAcc / IO::kVecs;
-  static constexpr int64_t kStep = kUnitsPerStep * IO::kUnit;
+  static constexpr int L = AVec::size();
+  static constexpr int64_t kStep = kAcc * L;         // values per step
 
+  // Every lane of every accumulator has seen `steps` values.
   AVec mean[kAcc], m2[kAcc];
   int64_t steps = 0;
-  AVec mean1[IO::kVecs], m21[IO::kVecs];
-  int64_t steps1 = 0;
-  WelfordState<acc_t> tail;
+  // Values carried over from the end of one run to the start of the next (already shifted), so
+  // that short runs (small NCHW planes) still go through the vector path in whole steps.
+  alignas(64) acc_t staged[kStep];
+  int64_t nstaged = 0;
   AVec shift;
   acc_t shift_s;
 
   explicit LaneWelford(acc_t k) : shift(k), shift_s(k) {
     for (int a = 0; a < kAcc; ++a) mean[a] = m2[a] = AVec(acc_t(0));
-    for (int j = 0; j < IO::kVecs; ++j) mean1[j] = m21[j] = AVec(acc_t(0));
   }
 
   static inline void update(AVec& m, AVec& q, const AVec& x, const AVec& rn) {
@@ -49,61 +60,65 @@ struct LaneWelford {
     q = at::vec::fmadd(d, x - m, q);
   }
 
+  inline void step(const AVec* v) {
+    ++steps;
+    const AVec rn(acc_t(1) / static_cast<acc_t>(steps));
+    for (int a = 0; a < kAcc; ++a) update(mean[a], m2[a], v[a] - shift, rn);
+  }
+
+  inline void stage(const scalar_t* p, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) staged[nstaged + i] = static_cast<acc_t>(p[i]);
+    nstaged += n;
+  }
+
   // Adds len contiguous values.
   inline void push_run(const scalar_t* p, int64_t len) {
     int64_t i = 0;
+    if (nstaged > 0) {  // complete the carried step first
+      i = std::min(len, kStep - nstaged);
+      stage(p, i);
+      if (nstaged < kStep) return;
+      AVec v[kAcc];
+      for (int a = 0; a < kAcc; ++a) v[a] = AVec::loadu(staged + a * L);
+      step(v);
+      nstaged = 0;
+    }
     for (; i + kStep <= len; i += kStep) {
-      ++steps;
-      const AVec rn(acc_t(1) / static_cast<acc_t>(steps));
       AVec v[kAcc];
       for (int u = 0; u < kUnitsPerStep; ++u) IO::load(p + i + u * IO::kUnit, v + u * IO::kVecs);
-      for (int a = 0; a < kAcc; ++a) update(mean[a], m2[a], v[a] - shift, rn);
+      step(v);
     }
-    for (; i + IO::kUnit <= len; i += IO::kUnit) {
-      ++steps1;
-      const AVec rn(acc_t(1) / static_cast<acc_t>(steps1));
-      AVec v[IO::kVecs];
-      IO::load(p + i, v);
-      for (int j = 0; j < IO::kVecs; ++j) update(mean1[j], m21[j], v[j] - shift, rn);
-    }
-    for (; i < len; ++i) welford_push(tail, static_cast<acc_t>(p[i]) - shift_s);
+    stage(p + i, len - i);
   }
 
   // The state of everything pushed, in shifted coordinates.
   WelfordState<acc_t> finish() const {
-    constexpr int L = AVec::size();
-    acc_t mb[kAcc][L], qb[kAcc][L];
-    for (int a = 0; a < kAcc; ++a) {
-      mean[a].store(mb[a]);
-      m2[a].store(qb[a]);
-    }
-    // Lanes of the four accumulators, merged pairwise: (0,1) (2,3) then the two halves.
-    WelfordState<acc_t> acc;
-    for (int l = 0; l < L; ++l) {
-      WelfordState<acc_t> lane[kAcc];
-      for (int a = 0; a < kAcc; ++a) lane[a] = {mb[a][l], qb[a][l], steps};
-      welford_merge(lane[0], lane[1]);
-      welford_merge(lane[2], lane[3]);
-      welford_merge(lane[0], lane[2]);
-      welford_merge(acc, lane[0]);
-    }
-    for (int j = 0; j < IO::kVecs; ++j) {
-      acc_t m1[L], q1[L];
-      mean1[j].store(m1);
-      m21[j].store(q1);
-      for (int l = 0; l < L; ++l) welford_merge(acc, WelfordState<acc_t>{m1[l], q1[l], steps1});
-    }
+    // All lanes have the same count, so Chan's merge of two of them needs no division:
+    // mean = (ma + mb) / 2, m2 = qa + qb + (mb - ma)^2 * n / 2 with n values on each side. Fold the
+    // accumulators, then the lanes, pairwise.
+    const AVec half(acc_t(0.5));
+    auto fold = [&](AVec& ma, AVec& qa, const AVec& mb, const AVec& qb, int64_t n_each) {
+      const AVec d = mb - ma;
+      qa = qa + qb + d * d * AVec(static_cast<acc_t>(n_each) * acc_t(0.5));
+      ma = (ma + mb) * half;
+    };
+    AVec m01 = mean[0], q01 = m2[0], m23 = mean[2], q23 = m2[2];
+    fold(m01, q01, mean[1], m2[1], steps);
+    fold(m23, q23, mean[3], m2[3], steps);
+    fold(m01, q01, m23, q23, 2 * steps);
+    acc_t mb[L], qb[L];
+    m01.store(mb);
+    q01.store(qb);
+    WelfordState<acc_t> lanes[L];
+    for (int l = 0; l < L; ++l) lanes[l] = {mb[l], qb[l], kAcc * steps};
+    tree_merge_states(lanes, L);
+    WelfordState<acc_t> acc = steps > 0 ? lanes[0] : WelfordState<acc_t>{};
+    WelfordState<acc_t> tail;
+    for (int64_t i = 0; i < nstaged; ++i) welford_push(tail, staged[i] - shift_s);
     welford_merge(acc, tail);
     return acc;
   }
 };
-
-// Pairwise (tree) merge of states[0..n) in a fixed order; the result is left in states[0].
-template <typename acc_t>
-void tree_merge(WelfordState<acc_t>* states, int64_t n) {
-  for (int64_t stride = 1; stride < n; stride *= 2)
-    for (int64_t i = 0; i + stride < n; i += 2 * stride) welford_merge(states[i], states[i + stride]);
-}
 
 // Pairwise sum of values[k * step] for k in [0, n); the result is left in values[0].
 template <typename acc_t>
@@ -123,11 +138,9 @@ struct LaneGradSums {
   static constexpr int64_t kStep = kUnitsPerStep * IO::kUnit;
 
   AVec sdy[kAcc], sdyx[kAcc];
-  acc_t tail_dy = 0, tail_dyx = 0;
   AVec mean;
-  acc_t mean_s;
 
-  explicit LaneGradSums(acc_t m) : mean(m), mean_s(m) {
+  explicit LaneGradSums(acc_t m) : mean(m) {
     for (int a = 0; a < kAcc; ++a) sdy[a] = sdyx[a] = AVec(acc_t(0));
   }
 
@@ -144,19 +157,21 @@ struct LaneGradSums {
         sdyx[a] = at::vec::fmadd(g[a], v[a] - mean, sdyx[a]);
       }
     }
-    for (; i + IO::kUnit <= len; i += IO::kUnit) {
+    // Leftovers, the last unit partial: its missing lanes load as dy = 0 and add nothing.
+    for (; i < len; i += IO::kUnit) {
+      const int64_t n = std::min<int64_t>(IO::kUnit, len - i);
       AVec g[IO::kVecs], v[IO::kVecs];
-      IO::load(dy + i, g);
-      IO::load(x + i, v);
+      if (n == IO::kUnit) {
+        IO::load(dy + i, g);
+        IO::load(x + i, v);
+      } else {
+        IO::load_partial(dy + i, n, g);
+        IO::load_partial(x + i, n, v);
+      }
       for (int j = 0; j < IO::kVecs; ++j) {
         sdy[j] = sdy[j] + g[j];
         sdyx[j] = at::vec::fmadd(g[j], v[j] - mean, sdyx[j]);
       }
-    }
-    for (; i < len; ++i) {
-      const acc_t g = static_cast<acc_t>(dy[i]);
-      tail_dy += g;
-      tail_dyx += g * (static_cast<acc_t>(x[i]) - mean_s);
     }
   }
 
@@ -170,8 +185,8 @@ struct LaneGradSums {
     }
     tree_sum(a, kAcc * L);
     tree_sum(b, kAcc * L);
-    out_dy = a[0] + tail_dy;
-    out_dyx = b[0] + tail_dyx;
+    out_dy = a[0];
+    out_dyx = b[0];
   }
 };
 

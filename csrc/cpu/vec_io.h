@@ -14,6 +14,7 @@
 #include <c10/util/BFloat16-math.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace fusedbn::cpu {
@@ -28,6 +29,9 @@ struct VecIO {
   static constexpr int64_t kUnit = AVec::size();
   static inline void load(const scalar_t* p, AVec* v) { v[0] = AVec::loadu(p); }
   static inline void store(scalar_t* p, const AVec* v) { v[0].store(p); }
+  // The first n < kUnit values; the other lanes read as zero.
+  static inline void load_partial(const scalar_t* p, int64_t n, AVec* v) { v[0] = AVec::loadu(p, n); }
+  static inline void store_partial(scalar_t* p, int64_t n, const AVec* v) { v[0].store(p, n); }
 };
 
 template <typename scalar_t>
@@ -41,6 +45,17 @@ struct VecIO<scalar_t, std::enable_if_t<c10::is_reduced_floating_point_v<scalar_
   }
   static inline void store(scalar_t* p, const AVec* v) {
     at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
+  }
+  static inline void load_partial(const scalar_t* p, int64_t n, AVec* v) {
+    scalar_t buf[kUnit];
+    std::memset(static_cast<void*>(buf), 0, sizeof(buf));
+    std::memcpy(static_cast<void*>(buf), p, n * sizeof(scalar_t));
+    load(buf, v);
+  }
+  static inline void store_partial(scalar_t* p, int64_t n, const AVec* v) {
+    scalar_t buf[kUnit];
+    store(buf, v);
+    std::memcpy(static_cast<void*>(p), buf, n * sizeof(scalar_t));
   }
 };
 
