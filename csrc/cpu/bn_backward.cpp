@@ -7,33 +7,14 @@
 //   dweight = sum(dy * x_hat) = invstd * sum(dy * (x - mean)),   dbias = sum(dy).
 // As in the forward, a contiguous input with enough small channels is done one channel per task
 // so that the dx pass re-reads x and dy from the core's cache.
-#include "apply.h"
 #include "channel_reduce.h"
+#include "grad_input.h"
 #include "kernels.h"
 
 #include <ATen/ops/empty.h>
 
 namespace fusedbn::cpu {
 namespace {
-
-// dx = (dy - k0) * k1 - (x - k2) * k3   (inputs: dy, x)
-struct TrainGradOp {
-  template <typename V>
-  V operator()(const V* in, const V* k) const { return (in[0] - k[0]) * k[1] - (in[1] - k[2]) * k[3]; }
-};
-
-// dx = dy * k0
-struct EvalGradOp {
-  template <typename V>
-  V operator()(const V* in, const V* k) const { return in[0] * k[0]; }
-};
-
-template <typename scalar_t>
-struct GradConstants {
-  using acc_t = acc_type<scalar_t>;
-  std::vector<acc_t> mean_dy, a, mean, ak;
-  explicit GradConstants(int64_t C) : mean_dy(C), a(C), mean(C), ak(C) {}
-};
 
 template <typename scalar_t>
 void backward_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, const Geometry& g,
@@ -52,13 +33,8 @@ void backward_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt,
   const acc_t inv_m = g.rows() > 0 ? acc_t(1) / static_cast<acc_t>(g.rows()) : acc_t(0);
   GradConstants<scalar_t> k(C);
   auto constants = [&](int64_t c) {
-    k.a[c] = w[c] * invstd[c];
-    k.mean_dy[c] = sum_dy[c] * inv_m;
-    k.mean[c] = mean[c];
-    k.ak[c] = k.a[c] * invstd[c] * invstd[c] * sum_dyx[c] * inv_m;
+    k.set(c, w[c], invstd[c], mean[c], sum_dy[c], sum_dyx[c], inv_m);
   };
-  TrainGradOp train_op;
-  EvalGradOp eval_op;
 
   if (train && need_dx && g.layout == Layout::kContiguous &&
       use_per_channel_path(g, 2 * sizeof(scalar_t))) {
@@ -68,48 +44,14 @@ void backward_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt,
         constants(c);
         for (int64_t n = 0; n < g.N; ++n) {
           const int64_t off = (n * C + c) * g.S;
-          apply_run<2, 4, scalar_t>({dy + off, x + off}, dx + off, g.S,
-                                    {k.mean_dy[c], k.a[c], k.mean[c], k.ak[c]}, train_op, train_op);
+          grad_input_run(dy + off, x + off, dx + off, g.S, k, c, true);
         }
       }
     });
   } else {
-    if (need_sums) {
-      if (g.layout == Layout::kChannelsLast) {
-        cl_sums(dy, x, g, mean.data(), sum_dy.data(), sum_dyx.data());
-      } else {
-        nchw_sums_split(dy, x, g, mean.data(), sum_dy.data(), sum_dyx.data());
-      }
-    }
+    if (need_sums) grad_sums(dy, x, g, mean.data(), sum_dy.data(), sum_dyx.data());
     for (int64_t c = 0; c < C; ++c) constants(c);
-    if (need_dx && g.layout == Layout::kChannelsLast) {
-      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
-      at::parallel_for(0, g.rows(), grain, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t off = r * C;
-          if (train) {
-            apply_row<2, 4, scalar_t>({dy + off, x + off}, dx + off, C,
-                                      {k.mean_dy.data(), k.a.data(), k.mean.data(), k.ak.data()},
-                                      train_op, train_op);
-          } else {
-            apply_row<1, 1, scalar_t>({dy + off}, dx + off, C, {k.a.data()}, eval_op, eval_op);
-          }
-        }
-      });
-    } else if (need_dx) {
-      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1));
-      at::parallel_for(0, g.N * C, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) {
-          const int64_t c = p % C, off = p * g.S;
-          if (train) {
-            apply_run<2, 4, scalar_t>({dy + off, x + off}, dx + off, g.S,
-                                      {k.mean_dy[c], k.a[c], k.mean[c], k.ak[c]}, train_op, train_op);
-          } else {
-            apply_run<1, 1, scalar_t>({dy + off}, dx + off, g.S, {k.a[c]}, eval_op, eval_op);
-          }
-        }
-      });
-    }
+    if (need_dx) grad_input_all(dy, x, dx, g, k, train);
   }
   if (need_dw) {
     at::Tensor dw_acc = at::empty({C}, dw_t.options().dtype(acc_dtype(xt.scalar_type())));
@@ -131,19 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& invstd, bool train, std::array<bool, 3> output_mask) {
   constexpr const char* op = "backward";
-  check_input(input, op);
-  TORCH_CHECK(grad_output.defined() && grad_output.sizes() == input.sizes(), "fusedbn.", op,
-              ": grad_output must have the input's shape ", input.sizes(), ", got ",
-              grad_output.defined() ? grad_output.sizes() : c10::IntArrayRef{});
-  TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "fusedbn.", op,
-                   ": grad_output must have the input's dtype ", dtype_name(input.scalar_type()),
-                   ", got ", dtype_name(grad_output.scalar_type()));
-  TORCH_CHECK(grad_output.device() == input.device(), "fusedbn.", op,
-              ": grad_output must be on the input's device ", input.device(), ", got ",
-              grad_output.device());
-  check_optional_channel_tensor(weight, "weight", input, op);
-  check_stat_tensor(mean, "mean", input, op);
-  check_stat_tensor(invstd, "invstd", input, op);
+  check_backward_args(grad_output, input, weight, mean, invstd, op);
 
   Geometry g;
   const at::Tensor x = canonicalize(input, g);
