@@ -171,6 +171,13 @@ inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor&
   check_stat_tensor(invstd, "invstd", input, op);
 }
 
+// count of backward_elemt: the values per channel over all ranks, so at least this input's own.
+inline void check_sync_count(int64_t count, const Geometry& g, const char* op) {
+  TORCH_CHECK(count >= g.rows(), "fusedbn.", op,
+              ": count must be the number of values per channel over all ranks, at least this "
+              "input's ", g.rows(), " (N * spatial size), got ", count);
+}
+
 inline bool defined(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // Output allocated in the layout the kernels write: the input's memory format.
