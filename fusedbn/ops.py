@@ -97,7 +97,8 @@ def _update_running_stats_fake(running_mean, running_var, mean, var, count, mome
 
 @torch.library.register_fake("fusedbn::batch_stats")
 def _batch_stats_fake(input):
-    torch._check(input.dim() >= 2, lambda: "fusedbn.batch_stats: input must have at least 2 dimensions")
+    torch._check(input.dim() >= 2,
+                 lambda: "fusedbn.batch_stats: input must have at least 2 dimensions")
     stat = input.new_empty((input.shape[1],), dtype=acc_dtype(input.dtype))
     return stat, stat.new_empty(stat.shape)
 
