@@ -145,6 +145,39 @@ inline void check_stat_tensor(const at::Tensor& t, const char* name, const at::T
               " must be on the input's device ", input.device(), ", got ", t.device());
 }
 
+// grad_output of a backward op: the input's shape, dtype and device.
+inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input,
+                              const char* op) {
+  TORCH_CHECK(grad_output.defined() && grad_output.sizes() == input.sizes(), "fusedbn.", op,
+              ": grad_output must have the input's shape ", input.sizes(), ", got ",
+              grad_output.defined() ? grad_output.sizes() : c10::IntArrayRef{});
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "fusedbn.", op,
+                   ": grad_output must have the input's dtype ", dtype_name(input.scalar_type()),
+                   ", got ", dtype_name(grad_output.scalar_type()));
+  TORCH_CHECK(grad_output.device() == input.device(), "fusedbn.", op,
+              ": grad_output must be on the input's device ", input.device(), ", got ",
+              grad_output.device());
+}
+
+// The arguments of the backward ops (backward, backward_elemt): input, grad_output, weight and the
+// saved statistics mean and invstd.
+inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                const at::Tensor& invstd, const char* op) {
+  check_input(input, op);
+  check_grad_output(grad_output, input, op);
+  check_optional_channel_tensor(weight, "weight", input, op);
+  check_stat_tensor(mean, "mean", input, op);
+  check_stat_tensor(invstd, "invstd", input, op);
+}
+
+// count of backward_elemt: the values per channel over all ranks, so at least this input's own.
+inline void check_sync_count(int64_t count, const Geometry& g, const char* op) {
+  TORCH_CHECK(count >= g.rows(), "fusedbn.", op,
+              ": count must be the number of values per channel over all ranks, at least this "
+              "input's ", g.rows(), " (N * spatial size), got ", count);
+}
+
 inline bool defined(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // Output allocated in the layout the kernels write: the input's memory format.

@@ -38,4 +38,21 @@ TORCH_LIBRARY(fusedbn, m) {
   m.def(
       "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean,"
       " Tensor var, SymInt count, float? momentum, Tensor? num_batches_tracked) -> ()");
+
+  // ---- the local pieces of synchronized (multi-process) batch norm; fusedbn/sync.py exchanges
+  // their results between ranks with torch.distributed and merges them.
+  // This rank's batch statistics: per-channel mean and biased variance (M2 / count, 0 for an empty
+  // batch) of the N*S values of each channel; the count is known from the shape.
+  m.def("batch_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  // This rank's backward sums: per channel, sum(dy) and sum(dy * (x - mean)), mean being the
+  // global batch mean. Summed over the ranks they are the sums of the whole batch.
+  m.def(
+      "backward_reduce(Tensor grad_output, Tensor input, Tensor mean)"
+      " -> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  // grad_input from the global statistics and the global sums (count: values per channel over
+  // all ranks): dx = w * invstd * (dy - sum_dy / count - (x - mean) * invstd^2 * sum_dy_xmu / count),
+  // the formula of backward(train=True) with the sums of the whole batch.
+  m.def(
+      "backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean,"
+      " Tensor invstd, Tensor sum_dy, Tensor sum_dy_xmu, SymInt count) -> Tensor");
 }

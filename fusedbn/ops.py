@@ -6,6 +6,10 @@ The operators themselves (schemas in csrc/schema.cpp) live under torch.ops.fused
   forward_eval(input, weight?, bias?, running_mean, running_var, eps) -> output
   backward(grad_output, input, weight?, mean, invstd, train, output_mask) -> (dx, dweight, dbias)
   update_running_stats(running_mean!, running_var!, mean, var, count, momentum?, num_batches_tracked?)
+and the local pieces of synchronized batch norm (fusedbn/sync.py exchanges their results):
+  batch_stats(input) -> (mean, var)
+  backward_reduce(grad_output, input, mean) -> (sum_dy, sum_dy_xmu)
+  backward_elemt(grad_output, input, weight?, mean, invstd, sum_dy, sum_dy_xmu, count) -> grad_input
 """
 import torch
 
@@ -89,6 +93,25 @@ def _backward_fake(grad_output, input, weight, mean, invstd, train, output_mask)
 def _update_running_stats_fake(running_mean, running_var, mean, var, count, momentum,
                                num_batches_tracked):
     return None
+
+
+@torch.library.register_fake("fusedbn::batch_stats")
+def _batch_stats_fake(input):
+    torch._check(input.dim() >= 2,
+                 lambda: "fusedbn.batch_stats: input must have at least 2 dimensions")
+    stat = input.new_empty((input.shape[1],), dtype=acc_dtype(input.dtype))
+    return stat, stat.new_empty(stat.shape)
+
+
+@torch.library.register_fake("fusedbn::backward_reduce")
+def _backward_reduce_fake(grad_output, input, mean):
+    stat = input.new_empty((input.shape[1],), dtype=acc_dtype(input.dtype))
+    return stat, stat.new_empty(stat.shape)
+
+
+@torch.library.register_fake("fusedbn::backward_elemt")
+def _backward_elemt_fake(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count):
+    return _empty_output(input)
 
 
 # ---- autograd -------------------------------------------------------------------------------------

@@ -7,64 +7,14 @@
 //   dweight = sum(dy * x_hat) = invstd * sum(dy * (x - mean)),   dbias = sum(dy).
 // As in the forward, a contiguous input with enough small channels is done one channel per task
 // so that the dx pass re-reads x and dy from the core's cache.
-#include "apply.h"
 #include "channel_reduce.h"
+#include "grad_input.h"
 #include "kernels.h"
 
 #include <ATen/ops/empty.h>
 
 namespace fusedbn::cpu {
 namespace {
-
-// Training dx. float32/float64: (dy - mean_dy) * a - (x - mean) * ak, centring first as the
-// forward does; float16/bfloat16: two fmas, dy * a + x * (-ak) + c0 with
-// c0 = mean * ak - mean_dy * a (the output's own rounding dominates there).
-struct TrainGradOp {
-  template <typename V>
-  V operator()(const V* in, const V* k) const { return (in[0] - k[0]) * k[1] - (in[1] - k[2]) * k[3]; }
-};
-struct TrainGradFmaOp {
-  template <typename V>
-  V operator()(const V* in, const V* k) const {
-    return at::vec::fmadd(in[0], k[0], at::vec::fmadd(in[1], k[1], k[2]));
-  }
-};
-
-// dx = dy * k0
-struct EvalGradOp {
-  template <typename V>
-  V operator()(const V* in, const V* k) const { return in[0] * k[0]; }
-};
-
-template <typename acc_t>
-struct GradConstants {
-  std::vector<acc_t> mean_dy, a, mean, ak, neg_ak, c0;
-  explicit GradConstants(int64_t C) : mean_dy(C), a(C), mean(C), ak(C), neg_ak(C), c0(C) {}
-};
-
-template <typename scalar_t>
-inline void train_dx_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len, int64_t c,
-                         const GradConstants<acc_type<scalar_t>>& k) {
-  if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
-    apply_run<2, 3, scalar_t>({dy, x}, dx, len, {k.a[c], k.neg_ak[c], k.c0[c]}, TrainGradFmaOp{});
-  } else {
-    apply_run<2, 4, scalar_t>({dy, x}, dx, len, {k.mean_dy[c], k.a[c], k.mean[c], k.ak[c]},
-                              TrainGradOp{});
-  }
-}
-
-template <typename scalar_t>
-inline void train_dx_row(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C,
-                         const GradConstants<acc_type<scalar_t>>& k) {
-  if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
-    apply_row<2, 3, scalar_t>({dy, x}, dx, C, {k.a.data(), k.neg_ak.data(), k.c0.data()},
-                              TrainGradFmaOp{});
-  } else {
-    apply_row<2, 4, scalar_t>({dy, x}, dx, C,
-                              {k.mean_dy.data(), k.a.data(), k.mean.data(), k.ak.data()},
-                              TrainGradOp{});
-  }
-}
 
 template <typename scalar_t>
 void backward_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, const Geometry& g,
@@ -81,16 +31,10 @@ void backward_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt,
   read_channel_values<acc_t>(mean_t, C, acc_t(0), mean.data());
   read_channel_values<acc_t>(invstd_t, C, acc_t(0), invstd.data());
   const acc_t inv_m = g.rows() > 0 ? acc_t(1) / static_cast<acc_t>(g.rows()) : acc_t(0);
-  GradConstants<acc_t> k(C);
+  GradConstants<scalar_t> k(C);
   auto constants = [&](int64_t c) {
-    k.a[c] = w[c] * invstd[c];
-    k.mean_dy[c] = sum_dy[c] * inv_m;
-    k.mean[c] = mean[c];
-    k.ak[c] = k.a[c] * invstd[c] * invstd[c] * sum_dyx[c] * inv_m;
-    k.neg_ak[c] = -k.ak[c];
-    k.c0[c] = k.mean[c] * k.ak[c] - k.mean_dy[c] * k.a[c];
+    k.set(c, w[c], invstd[c], mean[c], sum_dy[c], sum_dyx[c], inv_m);
   };
-  EvalGradOp eval_op;
 
   if (train && need_dx && g.layout == Layout::kContiguous &&
       use_per_channel_path(g)) {
@@ -100,44 +44,14 @@ void backward_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt,
         constants(c);
         for (int64_t n = g.N - 1; n >= 0; --n) {  // newest in cache first
           const int64_t off = (n * C + c) * g.S;
-          train_dx_run(dy + off, x + off, dx + off, g.S, c, k);
+          grad_input_run(dy + off, x + off, dx + off, g.S, k, c, true);
         }
       }
     });
   } else {
-    if (need_sums) {
-      if (g.layout == Layout::kChannelsLast) {
-        cl_sums(dy, x, g, mean.data(), sum_dy.data(), sum_dyx.data());
-      } else {
-        nchw_sums_split(dy, x, g, mean.data(), sum_dy.data(), sum_dyx.data());
-      }
-    }
+    if (need_sums) grad_sums(dy, x, g, mean.data(), sum_dy.data(), sum_dyx.data());
     for (int64_t c = 0; c < C; ++c) constants(c);
-    if (need_dx && g.layout == Layout::kChannelsLast) {
-      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
-      at::parallel_for(0, g.rows(), grain, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t off = r * C;
-          if (train) {
-            train_dx_row(dy + off, x + off, dx + off, C, k);
-          } else {
-            apply_row<1, 1, scalar_t>({dy + off}, dx + off, C, {k.a.data()}, eval_op);
-          }
-        }
-      });
-    } else if (need_dx) {
-      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1));
-      at::parallel_for(0, g.N * C, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) {
-          const int64_t c = p % C, off = p * g.S;
-          if (train) {
-            train_dx_run(dy + off, x + off, dx + off, g.S, c, k);
-          } else {
-            apply_run<1, 1, scalar_t>({dy + off}, dx + off, g.S, {k.a[c]}, eval_op);
-          }
-        }
-      });
-    }
+    if (need_dx) grad_input_all(dy, x, dx, g, k, train);
   }
   if (need_dw) {
     at::Tensor dw_acc = at::empty({C}, dw_t.options().dtype(acc_dtype(xt.scalar_type())));
@@ -159,19 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& invstd, bool train, std::array<bool, 3> output_mask) {
   constexpr const char* op = "backward";
-  check_input(input, op);
-  TORCH_CHECK(grad_output.defined() && grad_output.sizes() == input.sizes(), "fusedbn.", op,
-              ": grad_output must have the input's shape ", input.sizes(), ", got ",
-              grad_output.defined() ? grad_output.sizes() : c10::IntArrayRef{});
-  TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "fusedbn.", op,
-                   ": grad_output must have the input's dtype ", dtype_name(input.scalar_type()),
-                   ", got ", dtype_name(grad_output.scalar_type()));
-  TORCH_CHECK(grad_output.device() == input.device(), "fusedbn.", op,
-              ": grad_output must be on the input's device ", input.device(), ", got ",
-              grad_output.device());
-  check_optional_channel_tensor(weight, "weight", input, op);
-  check_stat_tensor(mean, "mean", input, op);
-  check_stat_tensor(invstd, "invstd", input, op);
+  check_backward_args(grad_output, input, weight, mean, invstd, op);
 
   Geometry g;
   const at::Tensor x = canonicalize(input, g);

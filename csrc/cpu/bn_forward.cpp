@@ -115,11 +115,7 @@ void forward_train_impl(const at::Tensor& xt, at::Tensor& yt, const Geometry& g,
     return;
   }
   std::vector<WelfordState<acc_t>> st(g.C);
-  if (g.layout == Layout::kChannelsLast) {
-    cl_stats(x, g, st.data());
-  } else {
-    nchw_stats_split(x, g, st.data());
-  }
+  batch_states(x, g, st.data());
   for (int64_t c = 0; c < g.C; ++c) finish_channel(c, st[c]);
   normalize_all(x, y, g, k);
 }

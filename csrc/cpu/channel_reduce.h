@@ -132,6 +132,16 @@ void cl_stats(const scalar_t* x, const Geometry& g, WelfordState<acc_type<scalar
   });
 }
 
+// Batch states of every channel of the canonical input, split over the threads (any layout).
+template <typename scalar_t>
+void batch_states(const scalar_t* x, const Geometry& g, WelfordState<acc_type<scalar_t>>* out) {
+  if (g.layout == Layout::kChannelsLast) {
+    cl_stats(x, g, out);
+  } else {
+    nchw_stats_split(x, g, out);
+  }
+}
+
 // ---- backward sums ------------------------------------------------------------------------------
 
 // (sum dy, sum dy * (x - mean_c)) of channel c of a (N, C, S) tensor, by the calling thread.
@@ -234,6 +244,18 @@ void cl_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
       sum_dyx[c] = b[c];
     }
   });
+}
+
+// (sum dy, sum dy * (x - mean)) of every channel of the canonical input (any layout).
+template <typename scalar_t>
+void grad_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
+               const acc_type<scalar_t>* mean, acc_type<scalar_t>* sum_dy,
+               acc_type<scalar_t>* sum_dyx) {
+  if (g.layout == Layout::kChannelsLast) {
+    cl_sums(dy, x, g, mean, sum_dy, sum_dyx);
+  } else {
+    nchw_sums_split(dy, x, g, mean, sum_dy, sum_dyx);
+  }
 }
 
 // True when whole channels should be handled one per task (statistics, then the elementwise pass

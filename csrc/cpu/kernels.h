@@ -25,4 +25,15 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
                           c10::optional<double> momentum,
                           const c10::optional<at::Tensor>& num_batches_tracked);
 
+// bn_sync.cpp: the local pieces of synchronized batch norm.
+std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input);
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output,
+                                                   const at::Tensor& input, const at::Tensor& mean);
+
+at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
+                          const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
+                          const at::Tensor& invstd, const at::Tensor& sum_dy,
+                          const at::Tensor& sum_dy_xmu, int64_t count);
+
 }  // namespace fusedbn::cpu

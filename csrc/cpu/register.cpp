@@ -10,6 +10,9 @@ TORCH_LIBRARY_IMPL(fusedbn, CPU, m) {
   m.impl("forward_eval", &fusedbn::cpu::forward_eval);
   m.impl("backward", &fusedbn::cpu::backward);
   m.impl("update_running_stats", &fusedbn::cpu::update_running_stats);
+  m.impl("batch_stats", &fusedbn::cpu::batch_stats);
+  m.impl("backward_reduce", &fusedbn::cpu::backward_reduce);
+  m.impl("backward_elemt", &fusedbn::cpu::backward_elemt);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -76,30 +76,13 @@ __global__ void eval_dx_coeffs_kernel(ChannelPtr weight, const acc_t* invstd, ac
   coeffs[2 * C + c] = acc_t(0);
 }
 
-// The CPU backend's checks and wording.
-void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const char* op) {
-  TORCH_CHECK(grad_output.defined() && grad_output.sizes() == input.sizes(), "fusedbn.", op,
-              ": grad_output must have the input's shape ", input.sizes(), ", got ",
-              grad_output.defined() ? grad_output.sizes() : c10::IntArrayRef{});
-  TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "fusedbn.", op,
-                   ": grad_output must have the input's dtype ", dtype_name(input.scalar_type()),
-                   ", got ", dtype_name(grad_output.scalar_type()));
-  TORCH_CHECK(grad_output.device() == input.device(), "fusedbn.", op,
-              ": grad_output must be on the input's device ", input.device(), ", got ",
-              grad_output.device());
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& invstd, bool train, std::array<bool, 3> output_mask) {
   constexpr const char* op = "backward";
-  check_input(input, op);
-  check_grad_output(grad_output, input, op);
-  check_optional_channel_tensor(weight, "weight", input, op);
-  check_stat_tensor(mean, "mean", input, op);
-  check_stat_tensor(invstd, "invstd", input, op);
+  check_backward_args(grad_output, input, weight, mean, invstd, op);
   const c10::cuda::CUDAGuard guard(input.device());
 
   const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];

@@ -1,4 +1,4 @@
-// The CUDA kernels of the four fusedbn operators (schemas in csrc/schema.cpp), registered with
+// The CUDA kernels of the fusedbn operators (schemas in csrc/schema.cpp), registered with
 // the dispatcher in register.cu. Each takes tensors on one CUDA device (checked, with the CPU
 // backend's wording, through common.h) and launches on the current stream without synchronizing.
 #pragma once
@@ -32,6 +32,18 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
                           const at::Tensor& mean, const at::Tensor& var, int64_t count,
                           c10::optional<double> momentum,
                           const c10::optional<at::Tensor>& num_batches_tracked);
+
+// bn_sync.cu: the local pieces of synchronized batch norm
+std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input);
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output,
+                                                   const at::Tensor& input,
+                                                   const at::Tensor& mean);
+
+at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
+                          const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
+                          const at::Tensor& invstd, const at::Tensor& sum_dy,
+                          const at::Tensor& sum_dy_xmu, int64_t count);
 
 }  // namespace cuda
 }  // namespace fusedbn

@@ -1,0 +1,114 @@
+// The grad_input pass of the CPU backward, shared by fusedbn.backward (bn_backward.cpp) and
+// fusedbn.backward_elemt (bn_sync.cpp, where the sums and the count are those of all ranks).
+//
+// With a = w * invstd and M values per channel (the sums taken over the whole batch):
+//   train: dx = (dy - sum_dy / M) * a - (x - mean) * (a * invstd^2 * sum(dy * (x - mean)) / M)
+//   eval:  dx = dy * a
+#pragma once
+
+#include "apply.h"
+#include "common.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace fusedbn::cpu {
+
+// Training dx. float32/float64: (dy - mean_dy) * a - (x - mean) * ak, centring first as the
+// forward does; float16/bfloat16: two fmas, dy * a + x * (-ak) + c0 with
+// c0 = mean * ak - mean_dy * a (the conversions make that pass compute-bound, and the output's
+// own rounding dominates its error).
+struct TrainGradOp {
+  template <typename V>
+  V operator()(const V* in, const V* k) const { return (in[0] - k[0]) * k[1] - (in[1] - k[2]) * k[3]; }
+};
+struct TrainGradFmaOp {
+  template <typename V>
+  V operator()(const V* in, const V* k) const {
+    return at::vec::fmadd(in[0], k[0], at::vec::fmadd(in[1], k[1], k[2]));
+  }
+};
+
+// dx = dy * k0
+struct EvalGradOp {
+  template <typename V>
+  V operator()(const V* in, const V* k) const { return in[0] * k[0]; }
+};
+
+template <typename scalar_t>
+constexpr bool kGradByFma = c10::is_reduced_floating_point_v<scalar_t>;
+
+// Per-channel coefficients of the maps above.
+template <typename scalar_t>
+struct GradConstants {
+  using acc_t = acc_type<scalar_t>;
+  std::vector<acc_t> mean_dy, a, mean, ak, neg_ak, c0;
+  explicit GradConstants(int64_t C) : mean_dy(C), a(C), mean(C), ak(C), neg_ak(C), c0(C) {}
+
+  // inv_m = 1 / M (0 when there are no values).
+  void set(int64_t c, acc_t w, acc_t invstd, acc_t mean_c, acc_t sum_dy, acc_t sum_dyx,
+           acc_t inv_m) {
+    a[c] = w * invstd;
+    mean_dy[c] = sum_dy * inv_m;
+    mean[c] = mean_c;
+    ak[c] = a[c] * invstd * invstd * sum_dyx * inv_m;
+    neg_ak[c] = -ak[c];
+    c0[c] = mean[c] * ak[c] - mean_dy[c] * a[c];
+  }
+};
+
+// dx of one contiguous run of channel c (an NCHW plane, or part of one).
+template <typename scalar_t>
+inline void grad_input_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len,
+                           const GradConstants<scalar_t>& k, int64_t c, bool train) {
+  if (!train) {
+    apply_run<1, 1, scalar_t>({dy}, dx, len, {k.a[c]}, EvalGradOp{});
+  } else if constexpr (kGradByFma<scalar_t>) {
+    apply_run<2, 3, scalar_t>({dy, x}, dx, len, {k.a[c], k.neg_ak[c], k.c0[c]}, TrainGradFmaOp{});
+  } else {
+    apply_run<2, 4, scalar_t>({dy, x}, dx, len, {k.mean_dy[c], k.a[c], k.mean[c], k.ak[c]},
+                              TrainGradOp{});
+  }
+}
+
+// dx of one channels-last row of C channels.
+template <typename scalar_t>
+inline void grad_input_row(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C,
+                           const GradConstants<scalar_t>& k, bool train) {
+  if (!train) {
+    apply_row<1, 1, scalar_t>({dy}, dx, C, {k.a.data()}, EvalGradOp{});
+  } else if constexpr (kGradByFma<scalar_t>) {
+    apply_row<2, 3, scalar_t>({dy, x}, dx, C, {k.a.data(), k.neg_ak.data(), k.c0.data()},
+                              TrainGradFmaOp{});
+  } else {
+    apply_row<2, 4, scalar_t>({dy, x}, dx, C,
+                              {k.mean_dy.data(), k.a.data(), k.mean.data(), k.ak.data()},
+                              TrainGradOp{});
+  }
+}
+
+// dx over the whole canonical tensor (dy and dx share x's layout), in parallel.
+template <typename scalar_t>
+void grad_input_all(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Geometry& g,
+                    const GradConstants<scalar_t>& k, bool train) {
+  const int64_t C = g.C;
+  if (g.layout == Layout::kChannelsLast) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+    at::parallel_for(0, g.rows(), grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        grad_input_row(dy + r * C, x + r * C, dx + r * C, C, k, train);
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1));
+  at::parallel_for(0, g.N * C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t off = p * g.S;
+      grad_input_run(dy + off, x + off, dx + off, g.S, k, p % C, train);
+    }
+  });
+}
+
+}  // namespace fusedbn::cpu
