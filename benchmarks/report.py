@@ -1,0 +1,232 @@
+"""Presenting results: the per-case table, the summary, the JSON document and the Markdown section.
+
+A results document (the JSON file) is {"schema", "env", "config", "copy_bandwidth", "records"};
+each record is one (case, provider) with its raw samples and statistics, η, memory, the --check
+outcome and the error if it could not run. Everything here reads only documents, so --report
+works on committed files without fusedbn or a GPU.
+"""
+import glob
+import json
+import math
+import os
+from collections import OrderedDict
+
+from .cases import DTYPES, LAYOUTS, MODES
+from .environment import describe
+from .providers import REFERENCE
+
+SCHEMA = 1
+
+
+def write_json(doc, path):
+    """Writes the document atomically (a .tmp file renamed into place)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load_documents(pattern):
+    """The results documents matching a glob pattern, sorted by file name."""
+    docs = []
+    for path in sorted(glob.glob(pattern)):
+        with open(path) as f:
+            doc = json.load(f)
+        doc["path"] = path
+        docs.append(doc)
+    return docs
+
+
+def providers_of(doc):
+    return list(doc["config"]["providers"])
+
+
+def baselines_of(doc):
+    return [p for p in providers_of(doc) if p != REFERENCE]
+
+
+def by_case(records):
+    """OrderedDict (set, shape, dtype, layout, mode) -> {provider: record}, in sweep order."""
+    out = OrderedDict()
+    for r in records:
+        out.setdefault((r["set"], tuple(r["shape"]), r["dtype"], r["layout"], r["mode"]),
+                       {})[r["provider"]] = r
+    return out
+
+
+def median(rec):
+    return rec["stats"]["median_s"] if rec and rec.get("stats") else None
+
+
+def speedup(recs, other):
+    """t(other) / t(fusedbn) for one case, or None when either did not run."""
+    t_ref, t_other = median(recs.get(REFERENCE)), median(recs.get(other))
+    return t_other / t_ref if t_ref and t_other else None
+
+
+def geomean(values):
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def _num(v, fmt):
+    return "-" if v is None else fmt % v
+
+
+def _milliseconds(rec):
+    if rec is None:
+        return "-"
+    if rec.get("error"):
+        return "err"
+    return _num(median(rec) * 1e3, "%.4g")
+
+
+def case_table(doc):
+    """(headers, rows) of the per-case table."""
+    provs, bases = providers_of(doc), baselines_of(doc)
+    headers = (["mode", "dtype", "layout", "shape"] + ["%s ms" % p for p in provs]
+               + ["×%s" % b for b in bases] + ["η %s" % p for p in provs])
+    rows = []
+    for (_, shape, dtype, layout, mode), recs in by_case(doc["records"]).items():
+        times = [_milliseconds(recs.get(p)) for p in provs]
+        ratios = [_num(speedup(recs, b), "%.2f") for b in bases]
+        etas = [_num(recs[p].get("eta"), "%.2f") for p in provs]
+        mark = "†" if any(contended(r) for r in recs.values()) else ""
+        rows.append([mode, dtype, layout, "x".join(map(str, shape)) + mark]
+                    + times + ratios + etas)
+    return headers, rows
+
+
+def summary(doc):
+    """Per (mode, dtype, layout): geometric mean and minimum of the speed-up of fusedbn over each
+    baseline, and the geometric mean of η per provider; plus an 'all' group."""
+    groups = OrderedDict()
+    for key, recs in by_case(doc["records"]).items():
+        _, _, dtype, layout, mode = key
+        for g in ((mode, dtype, layout), ("all", "", "")):
+            groups.setdefault(g, []).append((key, recs))
+    order = {m: i for i, m in enumerate(MODES + ("all",))}
+    dorder = {d: i for i, d in enumerate([""] + list(DTYPES))}
+    lorder = {l: i for i, l in enumerate(("",) + LAYOUTS)}
+    out = []
+    for g in sorted(groups, key=lambda g: (order[g[0]], dorder[g[1]], lorder[g[2]])):
+        entry = {"mode": g[0], "dtype": g[1], "layout": g[2], "cases": len(groups[g])}
+        for b in baselines_of(doc):
+            pairs = [(speedup(r, b), k) for k, r in groups[g] if speedup(r, b)]
+            entry["geomean_vs_" + b] = geomean([s for s, _ in pairs])
+            low = min(pairs) if pairs else (None, None)
+            entry["min_vs_" + b] = low[0]
+            entry["min_case_vs_" + b] = None if low[1] is None else " ".join(
+                ["x".join(map(str, low[1][1]))] + list(low[1][2:]))
+        for p in providers_of(doc):
+            entry["eta_" + p] = geomean([r[p]["eta"] for _, r in groups[g]
+                                         if r.get(p) and r[p].get("eta")])
+        out.append(entry)
+    return out
+
+
+def summary_table(doc):
+    """(headers, rows) of the summary."""
+    bases, provs = baselines_of(doc), providers_of(doc)
+    headers = (["mode", "dtype", "layout", "cases"]
+               + [h % b for b in bases for h in ("geomean ×%s", "min ×%s")]
+               + ["η %s" % p for p in provs])
+    rows = []
+    for e in summary(doc):
+        rows.append([e["mode"], e["dtype"], e["layout"], str(e["cases"])]
+                    + [_num(e[k % b], "%.2f") for b in bases for k in ("geomean_vs_%s",
+                                                                       "min_vs_%s")]
+                    + [_num(e["eta_" + p], "%.2f") for p in provs])
+    return headers, rows
+
+
+def format_table(headers, rows, markdown=False):
+    """A plain-text (aligned) or Markdown table."""
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |",
+                 "|" + "|".join("---" if i < 3 else "---:" for i in range(len(headers))) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    fmt = "  ".join("%%-%ds" % w if i < 4 else "%%%ds" % w for i, w in enumerate(widths))
+    return "\n".join([fmt % tuple(headers)] + [fmt % tuple(r) for r in rows])
+
+
+def errors(doc):
+    """Distinct errors per provider, with the number of cases each occurred in."""
+    seen = OrderedDict()
+    for r in doc["records"]:
+        if r.get("error"):
+            key = (r["provider"], r["error"])
+            seen[key] = seen.get(key, 0) + 1
+    return ["%s (%d cases): %s" % (p, n, e) for (p, e), n in seen.items()]
+
+
+def contended(rec):
+    """Whether the record's case kept timing rounds that shared the CPU with other jobs."""
+    return bool((rec.get("contention") or {}).get("contended_rounds_kept"))
+
+
+def contention_note(doc):
+    """A warning when some cases kept timing rounds that shared the CPU with other jobs."""
+    cases = {(r["set"], tuple(r["shape"]), r["dtype"], r["layout"], r["mode"])
+             for r in doc["records"] if contended(r)}
+    if not cases:
+        return []
+    return ["%d of %d cases (marked †) kept timing rounds during which other processes used "
+            "the CPU (contention in the JSON); their times are less reliable"
+            % (len(cases), len(by_case(doc["records"])))]
+
+
+def headline(doc):
+    """The minimum speed-up over each baseline, in words."""
+    all_row = [e for e in summary(doc) if e["mode"] == "all"]
+    out = []
+    for b in baselines_of(doc):
+        e = all_row[0] if all_row else {}
+        if e.get("min_vs_" + b) is not None:
+            out.append("fusedbn vs %s: geometric mean %.2f×, minimum %.2f× (%s)"
+                       % (b, e["geomean_vs_" + b], e["min_vs_" + b], e["min_case_vs_" + b]))
+    return out
+
+
+def method_note(doc):
+    cfg, bw = doc["config"], doc["copy_bandwidth"]
+    return ("Times are medians over interleaved repeats after warm-up, caches flushed between "
+            "calls; ×P is t(P) / t(fusedbn) (above 1: fusedbn is faster); η = minimal bytes / "
+            "(time × copy bandwidth), minimal bytes = 2|x| (fwd, infer), 3|x| (bwd), 5|x| "
+            "(fwdbwd); copy bandwidth measured in the same run: %.1f GB/s. Parameters are float32 "
+            "(as under AMP). Modes: %s." % (bw["bytes_per_s"] / 1e9, ", ".join(cfg["modes"])))
+
+
+def print_report(doc, file):
+    """The per-case table, the summary and any errors, as plain text."""
+    print("\n" + describe(doc["env"]), file=file)
+    print(method_note(doc) + "\n", file=file)
+    print(format_table(*case_table(doc)), file=file)
+    print("\nSummary (geometric means per mode, dtype, layout):\n", file=file)
+    print(format_table(*summary_table(doc)), file=file)
+    for line in headline(doc) + contention_note(doc):
+        print(line, file=file)
+    for line in errors(doc):
+        print("error: " + line, file=file)
+
+
+def markdown(docs):
+    """The README's performance section, generated from results documents."""
+    out = ["## Performance", "",
+           "Generated by `python -m benchmarks --report` from `benchmarks/results/*.json`; "
+           "reproduce a file with the command recorded in it.", ""]
+    for doc in docs:
+        env = doc["env"]
+        out += ["### %s" % env["device_slug"], "", describe(env) + ".", "",
+                method_note(doc), "", "Command: `%s`" % doc["config"].get("command", "?"), ""]
+        out += ["- " + line for line in headline(doc) + contention_note(doc)] + [""]
+        out += [format_table(*summary_table(doc), markdown=True), ""]
+        png = os.path.splitext(doc["path"])[0] + ".png"
+        if os.path.exists(png):
+            out += ["![fusedbn speed-up and efficiency on %s](%s)" % (env["device_slug"], png), ""]
+        out += ["<details><summary>All cases</summary>", "",
+                format_table(*case_table(doc), markdown=True), "", "</details>", ""]
+        out += ["- error: " + line for line in errors(doc)]
+    return "\n".join(out).rstrip() + "\n"
