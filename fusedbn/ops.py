@@ -136,27 +136,36 @@ def _dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
 
+def _forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
+             use_batch_stats, momentum, eps, stats_for_backward):
+    """The forward ops: (output, mean, invstd), the statistics only when backward will need them
+    (always in training, where they come for free)."""
+    if use_batch_stats:
+        if running_mean is not None:  # checked before anything runs: never a partial update
+            _check_running_stats(input, running_mean, running_var)
+        output, mean, invstd, var = _ops.forward_train(input, weight, bias, eps)
+        if running_mean is not None:
+            count = input.numel() // input.shape[1] if input.shape[1] else 0
+            _ops.update_running_stats(running_mean, running_var, mean, var, count, momentum,
+                                      num_batches_tracked)
+        return output, mean, invstd
+    output = _ops.forward_eval(input, weight, bias, running_mean, running_var, eps)
+    if not stats_for_backward:
+        return output, None, None
+    acc = acc_dtype(input.dtype)
+    return output, running_mean.to(acc, copy=True), torch.rsqrt(running_var.to(acc) + eps)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """y = batch_norm(x); in training mode also updates the running statistics in place."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
                 use_batch_stats, momentum, eps):
-        if use_batch_stats:
-            if running_mean is not None:  # checked before anything runs: never a partial update
-                _check_running_stats(input, running_mean, running_var)
-            output, mean, invstd, var = _ops.forward_train(input, weight, bias, eps)
-            if running_mean is not None:
-                count = input.numel() // input.shape[1] if input.shape[1] else 0
-                _ops.update_running_stats(running_mean, running_var, mean, var, count, momentum,
-                                          num_batches_tracked)
-        else:
-            output = _ops.forward_eval(input, weight, bias, running_mean, running_var, eps)
-            mean = invstd = None
-            if any(ctx.needs_input_grad[:3]):  # (grad mode is always off inside forward)
-                acc = acc_dtype(input.dtype)
-                mean = running_mean.to(acc, copy=True)
-                invstd = torch.rsqrt(running_var.to(acc) + eps)
+        # (grad mode is always off inside forward: needs_input_grad says what backward needs)
+        output, mean, invstd = _forward(input, weight, bias, running_mean, running_var,
+                                        num_batches_tracked, use_batch_stats, momentum, eps,
+                                        stats_for_backward=any(ctx.needs_input_grad[:3]))
         ctx.use_batch_stats = use_batch_stats
         ctx.bias_dtype = None if bias is None else bias.dtype
         if any(ctx.needs_input_grad[:3]):
@@ -185,5 +194,11 @@ def batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, 
     """The op-level entry: no Python-side validation beyond the device (see fusedbn.functional).
     momentum=None means the cumulative average 1/num_batches_tracked, read on the device."""
     _check_device_supported(input)
-    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                   num_batches_tracked, use_batch_stats, momentum, eps)
+    if torch.is_grad_enabled() and (input.requires_grad
+                                    or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
+                                       num_batches_tracked, use_batch_stats, momentum, eps)
+    # Nothing to differentiate (inference, torch.no_grad): the ops without autograd's bookkeeping.
+    return _forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                    use_batch_stats, momentum, eps, stats_for_backward=False)[0]
