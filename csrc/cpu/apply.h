@@ -20,28 +20,35 @@ inline void apply_run(const std::array<const scalar_t*, NIn>& in, scalar_t* out,
   using AVec = typename IO::AVec;
   AVec kv[NK > 0 ? NK : 1];
   for (int j = 0; j < NK; ++j) kv[j] = AVec(k[j]);
-  for (int64_t i = 0; i < len; i += IO::kUnit) {
-    const int64_t n = std::min<int64_t>(IO::kUnit, len - i);  // the last unit may be partial
+  auto unit = [&](int64_t i) {
     AVec v[NIn][IO::kVecs];
-    for (int a = 0; a < NIn; ++a) {
-      if (n == IO::kUnit) {
-        IO::load(in[a] + i, v[a]);
-      } else {
-        IO::load_partial(in[a] + i, n, v[a]);
-      }
-    }
+    for (int a = 0; a < NIn; ++a) IO::load(in[a] + i, v[a]);
     AVec r[IO::kVecs];
     for (int j = 0; j < IO::kVecs; ++j) {
       AVec args[NIn];
       for (int a = 0; a < NIn; ++a) args[a] = v[a][j];
       r[j] = vf(args, kv);
     }
-    if (n == IO::kUnit) {
-      IO::store(out + i, r);
-    } else {
-      IO::store_partial(out + i, n, r);
-    }
+    IO::store(out + i, r);
+  };
+  int64_t i = 0;
+  for (; i + IO::kUnit <= len; i += IO::kUnit) unit(i);
+  if (i == len) return;
+  if (len >= IO::kUnit) {
+    // The last values as one whole unit that overlaps the previous one: rewriting a few outputs
+    // with the same values is cheaper than a partial (copied) load and store. out never aliases in.
+    unit(len - IO::kUnit);
+    return;
   }
+  AVec v[NIn][IO::kVecs];
+  for (int a = 0; a < NIn; ++a) IO::load_partial(in[a] + i, len - i, v[a]);
+  AVec r[IO::kVecs];
+  for (int j = 0; j < IO::kVecs; ++j) {
+    AVec args[NIn];
+    for (int a = 0; a < NIn; ++a) args[a] = v[a][j];
+    r[j] = vf(args, kv);
+  }
+  IO::store_partial(out + i, len - i, r);
 }
 
 // out[c] = f(in[0][c], ..., k[0][c], ...) over one row of C channels (constants are arrays).
