@@ -9,6 +9,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "activation.h"
 #include "common.h"
@@ -99,6 +100,39 @@ inline ActSource check_act_backward(const c10::optional<at::Tensor>& mask, int64
                 "with negative_slope > 0, got ", act_name(act), " with negative_slope ", slope);
   }
   return src;
+}
+
+// All checks of act_forward_train / act_forward_eval beyond the running statistics and eps.
+inline Act check_act_forward_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                  const c10::optional<at::Tensor>& bias,
+                                  const c10::optional<at::Tensor>& residual, int64_t activation,
+                                  double slope, bool save_mask, const char* op) {
+  check_input(input, op);
+  check_optional_channel_tensor(weight, "weight", input, op);
+  check_optional_channel_tensor(bias, "bias", input, op);
+  check_weight_bias_dtypes(weight, bias, op);
+  check_optional_like_input(residual, "residual", input, op);
+  const Act act = check_activation(activation, op);
+  check_save_mask(act, slope, save_mask, op);
+  return act;
+}
+
+// All checks of act_backward.
+inline std::pair<Act, ActSource> check_act_backward_args(
+    const at::Tensor& grad_output, const at::Tensor& saved,
+    const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& mean, const at::Tensor& invstd, int64_t activation, double slope,
+    int64_t source, const char* op) {
+  check_input(saved, op);
+  check_like_input(grad_output, "grad_output", saved, op);
+  check_optional_like_input(residual, "residual", saved, op);
+  check_optional_channel_tensor(weight, "weight", saved, op);
+  check_optional_channel_tensor(bias, "bias", saved, op);
+  check_stat_tensor(mean, "mean", saved, op);
+  check_stat_tensor(invstd, "invstd", saved, op);
+  const Act act = check_activation(activation, op);
+  return {act, check_act_backward(mask, source, act, slope, saved, op)};
 }
 
 }  // namespace fusedbn

@@ -86,11 +86,40 @@ struct NoEpilogue {
   void operator()(int64_t, int64_t) const {}
 };
 
-// Mask bits [e0, e1) from the output y (e0 % 8 == 0; e1 % 8 == 0 or e1 == numel).
+#if defined(CPU_CAPABILITY_AVX2)
+// Lane bits of positive_output over one SIMD vector (movemask of a compare).
+inline uint64_t positive_lanes(const at::vec::Vectorized<float>& v, bool relu) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 c = relu ? _mm256_cmp_ps(v, zero, _CMP_NLE_UQ) : _mm256_cmp_ps(v, zero, _CMP_GT_OQ);
+  return static_cast<uint64_t>(_mm256_movemask_ps(c));
+}
+inline uint64_t positive_lanes(const at::vec::Vectorized<double>& v, bool relu) {
+  const __m256d zero = _mm256_setzero_pd();
+  const __m256d c = relu ? _mm256_cmp_pd(v, zero, _CMP_NLE_UQ) : _mm256_cmp_pd(v, zero, _CMP_GT_OQ);
+  return static_cast<uint64_t>(_mm256_movemask_pd(c));
+}
+#endif
+
+// Mask bits [e0, e1) from the output y (e0 % 8 == 0; e1 % 8 == 0 or e1 == numel). With AVX2,
+// blocks of 64 values are compared a vector at a time and written as 8 bytes.
 template <typename scalar_t>
 inline void pack_mask(const scalar_t* y, uint8_t* mask, int64_t e0, int64_t e1, bool relu) {
   using acc_t = acc_type<scalar_t>;
-  for (int64_t e = e0; e < e1; e += 8) {
+  int64_t e = e0;
+#if defined(CPU_CAPABILITY_AVX2)
+  using IO = VecIO<scalar_t>;
+  constexpr int64_t L = IO::AVec::size();
+  for (; e + 64 <= e1; e += 64) {
+    uint64_t bits = 0;
+    for (int64_t u = 0; u < 64; u += IO::kUnit) {
+      typename IO::AVec v[IO::kVecs];
+      IO::load(y + e + u, v);
+      for (int j = 0; j < IO::kVecs; ++j) bits |= positive_lanes(v[j], relu) << (u + j * L);
+    }
+    std::memcpy(mask + (e >> 3), &bits, sizeof(bits));
+  }
+#endif
+  for (; e < e1; e += 8) {
     const int n = static_cast<int>(std::min<int64_t>(8, e1 - e));
     unsigned bits = 0;
     for (int j = 0; j < n; ++j)
@@ -124,14 +153,14 @@ void grad_from_mask(const scalar_t* dy, const uint8_t* mask, scalar_t* dz, int64
   at::parallel_for(0, (numel + 7) / 8, kApplyGrain / 8, [&](int64_t b0, int64_t b1) {
     const int64_t e1 = std::min(numel, 8 * b1);
     if (relu) {
-      for (int64_t e = 8 * b0; e < e1; e += 8) {
-        const unsigned bits = mask[e >> 3];
-        const int n = static_cast<int>(std::min<int64_t>(8, e1 - e));
-        raw_t src[8] = {}, dst[8];
-        std::memcpy(src, dy + e, n * sizeof(raw_t));
-        for (int j = 0; j < 8; ++j) dst[j] = src[j] & static_cast<raw_t>(-static_cast<raw_t>((bits >> j) & 1u));
-        std::memcpy(dz + e, dst, n * sizeof(raw_t));
+      const raw_t* src = reinterpret_cast<const raw_t*>(dy);
+      raw_t* dst = reinterpret_cast<raw_t*>(dz);
+      int64_t e = 8 * b0;
+      for (; e + 8 <= e1; e += 8) {  // a fixed-length inner loop: the compiler vectorizes it
+        const raw_t bits = mask[e >> 3];
+        for (int j = 0; j < 8; ++j) dst[e + j] = src[e + j] & (raw_t(0) - ((bits >> j) & raw_t(1)));
       }
+      for (; e < e1; ++e) dst[e] = src[e] & (raw_t(0) - ((mask[e >> 3] >> (e & 7)) & 1u));
     } else {
       for (int64_t e = 8 * b0; e < e1; ++e) {
         const acc_t g = static_cast<acc_t>(dy[e]);

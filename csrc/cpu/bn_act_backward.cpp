@@ -137,15 +137,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> act_backward(
     const at::Tensor& mean, const at::Tensor& invstd, bool train, int64_t activation,
     double negative_slope, int64_t source, std::array<bool, 4> output_mask) {
   constexpr const char* op = "act_backward";
-  check_input(saved, op);
-  check_like_input(grad_output, "grad_output", saved, op);
-  check_optional_like_input(residual, "residual", saved, op);
-  check_optional_channel_tensor(weight, "weight", saved, op);
-  check_optional_channel_tensor(bias, "bias", saved, op);
-  check_stat_tensor(mean, "mean", saved, op);
-  check_stat_tensor(invstd, "invstd", saved, op);
-  const Act act = check_activation(activation, op);
-  const ActSource src = check_act_backward(mask, source, act, negative_slope, saved, op);
+  Act act;
+  ActSource src;
+  std::tie(act, src) = check_act_backward_args(grad_output, saved, residual, mask, weight, bias,
+                                               mean, invstd, activation, negative_slope, source, op);
   const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
   if (src == ActSource::kOutput) check_weight_invertible(w, op);
 

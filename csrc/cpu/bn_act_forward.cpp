@@ -170,21 +170,6 @@ void act_forward_eval_impl(ForwardArgs<scalar_t>& a, const at::Tensor& weight,
   });
 }
 
-// Checks shared by both forwards; returns the activation.
-Act check_act_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                      const c10::optional<at::Tensor>& bias,
-                      const c10::optional<at::Tensor>& residual, int64_t activation,
-                      double slope, bool save_mask, const char* op) {
-  check_input(input, op);
-  check_optional_channel_tensor(weight, "weight", input, op);
-  check_optional_channel_tensor(bias, "bias", input, op);
-  check_weight_bias_dtypes(weight, bias, op);
-  check_optional_like_input(residual, "residual", input, op);
-  const Act act = check_activation(activation, op);
-  check_save_mask(act, slope, save_mask, op);
-  return act;
-}
-
 template <typename scalar_t>
 ForwardArgs<scalar_t> make_args(const at::Tensor& x, const at::Tensor& r, at::Tensor& y,
                                 at::Tensor& mask, const Geometry& g, Act act, double slope) {
@@ -207,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> act_forwa
     double eps, int64_t activation, double negative_slope, bool save_mask) {
   constexpr const char* op = "act_forward_train";
   const Act act =
-      check_act_forward(input, weight, bias, residual, activation, negative_slope, save_mask, op);
+      check_act_forward_args(input, weight, bias, residual, activation, negative_slope, save_mask, op);
   TORCH_CHECK(eps > 0, "fusedbn.", op, ": eps must be positive in training, got ", eps);
   Geometry g;
   const at::Tensor x = canonicalize(input, g);
@@ -233,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> act_forward_eval(
     int64_t activation, double negative_slope, bool save_mask) {
   constexpr const char* op = "act_forward_eval";
   const Act act =
-      check_act_forward(input, weight, bias, residual, activation, negative_slope, save_mask, op);
+      check_act_forward_args(input, weight, bias, residual, activation, negative_slope, save_mask, op);
   check_channel_tensor(running_mean, "running_mean", input, op);
   check_channel_tensor(running_var, "running_var", input, op);
   TORCH_CHECK(eps >= 0, "fusedbn.", op, ": eps must be non-negative, got ", eps);
