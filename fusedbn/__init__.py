@@ -3,9 +3,11 @@
     import fusedbn
     bn = fusedbn.FusedBatchNorm2d(64)          # instead of nn.BatchNorm2d(64)
     model = fusedbn.convert_batchnorm(model)   # or convert a whole model
+    model = fusedbn.convert_batchnorm(model, fuse_activations=True)  # + BN (-> add) -> ReLU fused
 """
-from . import functional, ops
+from . import act_ops, functional, ops
 from ._ext import build_info
+from .act_modules import FusedBatchNormAct1d, FusedBatchNormAct2d, FusedBatchNormAct3d
 from .convert import convert_batchnorm, revert_batchnorm
 from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d
 from .version import __version__
@@ -14,6 +16,9 @@ __all__ = [
     "FusedBatchNorm1d",
     "FusedBatchNorm2d",
     "FusedBatchNorm3d",
+    "FusedBatchNormAct1d",
+    "FusedBatchNormAct2d",
+    "FusedBatchNormAct3d",
     "build_info",
     "convert_batchnorm",
     "functional",
