@@ -35,12 +35,29 @@ _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _INPLACE_ADDS = (operator.iadd, "add_")
 
 
+class _Proxy(fx.Proxy):
+    """fx.Proxy has no in-place operators, so `a += b` is traced as `a = a + b` and a tensor that
+    aliases a (kept = a; a += b; use(kept)) would lose the update in the traced model. These record
+    operator.iadd & co. instead, which the generated code runs in place, as the original does."""
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor",
+              "lshift", "rshift", "matmul"):
+    def _inplace(self, other, _op=getattr(operator, "i" + _name)):
+        return self.tracer.create_proxy("call_function", _op, (self, other), {})
+    setattr(_Proxy, f"__i{_name}__", _inplace)
+
+
 class _Tracer(fx.Tracer):
-    """Batch norms (torch's and ours) are leaves: the pass replaces them, it does not look in."""
+    """Batch norms (torch's and ours) are leaves: the pass replaces them, it does not look in.
+    In-place operators are recorded as such (_Proxy)."""
 
     def is_leaf_module(self, m, qualname):
         return (isinstance(m, nn.modules.batchnorm._BatchNorm)
                 or super().is_leaf_module(m, qualname))
+
+    def proxy(self, node):
+        return _Proxy(node, self)
 
 
 def _warn(msg):
@@ -128,13 +145,13 @@ def _find_pattern(bn_node, root, name):
     return other, after[0], act
 
 
-def _fuse_graph(gm):
+def _fuse_graph(gm, memory_saving):
     """Fuses the patterns of one traced GraphModule in place; returns the fused layers' names."""
     calls = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    fused = []
+    fused, shared = [], set()
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
@@ -146,11 +163,13 @@ def _fuse_graph(gm):
         if found is None:
             continue
         if calls[node.target] > 1:
-            _warn(f"{node.target}: the module is called at {calls[node.target]} places; "
-                  "not fused")
+            if node.target not in shared:
+                _warn(f"{node.target}: the module is called at {calls[node.target]} places; "
+                      "not fused")
+                shared.add(node.target)
             continue
         residual, act_node, (act, slope) = found
-        new_bn = _recast(bn, cls).set_activation(act, slope, memory_saving=False)
+        new_bn = _recast(bn, cls).set_activation(act, slope, memory_saving=memory_saving)
         parent, _, field = node.target.rpartition(".")
         setattr(gm.get_submodule(parent), field, new_bn)
         with gm.graph.inserting_before(act_node):
@@ -209,16 +228,17 @@ def _get_or_none(root, name):
         return None
 
 
-def fuse_activations(model, convert_plain, prefix=""):
-    """Traces model, fuses BN (-> add) -> act chains, converts the remaining batch norms with
-    convert_plain, and returns the new model (a GraphModule); untraceable modules are kept and
-    their children tried one by one."""
+def fuse_activations(model, convert_plain, memory_saving=False, prefix=""):
+    """Traces model, fuses BN (-> add) -> act chains (into modules with the given memory_saving),
+    converts the remaining batch norms with convert_plain, and returns the new model (a
+    GraphModule); untraceable modules are kept and their children tried one by one."""
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "cannot prove it safe"
         for name, child in list(model.named_children()):
             if not isinstance(child, nn.modules.batchnorm._BatchNorm):
-                setattr(model, name, fuse_activations(child, convert_plain, prefix + name + "."))
+                setattr(model, name, fuse_activations(child, convert_plain, memory_saving,
+                                                      prefix + name + "."))
         direct = [prefix + n for n, c in model.named_children()
                   if isinstance(c, nn.modules.batchnorm._BatchNorm)]
         if direct:
@@ -230,5 +250,5 @@ def fuse_activations(model, convert_plain, prefix=""):
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     gm.training = model.training
     _restore_state(model, gm)
-    _fuse_graph(gm)
+    _fuse_graph(gm, memory_saving)
     return convert_plain(gm)

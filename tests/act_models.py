@@ -166,3 +166,33 @@ class FunctionalActs(nn.Module):
         h = F.silu(self.bn_a(h).add(x.mean(1, keepdim=True).expand_as(h)))
         v = F.gelu(self.bn1d(self.lin(h.mean((2, 3, 4)))), approximate="tanh")
         return torch.add(self.bn_b(v), v).relu_()
+
+
+class LeakyBasicBlock(BasicBlock):
+    """BasicBlock with LeakyReLU(0.01, inplace=True): the invertible activation that
+    memory-saving mode can recover x_hat from (InPlace-ABN's choice)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.relu = nn.LeakyReLU(0.01, inplace=True)
+
+
+def saved_activation_bytes(fn, *inputs, exclude=()):
+    """Bytes of the tensors autograd keeps for the backward of fn(*inputs), counted once per
+    storage, without parameters and buffers (they exist anyway) and without the storages of
+    `exclude` (e.g. a block's input, which its producer accounts for). Returns (bytes, output)."""
+    owners = [fn] if isinstance(fn, nn.Module) else []
+    skip = {t.untyped_storage().data_ptr() for m in owners
+            for t in list(m.parameters()) + list(m.buffers())}
+    skip |= {t.untyped_storage().data_ptr() for t in exclude}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*inputs)
+    return sum(seen.values()), out
