@@ -199,9 +199,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> act_backward(
   at::Tensor dx, dw, db;
   if (need_bn) {
     const bool from_output = src == ActSource::kOutput;
-    std::tie(dx, dw, db) = backward(dz, from_output ? xc : x, weight,
-                                    from_output ? at::zeros({g.C}, mean.options()) : mean, invstd,
-                                    train, {output_mask[0], output_mask[1], output_mask[2]});
+    // dx goes into dz's own buffer when dz is a temporary (one large allocation less).
+    const bool reuse = !output_mask[3] && act != Act::kIdentity;
+    std::tie(dx, dw, db) = backward_into(
+        dz, from_output ? xc : x, weight, from_output ? at::zeros({g.C}, mean.options()) : mean,
+        invstd, train, {output_mask[0], output_mask[1], output_mask[2]},
+        reuse ? dz : at::Tensor());
   } else {
     const auto param_opts = saved.options().dtype(w.defined() ? w.scalar_type() : acc);
     dx = at::empty({0}, saved.options());
