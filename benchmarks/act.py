@@ -220,7 +220,8 @@ def environment(device):
             "python": platform.python_version(),
             "commit": run(["git", "rev-parse", "HEAD"]),
             "dirty": bool(run(["git", "status", "--porcelain", "--untracked-files=no"])),
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
 def main():
@@ -282,6 +283,8 @@ def main():
     for name, row in results["saved_activation_bytes"].items():
         print("  %-18s eager %7.1f MB  " % (name, row["eager_bn_relu"] / 1e6) + "  ".join(
             "%s %+.1f%%" % (k, -100 * v) for k, v in row["reduction_vs_eager"].items()))
+    results["environment"]["load_average_after"] = (os.getloadavg() if hasattr(os, "getloadavg")
+                                                    else None)
     out = args.out or os.path.join(ROOT, "benchmarks", "results", "act_%s.json" % kind)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
