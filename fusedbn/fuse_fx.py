@@ -114,6 +114,8 @@ def _add_operands(node):
 def _find_pattern(bn_node, root, name):
     """(residual node or None, the activation node, (act, slope)) for a fusable chain after
     bn_node, None when there is none; warns when there is one that is not provably safe."""
+    if len(bn_node.args) != 1 or bn_node.kwargs:  # bn(x) only
+        return None
     users = list(bn_node.users)
     if len(users) != 1:
         if any(_activation(u, root) or _add_operands(u) for u in users):
@@ -122,7 +124,7 @@ def _find_pattern(bn_node, root, name):
         return None
     user = users[0]
     act = _activation(user, root)
-    if act is not None:
+    if act is not None and user.args[0] is bn_node:
         return None, user, act
     operands = _add_operands(user)
     if operands is None:
@@ -132,7 +134,8 @@ def _find_pattern(bn_node, root, name):
     if not isinstance(other, fx.Node) or other is bn_node:
         return None
     after = list(user.users)
-    act = _activation(after[0], root) if len(after) == 1 else None
+    act = (_activation(after[0], root)
+           if len(after) == 1 and after[0].args and after[0].args[0] is user else None)
     if act is None:
         if any(_activation(u, root) for u in after):
             _warn(f"{name}: the sum after it is used {len(after)} times, so it is not fused "

@@ -46,13 +46,17 @@ def test_source_choice():
     assert act_ops.choose_source("identity", 0.0, True, small, torch.bfloat16) == act_ops.SOURCE_INPUT
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 3), (2, 8, 1, 3), (3, 10, 13, 11)],
+                         ids=["split_path", "planes_of_3", "per_channel_path"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("act,slope", [("relu", 0.0), ("leaky_relu", 0.1)])
-def test_mask_bits(device, act, slope, layout):
+def test_mask_bits(device, act, slope, layout, shape):
     """Bit e (LSB first) of byte e // 8 is the sign of the e-th output value in memory order; relu
-    counts NaN as positive (its gradient passes, as torch's), leaky_relu does not."""
-    x = torch.randn(2, 3, 5, 3, device=device)  # 90 values: a partial last byte
-    x[0, 1, 2, 1] = float("nan")
+    counts NaN as positive (its gradient passes, as torch's), leaky_relu does not. The shapes
+    have planes that share mask bytes (S % 8 != 0, S < 8) and a partial last byte, on the CPU's
+    split path and on its one-task-per-channel path."""
+    x = torch.randn(shape, device=device)
+    x[0, 1, 0, 1] = float("nan")
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     y, _, _, _, mask = ops.act_forward_train(x, None, None, None, 1e-5,

@@ -128,14 +128,6 @@ inline void pack_mask(const scalar_t* y, uint8_t* mask, int64_t e0, int64_t e1, 
   }
 }
 
-// The whole mask of y, in parallel (for passes that do not produce y in mask-sized units).
-template <typename scalar_t>
-void pack_mask_all(const scalar_t* y, uint8_t* mask, int64_t numel, bool relu) {
-  at::parallel_for(0, (numel + 7) / 8, kApplyGrain / 8, [&](int64_t b0, int64_t b1) {
-    pack_mask(y, mask, 8 * b0, std::min(numel, 8 * b1), relu);
-  });
-}
-
 // Same-size unsigned integer, to move values without converting them.
 template <int Bytes>
 struct RawBits;

@@ -77,7 +77,7 @@ void apply_act_per_channel(ForwardArgs<scalar_t>& a, const Stats& stats) {
   const ActNormalizeOp<acc_t, A, kRes> op{a.slope};
   const Geometry& g = a.g;
   const bool relu = A == Act::kRelu;
-  const bool mask_per_plane = a.mask != nullptr && g.S % 8 == 0;  // planes own whole mask bytes
+  auto down8 = [](int64_t e) { return e & ~int64_t{7}; };
   at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       stats(c);
@@ -85,11 +85,23 @@ void apply_act_per_channel(ForwardArgs<scalar_t>& a, const Stats& stats) {
         const int64_t off = (n * g.C + c) * g.S;
         apply_run<NIn, 3, scalar_t>(inputs<NIn>(a.x + off, a.r == nullptr ? nullptr : a.r + off),
                                     a.y + off, g.S, {a.mean[c], a.scale[c], a.shift[c]}, op, op);
-        if (mask_per_plane) pack_mask(a.y, a.mask, off, off + g.S, relu);
+        // The mask bytes that lie wholly inside this plane (the plane's values are in L1).
+        const int64_t b0 = down8(off + 7), b1 = down8(off + g.S);
+        if (a.mask != nullptr && b0 < b1) pack_mask(a.y, a.mask, b0, b1, relu);
       }
     }
   });
-  if (a.mask != nullptr && !mask_per_plane) pack_mask_all(a.y, a.mask, g.numel(), relu);
+  if (a.mask == nullptr) return;
+  // The bytes shared by two planes (S % 8 != 0) and a partial last byte, once all planes exist.
+  const int64_t planes = g.N * g.C, numel = g.numel();
+  at::parallel_for(0, planes + 1, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t e = std::min(p * g.S, numel);
+      const bool first_in_byte = p == 0 || (p - 1) * g.S <= down8(e);  // (S < 8: one writer)
+      if (e % 8 != 0 && first_in_byte)
+        pack_mask(a.y, a.mask, down8(e), std::min(down8(e) + 8, numel), relu);
+    }
+  });
 }
 
 template <typename scalar_t>
