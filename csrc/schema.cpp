@@ -55,4 +55,29 @@ TORCH_LIBRARY(fusedbn, m) {
   m.def(
       "backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean,"
       " Tensor invstd, Tensor sum_dy, Tensor sum_dy_xmu, SymInt count) -> Tensor");
+  // ---- batch norm + residual add + activation (issue #6; csrc/activation.h has the formulas) ----
+  // y = act(BN(x) + residual), residual optional (the input's shape and dtype); `activation` is
+  // 0 identity, 1 relu, 2 leaky_relu (negative_slope), 3 silu, 4 gelu_tanh. save_mask=True
+  // (relu, leaky_relu with negative_slope >= 0) also returns the packed sign mask: bit e (LSB
+  // first, byte e / 8) of the output's e-th element in memory order is set where the backward
+  // takes the identity branch; otherwise mask is an empty uint8 tensor.
+  m.def(
+      "act_forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, float eps,"
+      " int activation, float negative_slope, bool save_mask) -> (Tensor output, Tensor mean,"
+      " Tensor invstd, Tensor var, Tensor mask)");
+  m.def(
+      "act_forward_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean,"
+      " Tensor running_var, Tensor? residual, float eps, int activation, float negative_slope,"
+      " bool save_mask) -> (Tensor output, Tensor mask)");
+  // Backward of act_forward_*. `source` says what `saved` is: 0 the input x (z is recomputed
+  // from x and residual), 1 the input x with the forward's mask, 2 the output y (memory-saving:
+  // z = act^-1(y), x_hat = (z - bias - residual) / weight; identity and leaky_relu with
+  // negative_slope > 0 only, weight without zeros). output_mask selects (grad_input,
+  // grad_weight, grad_bias, grad_residual); grad_residual is the gradient at the activation's
+  // input, dz = grad_output * act'(z).
+  m.def(
+      "act_backward(Tensor grad_output, Tensor saved, Tensor? residual, Tensor? mask,"
+      " Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, bool train, int activation,"
+      " float negative_slope, int source, bool[4] output_mask) -> (Tensor grad_input,"
+      " Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
 }

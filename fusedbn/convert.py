@@ -43,10 +43,21 @@ def _swap(module, mapping, memo):
     return result
 
 
-def convert_batchnorm(module):
+def convert_batchnorm(module, fuse_activations=False, memory_saving=False):
     """Replaces every nn.BatchNorm1d/2d/3d in module (recursively, the root included) by the
     matching fusedbn module and returns the result: module itself, changed in place, or the new
-    root when module is itself a batch norm."""
+    root when module is itself a batch norm.
+
+    fuse_activations=True also finds batch norm -> activation and batch norm -> add -> activation
+    chains with torch.fx and replaces them by FusedBatchNormAct modules (fusedbn/fuse_fx.py), with
+    a warning naming every layer it leaves unfused for safety. The result is then a new
+    torch.fx.GraphModule (or, when module cannot be traced, module with its traceable children
+    replaced): use the returned model. Its state_dict has the same keys and tensors.
+    memory_saving=True makes the fused modules keep less for the backward (see
+    fusedbn/act_ops.py: it matters for invertible activations such as LeakyReLU)."""
+    if fuse_activations and not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        from .fuse_fx import fuse_activations as fuse
+        return fuse(module, lambda m: _swap(m, _TO_FUSED, {}), memory_saving)
     return _swap(module, _TO_FUSED, {})
 
 

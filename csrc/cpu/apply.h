@@ -34,9 +34,12 @@ inline void apply_run(const std::array<const scalar_t*, NIn>& in, scalar_t* out,
   int64_t i = 0;
   for (; i + IO::kUnit <= len; i += IO::kUnit) unit(i);
   if (i == len) return;
-  if (len >= IO::kUnit) {
+  bool in_place = false;
+  for (int a = 0; a < NIn; ++a) in_place = in_place || static_cast<const void*>(in[a]) == out;
+  if (len >= IO::kUnit && !in_place) {
     // The last values as one whole unit that overlaps the previous one: rewriting a few outputs
-    // with the same values is cheaper than a partial (copied) load and store. out never aliases in.
+    // with the same values is cheaper than a partial (copied) load and store. (Not in place:
+    // the overlap would read outputs as inputs.)
     unit(len - IO::kUnit);
     return;
   }

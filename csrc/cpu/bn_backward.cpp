@@ -72,6 +72,13 @@ void backward_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& invstd, bool train, std::array<bool, 3> output_mask) {
+  return backward_into(grad_output, input, weight, mean, invstd, train, output_mask, at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_into(
+    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, bool train, std::array<bool, 3> output_mask,
+    const at::Tensor& grad_input_out) {
   constexpr const char* op = "backward";
   check_backward_args(grad_output, input, weight, mean, invstd, op);
 
@@ -80,7 +87,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
   const auto acc = acc_dtype(input.scalar_type());
   const auto param_opts = input.options().dtype(defined(weight) ? weight->scalar_type() : acc);
-  at::Tensor dx = need_dx ? empty_output(x) : at::empty({0}, input.options());
+  at::Tensor dx = !need_dx                   ? at::empty({0}, input.options())
+                  : grad_input_out.defined() ? grad_input_out
+                                             : empty_output(x);
   at::Tensor dw = at::empty({need_dw ? g.C : 0}, param_opts);
   at::Tensor db = at::empty({need_db ? g.C : 0}, param_opts);
   at::Tensor dyc = match_layout(grad_output, x);

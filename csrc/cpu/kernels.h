@@ -20,6 +20,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& invstd, bool train, std::array<bool, 3> output_mask);
 
+// backward with grad_input written into grad_input_out (undefined: a new tensor), which may be
+// grad_output itself (every value of grad_output is read before its grad_input is written) and
+// must have the strides of the canonical input. Used by the fused activation backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_into(
+    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, bool train, std::array<bool, 3> output_mask,
+    const at::Tensor& grad_input_out);
+
 void update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
                           const at::Tensor& mean, const at::Tensor& var, int64_t count,
                           c10::optional<double> momentum,

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <tuple>
 
+#include "common.h"
+
 namespace fusedbn {
 namespace cuda {
 
@@ -21,6 +23,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(
 at::Tensor forward_eval(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                         const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
                         const at::Tensor& running_var, double eps);
+
+// Pieces of forward_train / forward_eval that the fused batch norm + activation ops reuse
+// (bn_forward.cu). train_stats: the split Welford reduction of x (numel > 0) -> mean, invstd,
+// var and the normalize coefficients [3][C] (mean, invstd * w, b) in the accumulation type;
+// eval_coeffs: the coefficients (rm, w / sqrt(rv + eps), b); empty_invstd: 1/sqrt(eps) as the
+// accumulation type rounds it (the invstd of an empty batch).
+void train_stats(const at::Tensor& x, const Geometry& g, const c10::optional<at::Tensor>& weight,
+                 const c10::optional<at::Tensor>& bias, double eps, at::Tensor& mean,
+                 at::Tensor& invstd, at::Tensor& var, at::Tensor& coeffs);
+void eval_coeffs(const Geometry& g, const at::Tensor& running_mean, const at::Tensor& running_var,
+                 const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                 double eps, at::Tensor& coeffs);
+double empty_invstd(double eps, at::ScalarType acc);
 
 // bn_backward.cu
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(

@@ -72,13 +72,45 @@ void check_affine(const at::Tensor& input, const c10::optional<at::Tensor>& weig
   check_weight_bias_dtypes(weight, bias, op);
 }
 
-// 1/sqrt(eps) rounded as the accumulation type computes it.
+}  // namespace
+
 double empty_invstd(double eps, at::ScalarType acc) {
   if (acc == at::kDouble) return 1.0 / std::sqrt(eps);
   return static_cast<double>(1.0f / std::sqrt(static_cast<float>(eps)));
 }
 
-}  // namespace
+void train_stats(const at::Tensor& x, const Geometry& g, const c10::optional<at::Tensor>& weight,
+                 const c10::optional<at::Tensor>& bias, double eps, at::Tensor& mean,
+                 at::Tensor& invstd, at::Tensor& var, at::Tensor& coeffs) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "fusedbn_forward_train", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Op = WelfordOp<scalar_t>;
+    const Partials parts = reduce_pass1<Op>(x, at::Tensor(), nullptr, g);
+    TrainStatsEpilogue<acc_t> epi{mean.mutable_data_ptr<acc_t>(),
+                                  invstd.mutable_data_ptr<acc_t>(),
+                                  var.mutable_data_ptr<acc_t>(),
+                                  coeffs.mutable_data_ptr<acc_t>(),
+                                  g.C,
+                                  static_cast<acc_t>(eps),
+                                  channel_ptr(weight),
+                                  channel_ptr(bias)};
+    reduce_pass2<Op>(parts, g.C, epi);
+  });
+}
+
+void eval_coeffs(const Geometry& g, const at::Tensor& running_mean, const at::Tensor& running_var,
+                 const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                 double eps, at::Tensor& coeffs) {
+  AT_DISPATCH_FLOATING_TYPES(coeffs.scalar_type(), "fusedbn_forward_eval", [&] {
+    using acc_t = scalar_t;
+    const auto blocks = static_cast<unsigned>(ceil_div<int64_t>(g.C, kBlockThreads));
+    eval_coeffs_kernel<acc_t><<<blocks, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        channel_ptr(running_mean), channel_ptr(running_var), channel_ptr(weight),
+        channel_ptr(bias), static_cast<acc_t>(eps), coeffs.mutable_data_ptr<acc_t>(), g.C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
@@ -104,21 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(
   }
 
   at::Tensor coeffs = at::empty({kAffineParams * g.C}, stat_opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "fusedbn_forward_train", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using Op = WelfordOp<scalar_t>;
-    const Partials parts = reduce_pass1<Op>(x, at::Tensor(), nullptr, g);
-    TrainStatsEpilogue<acc_t> epi{mean.mutable_data_ptr<acc_t>(),
-                                  invstd.mutable_data_ptr<acc_t>(),
-                                  var.mutable_data_ptr<acc_t>(),
-                                  coeffs.mutable_data_ptr<acc_t>(),
-                                  g.C,
-                                  static_cast<acc_t>(eps),
-                                  channel_ptr(weight),
-                                  channel_ptr(bias)};
-    reduce_pass2<Op>(parts, g.C, epi);
-  });
+  train_stats(x, g, weight, bias, eps, mean, invstd, var, coeffs);
   channel_affine(x, out, g, coeffs);
   return {out, mean, invstd, var};
 }
@@ -139,14 +157,7 @@ at::Tensor forward_eval(const at::Tensor& input, const c10::optional<at::Tensor>
 
   const auto stat_opts = input.options().dtype(acc_dtype(input.scalar_type()));
   at::Tensor coeffs = at::empty({kAffineParams * g.C}, stat_opts);
-  AT_DISPATCH_FLOATING_TYPES(coeffs.scalar_type(), "fusedbn_forward_eval", [&] {
-    using acc_t = scalar_t;
-    const auto blocks = static_cast<unsigned>(ceil_div<int64_t>(g.C, kBlockThreads));
-    eval_coeffs_kernel<acc_t><<<blocks, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        channel_ptr(running_mean), channel_ptr(running_var), channel_ptr(weight),
-        channel_ptr(bias), static_cast<acc_t>(eps), coeffs.mutable_data_ptr<acc_t>(), g.C);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  eval_coeffs(g, running_mean, running_var, weight, bias, eps, coeffs);
   channel_affine(x, out, g, coeffs);
   return out;
 }

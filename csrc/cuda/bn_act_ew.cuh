@@ -1,0 +1,182 @@
+// The elementwise kernel of the fused batch norm + activation ops: one pass over the canonical
+// layout (common.h) with up to three inputs, two outputs, per-channel coefficients [kParams][C]
+// in the accumulation type, and the packed sign mask (bit e of byte e / 8, LSB first) read or
+// written.
+//
+// A thread handles groups of 8 consecutive elements (in memory order), so that every group owns
+// exactly one mask byte: no atomics, and the bytes of a warp are one coalesced 32-byte store.
+// The 8 values of a group are loaded as one aligned vector (2 x 16 bytes for float, 16 bytes for
+// half/bfloat16) when every pointer is aligned to 8 elements, else element by element; the last
+// group may be partial. Grid-stride over groups with a one-wave grid; as in bn_elementwise.cu the
+// (position in plane, channel) of a thread's group advances by a constant step per iteration, so
+// there is no division per element; channels-last is the same walk with planes of 1 element.
+// The activation is a run-time value, switched on once per group (uniform over the grid).
+//
+// An op Fn provides kIn, kOut, kParams, kUsesAct and
+//   template <Act A> apply(const acc_t (&in)[kIn], const acc_t* p, bool bit_in,
+//                          acc_t (&out)[kOut], bool& bit_out, const ActEwArgs& a)
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "activation.h"
+#include "bn_utils.cuh"
+#include "common.h"
+
+namespace fusedbn {
+namespace cuda {
+
+constexpr int kGroup = 8;  // elements per thread per step: one mask byte
+
+template <typename T>
+struct ActEwArgs {
+  using acc_t = at::opmath_type<T>;
+  const T* in[3] = {nullptr, nullptr, nullptr};  // nullptr: that input reads as 0
+  T* out[2] = {nullptr, nullptr};                // nullptr: that output is not written
+  const uint8_t* mask_in = nullptr;
+  uint8_t* mask_out = nullptr;
+  const acc_t* params = nullptr;  // [kParams][C]
+  int64_t C = 0, S = 1, numel = 0;
+  int64_t step_pos = 0, step_ch = 0;
+  acc_t slope = acc_t(0), inv_slope = acc_t(1);
+  int act = 0;
+  bool relu_bits = false;  // mask convention: relu (NaN counts as positive) or leaky_relu
+  bool vec = false;        // every pointer aligned to a group
+};
+
+template <int NP, typename acc_t, typename index_t>
+__device__ __forceinline__ void load_params(const acc_t* params, index_t C, index_t c,
+                                            acc_t (&p)[NP > 0 ? NP : 1]) {
+#pragma unroll
+  for (int k = 0; k < NP; ++k) p[k] = __ldg(params + k * C + c);
+}
+
+template <class Fn, Act A, typename T, typename index_t>
+__device__ __forceinline__ void act_ew_group(const ActEwArgs<T>& a, index_t e0, int n,
+                                             index_t pos, index_t ch) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int NP = Fn::kParams;
+  const index_t S = a.S, C = a.C;
+  Vec<T, kGroup> v[Fn::kIn];
+#pragma unroll
+  for (int i = 0; i < Fn::kIn; ++i) {
+    if (a.in[i] == nullptr) {
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) v[i].v[j] = static_cast<T>(0.0f);
+    } else if (n == kGroup && a.vec) {
+      v[i] = load_vec<T, kGroup>(a.in[i] + e0);
+    } else {
+      v[i] = load_partial<T, kGroup>(a.in[i] + e0, 0, n);
+    }
+  }
+  const unsigned bits_in = a.mask_in != nullptr ? a.mask_in[e0 >> 3] : 0u;
+  acc_t p[NP > 0 ? NP : 1];
+  load_params<NP>(a.params, C, ch, p);
+  Vec<T, kGroup> o[Fn::kOut > 0 ? Fn::kOut : 1];
+  unsigned bits_out = 0;
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) {
+    if (j < n) {
+      if (j > 0 && ++pos == S) {  // the group crosses into the next plane (channel)
+        pos = 0;
+        ch = ch + 1 == C ? 0 : ch + 1;
+        load_params<NP>(a.params, C, ch, p);
+      }
+      acc_t in[Fn::kIn], out[Fn::kOut > 0 ? Fn::kOut : 1];
+#pragma unroll
+      for (int i = 0; i < Fn::kIn; ++i) in[i] = static_cast<acc_t>(v[i].v[j]);
+      bool bit = false;
+      Fn::template apply<A>(in, p, ((bits_in >> j) & 1u) != 0, out, bit, a);
+#pragma unroll
+      for (int k = 0; k < Fn::kOut; ++k) o[k].v[j] = static_cast<T>(out[k]);
+      bits_out |= static_cast<unsigned>(bit) << j;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < Fn::kOut; ++k) {
+    if (a.out[k] == nullptr) continue;
+    if (n == kGroup && a.vec) {
+      store_vec<T, kGroup>(a.out[k] + e0, o[k]);
+    } else {
+      for (int j = 0; j < n; ++j) a.out[k][e0 + j] = o[k].v[j];
+    }
+  }
+  if (a.mask_out != nullptr) a.mask_out[e0 >> 3] = static_cast<uint8_t>(bits_out);
+}
+
+template <class Fn, typename T, typename index_t>
+__global__ void __launch_bounds__(kBlockThreads) act_ew_kernel(const ActEwArgs<T> a) {
+  const index_t S = a.S, C = a.C, numel = a.numel;
+  const index_t groups = (numel + kGroup - 1) / kGroup;
+  const index_t stride = static_cast<index_t>(gridDim.x) * kBlockThreads;
+  index_t q = static_cast<index_t>(blockIdx.x) * kBlockThreads + threadIdx.x;
+  index_t pos = 0, ch = 0;
+  {
+    const index_t e = q * kGroup;
+    const index_t plane = e / S;
+    pos = e - plane * S;
+    ch = plane % C;
+  }
+  for (; q < groups; q += stride) {
+    const index_t e0 = q * kGroup;
+    const int n = static_cast<int>(min(static_cast<index_t>(kGroup), numel - e0));
+    if constexpr (Fn::kUsesAct) {
+      switch (static_cast<Act>(a.act)) {
+        case Act::kIdentity: act_ew_group<Fn, Act::kIdentity>(a, e0, n, pos, ch); break;
+        case Act::kRelu: act_ew_group<Fn, Act::kRelu>(a, e0, n, pos, ch); break;
+        case Act::kLeakyRelu: act_ew_group<Fn, Act::kLeakyRelu>(a, e0, n, pos, ch); break;
+        case Act::kSilu: act_ew_group<Fn, Act::kSilu>(a, e0, n, pos, ch); break;
+        case Act::kGeluTanh: act_ew_group<Fn, Act::kGeluTanh>(a, e0, n, pos, ch); break;
+      }
+    } else {
+      act_ew_group<Fn, Act::kIdentity>(a, e0, n, pos, ch);
+    }
+    pos += a.step_pos;
+    ch += a.step_ch;
+    if (pos >= S) {
+      pos -= S;
+      ++ch;
+    }
+    if (ch >= C) ch -= C;
+  }
+}
+
+inline bool group_aligned(const void* p, int64_t elem_size) {
+  return p == nullptr || aligned_to(p, static_cast<int>(elem_size * kGroup));
+}
+
+// Launches Fn over the canonical geometry g (numel > 0). The caller fills the pointers, params,
+// slope, act and mask fields of a; this fills the geometry and the grid walk.
+template <class Fn, typename T>
+void launch_act_ew(ActEwArgs<T> a, const Geometry& g, int device) {
+  a.C = g.C;
+  a.S = g.layout == Layout::kChannelsLast ? 1 : g.S;
+  a.numel = g.numel();
+  a.vec = true;
+  for (const T* p : a.in) a.vec = a.vec && group_aligned(p, sizeof(T));
+  for (const T* p : a.out) a.vec = a.vec && group_aligned(p, sizeof(T));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t groups = ceil_div<int64_t>(a.numel, kGroup);
+  const int64_t sms = sm_count(device);
+  dispatch_index(!fits_int32(a.numel), [&](auto itag) {
+    using index_t = typename decltype(itag)::type;
+    auto kernel = act_ew_kernel<Fn, T, index_t>;
+    static const int bps = blocks_per_sm(kernel, kBlockThreads, 0);
+    const int64_t blocks =
+        std::max<int64_t>(1, std::min(ceil_div<int64_t>(groups, kBlockThreads), sms * bps));
+    const int64_t step = blocks * kBlockThreads * kGroup;  // elements per grid iteration
+    a.step_pos = step % a.S;
+    a.step_ch = (step / a.S) % a.C;
+    kernel<<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace cuda
+}  // namespace fusedbn
