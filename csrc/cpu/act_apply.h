@@ -87,41 +87,47 @@ struct NoEpilogue {
 };
 
 #if defined(CPU_CAPABILITY_AVX2)
-// Lane bits of positive_output over one SIMD vector (movemask of a compare).
-inline uint64_t positive_lanes(const at::vec::Vectorized<float>& v, bool relu) {
-  const __m256 zero = _mm256_setzero_ps();
-  const __m256 c = relu ? _mm256_cmp_ps(v, zero, _CMP_NLE_UQ) : _mm256_cmp_ps(v, zero, _CMP_GT_OQ);
-  return static_cast<uint64_t>(_mm256_movemask_ps(c));
+// 8 values as float lanes (bfloat16 and half widened exactly).
+inline __m256 load8_float(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8_float(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
-inline uint64_t positive_lanes(const at::vec::Vectorized<double>& v, bool relu) {
+inline __m256 load8_float(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The mask bits of 8 consecutive values: a compare and a movemask.
+template <typename scalar_t>
+inline unsigned positive_bits8(const scalar_t* y, bool relu) {
+  const __m256 v = load8_float(y), zero = _mm256_setzero_ps();
+  return static_cast<unsigned>(_mm256_movemask_ps(
+      relu ? _mm256_cmp_ps(v, zero, _CMP_NLE_UQ) : _mm256_cmp_ps(v, zero, _CMP_GT_OQ)));
+}
+template <>
+inline unsigned positive_bits8<double>(const double* y, bool relu) {
   const __m256d zero = _mm256_setzero_pd();
-  const __m256d c = relu ? _mm256_cmp_pd(v, zero, _CMP_NLE_UQ) : _mm256_cmp_pd(v, zero, _CMP_GT_OQ);
-  return static_cast<uint64_t>(_mm256_movemask_pd(c));
+  const __m256d lo = _mm256_loadu_pd(y), hi = _mm256_loadu_pd(y + 4);
+  const __m256d clo = relu ? _mm256_cmp_pd(lo, zero, _CMP_NLE_UQ) : _mm256_cmp_pd(lo, zero, _CMP_GT_OQ);
+  const __m256d chi = relu ? _mm256_cmp_pd(hi, zero, _CMP_NLE_UQ) : _mm256_cmp_pd(hi, zero, _CMP_GT_OQ);
+  return static_cast<unsigned>(_mm256_movemask_pd(clo) | (_mm256_movemask_pd(chi) << 4));
 }
 #endif
 
-// Mask bits [e0, e1) from the output y (e0 % 8 == 0; e1 % 8 == 0 or e1 == numel). With AVX2,
-// blocks of 64 values are compared a vector at a time and written as 8 bytes.
+// Mask bits [e0, e1) from the output y (e0 % 8 == 0; e1 % 8 == 0 or e1 == numel): one byte per
+// 8 values, with a vector compare under AVX2.
 template <typename scalar_t>
 inline void pack_mask(const scalar_t* y, uint8_t* mask, int64_t e0, int64_t e1, bool relu) {
   using acc_t = acc_type<scalar_t>;
-  int64_t e = e0;
-#if defined(CPU_CAPABILITY_AVX2)
-  using IO = VecIO<scalar_t>;
-  constexpr int64_t L = IO::AVec::size();
-  for (; e + 64 <= e1; e += 64) {
-    uint64_t bits = 0;
-    for (int64_t u = 0; u < 64; u += IO::kUnit) {
-      typename IO::AVec v[IO::kVecs];
-      IO::load(y + e + u, v);
-      for (int j = 0; j < IO::kVecs; ++j) bits |= positive_lanes(v[j], relu) << (u + j * L);
-    }
-    std::memcpy(mask + (e >> 3), &bits, sizeof(bits));
-  }
-#endif
-  for (; e < e1; e += 8) {
+  for (int64_t e = e0; e < e1; e += 8) {
     const int n = static_cast<int>(std::min<int64_t>(8, e1 - e));
     unsigned bits = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+    if (n == 8) {
+      mask[e >> 3] = static_cast<uint8_t>(positive_bits8(y + e, relu));
+      continue;
+    }
+#endif
     for (int j = 0; j < n; ++j)
       bits |= static_cast<unsigned>(positive_output(static_cast<acc_t>(y[e + j]), relu)) << j;
     mask[e >> 3] = static_cast<uint8_t>(bits);
