@@ -21,10 +21,13 @@ def leaves(shape, device, layout="contiguous"):
     return x, w, b
 
 
+@pytest.mark.parametrize("check", [gradcheck, gradgradcheck], ids=["grad", "gradgrad"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
-def test_gradcheck_module(device, shape, training, affine):
+def test_gradcheck_module(device, check, shape, training, affine):
+    """First derivatives, and second ones through the analytic backward-of-backward
+    (fusedbn/double_backward.py)."""
     shape = SHAPES[shape]
     module = FUSED_BY_RANK[len(shape)](shape[1], affine=affine, dtype=torch.float64,
                                        device=device)
@@ -37,7 +40,7 @@ def test_gradcheck_module(device, shape, training, affine):
         inputs = (x, w, b)
     else:
         fn, inputs = module, (x,)
-    assert gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert check(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -86,26 +89,6 @@ def test_create_graph_first_order(device, training):
     g_ref = torch.autograd.grad(ref(x), [x, ref.weight, ref.bias], dy)
     for a, r in zip(g, g_ref):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
-def test_gradgradcheck_module(device, shape, training, affine):
-    """Second derivatives through the analytic backward-of-backward (fusedbn/double_backward.py)."""
-    shape = SHAPES[shape]
-    module = FUSED_BY_RANK[len(shape)](shape[1], affine=affine, dtype=torch.float64,
-                                       device=device)
-    randomize_(module)
-    module.train(training)
-    x, w, b = leaves(shape, device)
-    if affine:
-        def fn(x, w, b):
-            return functional_call(module, {"weight": w, "bias": b}, (x,))
-        inputs = (x, w, b)
-    else:
-        fn, inputs = module, (x,)
-    assert gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
