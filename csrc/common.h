@@ -191,4 +191,45 @@ inline at::Tensor match_layout(const at::Tensor& grad_output, const at::Tensor& 
   return at::empty_like(x, at::MemoryFormat::Preserve).copy_(grad_output);
 }
 
+// Arguments of update_running_stats, for every backend.
+inline void check_update_running_stats_args(const at::Tensor& running_mean,
+                                            const at::Tensor& running_var, const at::Tensor& mean,
+                                            const at::Tensor& var, int64_t count,
+                                            c10::optional<double> momentum,
+                                            const c10::optional<at::Tensor>& num_batches_tracked) {
+  constexpr const char* op = "update_running_stats";
+  TORCH_CHECK(mean.dim() == 1, "fusedbn.", op, ": mean must be 1-D (C,), got ", mean.sizes());
+  const int64_t C = mean.size(0);
+  TORCH_CHECK_TYPE(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
+                   "fusedbn.", op, ": mean must be float32 or float64, got ",
+                   dtype_name(mean.scalar_type()));
+  TORCH_CHECK(var.sizes() == mean.sizes() && var.scalar_type() == mean.scalar_type(), "fusedbn.",
+              op, ": var must match mean (", mean.sizes(), ", ", dtype_name(mean.scalar_type()),
+              "), got ", var.sizes(), ", ", dtype_name(var.scalar_type()));
+  TORCH_CHECK(var.device() == mean.device(), "fusedbn.", op,
+              ": var must be on the statistics' device ", mean.device(), ", got ", var.device());
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{running_mean,
+                                                                          "running_mean"},
+                                {running_var, "running_var"}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "fusedbn.", op, ": ", name, " must have shape (",
+                C, ",), got ", t.sizes());
+    TORCH_CHECK_TYPE(is_float_dtype(t.scalar_type()), "fusedbn.", op, ": ", name,
+                     " must be a floating-point tensor, got ", dtype_name(t.scalar_type()));
+    TORCH_CHECK(t.device() == mean.device(), "fusedbn.", op, ": ", name,
+                " must be on the statistics' device ", mean.device(), ", got ", t.device());
+  }
+  TORCH_CHECK(count >= 0 && count != 1, "fusedbn.", op,
+              ": count must be 0 (nothing to update) or at least 2 (the unbiased variance of one "
+              "value is undefined), got ", count);
+  if (momentum.has_value()) return;
+  TORCH_CHECK(defined(num_batches_tracked), "fusedbn.", op,
+              ": num_batches_tracked must be given when momentum is None (cumulative average)");
+  const at::Tensor& nbt = *num_batches_tracked;
+  TORCH_CHECK(nbt.numel() == 1 && nbt.device() == mean.device(), "fusedbn.", op,
+              ": num_batches_tracked must be a one-element tensor on ", mean.device(), ", got ",
+              nbt.sizes(), " on ", nbt.device());
+  // (Its value is checked where reading it is free: the CPU backend refuses <= 0.)
+}
+
+
 }  // namespace fusedbn

@@ -14,37 +14,14 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
                           c10::optional<double> momentum,
                           const c10::optional<at::Tensor>& num_batches_tracked) {
   constexpr const char* op = "update_running_stats";
-  TORCH_CHECK(mean.dim() == 1, "fusedbn.", op, ": mean must be 1-D (C,), got ", mean.sizes());
+  check_update_running_stats_args(running_mean, running_var, mean, var, count, momentum,
+                                  num_batches_tracked);
   const int64_t C = mean.size(0);
-  TORCH_CHECK_TYPE(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
-                   "fusedbn.", op, ": mean must be float32 or float64, got ",
-                   dtype_name(mean.scalar_type()));
-  TORCH_CHECK(var.sizes() == mean.sizes() && var.scalar_type() == mean.scalar_type(), "fusedbn.",
-              op, ": var must match mean (", mean.sizes(), ", ", dtype_name(mean.scalar_type()),
-              "), got ", var.sizes(), ", ", dtype_name(var.scalar_type()));
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{running_mean, "running_mean"},
-                                {running_var, "running_var"}}) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "fusedbn.", op, ": ", name, " must have shape (",
-                C, ",), got ", t.sizes());
-    TORCH_CHECK_TYPE(is_float_dtype(t.scalar_type()), "fusedbn.", op, ": ", name,
-                     " must be a floating-point tensor, got ", dtype_name(t.scalar_type()));
-    TORCH_CHECK(t.device() == mean.device(), "fusedbn.", op, ": ", name,
-                " must be on the statistics' device ", mean.device(), ", got ", t.device());
-  }
-  TORCH_CHECK(count >= 0 && count != 1, "fusedbn.", op,
-              ": count must be 0 (nothing to update) or at least 2 (the unbiased variance of one "
-              "value is undefined), got ", count);
   double factor = 0;
   if (momentum.has_value()) {
     factor = *momentum;
   } else {
-    TORCH_CHECK(num_batches_tracked.has_value() && num_batches_tracked->defined(), "fusedbn.", op,
-                ": num_batches_tracked must be given when momentum is None (cumulative average)");
-    const at::Tensor& nbt = *num_batches_tracked;
-    TORCH_CHECK(nbt.numel() == 1 && nbt.device() == mean.device(), "fusedbn.", op,
-                ": num_batches_tracked must be a one-element tensor on ", mean.device(), ", got ",
-                nbt.sizes(), " on ", nbt.device());
-    const double batches = nbt.item<double>();  // a CPU tensor: no device round trip
+    const double batches = num_batches_tracked->item<double>();  // a CPU tensor: no device round trip
     TORCH_CHECK(batches > 0, "fusedbn.", op,
                 ": num_batches_tracked must be positive when momentum is None, got ", batches);
     factor = 1.0 / batches;
