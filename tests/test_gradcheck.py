@@ -73,16 +73,20 @@ def test_gradcheck_without_running_stats(device):
     assert gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_create_graph_first_order(device, training):
-    """torch.autograd.grad(..., create_graph=True) must give the same first-order gradients."""
-    shape = (4, 3, 3, 3)
+def module_pair(device, training):
+    """A float64 FusedBatchNorm2d(3) with random state and an nn.BatchNorm2d copy of it."""
     m = FUSED_BY_RANK[4](3, dtype=torch.float64, device=device)
     randomize_(m)
     ref = torch.nn.BatchNorm2d(3, dtype=torch.float64, device=device)
     ref.load_state_dict(m.state_dict())
-    m.train(training)
-    ref.train(training)
+    return m.train(training), ref.train(training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_create_graph_first_order(device, training):
+    """torch.autograd.grad(..., create_graph=True) must give the same first-order gradients."""
+    shape = (4, 3, 3, 3)
+    m, ref = module_pair(device, training)
     x = random_values(shape).to(device).requires_grad_(True)
     dy = random_values(shape).to(device)
     g = torch.autograd.grad(m(x), [x, m.weight, m.bias], dy, create_graph=True)
@@ -109,12 +113,7 @@ def test_gradgradcheck_functional_bias_only(device, layout, training):
 def test_gradient_penalty_matches_torch(device, training):
     """WGAN-GP style: the gradient of ||d out / d x||^2 with respect to the parameters and x."""
     shape = (4, 3, 3, 3)
-    m = FUSED_BY_RANK[4](3, dtype=torch.float64, device=device)
-    randomize_(m)
-    ref = torch.nn.BatchNorm2d(3, dtype=torch.float64, device=device)
-    ref.load_state_dict(m.state_dict())
-    m.train(training)
-    ref.train(training)
+    m, ref = module_pair(device, training)
     x0 = random_values(shape).to(device)
     dy = random_values(shape).to(device)
     grads = []
