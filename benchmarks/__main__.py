@@ -54,6 +54,9 @@ def parse_args(argv):
     a("--max-repeats", type=int)
     a("--flush-mb", type=int, help="cache flush buffer (default 64 on the CPU, 256 on CUDA; "
       "0: no flush)")
+    a("--allocator", choices=("steady", "default"), default="steady", help="CPU memory "
+      "allocator: steady (default) keeps freed memory so that page faults of fresh outputs are "
+      "not timed; default: glibc's own (see benchmarks/timing.py)")
     a("--load-threshold", type=float, help="CPU: discard and re-run a timing round during "
       "which other processes used more than this many cores (default 0.25; 0: off; Linux only)")
     a("--quiet-wait", type=float, help="CPU: seconds to wait at most for a quiet moment before "
@@ -173,6 +176,9 @@ def measure(args):
     device = environment.pick_device(args.device)
     if device.index is not None:
         torch.cuda.set_device(device)
+    allocator = "default"
+    if device.type == "cpu" and args.allocator == "steady":
+        allocator = timing.steady_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg, case_list, meta = sweep_config(args, device)
@@ -189,8 +195,9 @@ def measure(args):
     print("copy bandwidth %.1f GB/s" % (bandwidth["bytes_per_s"] / 1e9), file=sys.stderr)
     timer = timing.Timer(device, args.flush_mb)
     records = runner.run_sweep(case_list, cfg, timer, bandwidth["bytes_per_s"])
-    doc = {"schema": report.SCHEMA, "env": env,
-           "config": _config_record(args, cfg, meta, timer, time.perf_counter() - t0),
+    config = _config_record(args, cfg, meta, timer, time.perf_counter() - t0)
+    config["allocator"] = allocator
+    doc = {"schema": report.SCHEMA, "env": env, "config": config,
            "copy_bandwidth": bandwidth, "records": records}
     report.print_report(doc, sys.stdout)
     _save(args, doc)

@@ -8,6 +8,14 @@
 * CPU: time.perf_counter around the call (CPU ops are synchronous). A 64 MB buffer (more than the
   L3 of usual desktop and server parts) is rewritten before each call. The rewrite is an add (a read
   and a write through the cache), not a memset, which may use non-temporal stores that bypass it.
+* CPU memory: by default (--allocator steady) glibc malloc is told, before anything is timed,
+  never to give memory back to the OS (no mmap'd chunks, no heap trimming). Otherwise whether a
+  freed 25 MB output is returned to the kernel, and its pages faulted in again by the next call
+  (several ms for 25 MB on two cores), flips from call to call: samples of the same kernel were
+  bimodal (3.4 ms / 12 ms) and medians depended on the allocation history, not the kernel. Every
+  provider gets the same allocator; the cost of first-touching fresh pages is the operating
+  system's, not the kernel's. This is what the jemalloc/tcmalloc setups that PyTorch recommends
+  for CPU training achieve. --allocator default keeps glibc's own behaviour.
 * Repeats are interleaved: round r times every provider once, in an order rotated each round, so
   a drift in machine load (other jobs, clocks) is shared by all providers instead of biasing one.
 * On a CPU shared with other jobs (Linux), a round during which other processes took CPU time is
@@ -22,6 +30,27 @@ import torch
 
 FLUSH_MB = {"cuda": 256, "cpu": 64}
 COPY_MB = {"cuda": 1024, "cpu": 256}
+
+
+# mallopt parameters (glibc malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+
+
+def steady_allocator():
+    """Makes glibc malloc keep freed memory (see the module docstring). Returns a description of
+    what was set, or why nothing was (not glibc)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "unchanged (no glibc mallopt)"
+    ok = (mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+          and mallopt(_M_TOP_PAD, 64 << 20) == 1)
+    if not ok:
+        return "unchanged (mallopt refused)"
+    return "steady: glibc mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1, M_TOP_PAD=64MB"
 
 
 class Timer:

@@ -92,11 +92,10 @@ class _FusedBatchNormActMixin:
         if residual is not None and not self._fusable_residual(input, residual):
             z = super().forward(input) + residual  # broadcasting / promotion as torch does it
             return apply_activation(z, self.activation, self.negative_slope)
-        args = self._batch_norm_args(input)
+        running_mean, running_var, use_batch_stats, momentum, nbt = self._batch_norm_args(input)
         return act_ops.batch_norm_act(
-            input, args["running_mean"], args["running_var"], self.weight, self.bias, residual,
-            args["use_batch_stats"], args["momentum"], self.eps, self.activation,
-            self.negative_slope, self.memory_saving, args["num_batches_tracked"])
+            input, running_mean, running_var, self.weight, self.bias, residual, use_batch_stats,
+            momentum, self.eps, self.activation, self.negative_slope, self.memory_saving, nbt)
 
     def extra_repr(self):
         s = super().extra_repr() + f", activation={self.activation}"

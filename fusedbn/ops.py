@@ -163,12 +163,14 @@ class BatchNormFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
                 use_batch_stats, momentum, eps):
         # (grad mode is always off inside forward: needs_input_grad says what backward needs)
+        need = ctx.needs_input_grad
+        need_stats = need[0] or need[1] or need[2]
         output, mean, invstd = _forward(input, weight, bias, running_mean, running_var,
                                         num_batches_tracked, use_batch_stats, momentum, eps,
-                                        stats_for_backward=any(ctx.needs_input_grad[:3]))
+                                        stats_for_backward=need_stats)
         ctx.use_batch_stats = use_batch_stats
         ctx.bias_dtype = None if bias is None else bias.dtype
-        if any(ctx.needs_input_grad[:3]):
+        if need_stats:
             ctx.save_for_backward(input, weight, mean, invstd)
         return output
 

@@ -70,9 +70,8 @@ void apply_all(const std::array<const scalar_t*, NIn>& in, scalar_t* out, const 
   const int64_t grain = std::max<int64_t>(1, kApplyGrain / std::max<int64_t>(per_unit * S, 1));
   at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t p1 = std::min(planes, (u + 1) * per_unit);
-      for (int64_t p = u * per_unit; p < p1; ++p) {
-        const int64_t c = p % g.C;
+      const int64_t p0 = u * per_unit, p1 = std::min(planes, (u + 1) * per_unit);
+      for (int64_t p = p0, c = p0 % g.C; p < p1; ++p, c = c + 1 == g.C ? 0 : c + 1) {
         std::array<acc_t, NK> kc;
         for (int j = 0; j < NK; ++j) kc[j] = k[j][c];
         apply_run<NIn, NK, scalar_t>(offset_all<NIn>(in, p * S), out + p * S, S, kc, op);

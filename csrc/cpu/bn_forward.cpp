@@ -74,7 +74,8 @@ void normalize_all(const scalar_t* x, scalar_t* y, const Geometry& g,
   } else {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1));
     at::parallel_for(0, g.N * g.C, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) normalize_run(x + p * g.S, y + p * g.S, g.S, p % g.C, k);
+      for (int64_t p = begin, c = begin % g.C; p < end; ++p, c = c + 1 == g.C ? 0 : c + 1)
+        normalize_run(x + p * g.S, y + p * g.S, g.S, c, k);
     });
   }
 }

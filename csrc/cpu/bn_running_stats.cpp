@@ -3,9 +3,11 @@
 // with f = momentum, or f = 1 / num_batches_tracked (cumulative average) when momentum is None.
 // C values only: computed in float64 and rounded once into the buffers' own dtype.
 #include "kernels.h"
+#include "vec_io.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
+
+#include <vector>
 
 namespace fusedbn::cpu {
 
@@ -28,25 +30,26 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
   }
   if (count == 0) return;  // an empty batch leaves the statistics untouched, as torch does
 
-  const auto opts = mean.options().dtype(at::kDouble);
-  at::Tensor new_mean = at::empty({C}, opts), new_var = at::empty({C}, opts);
-  const at::Tensor rm = running_mean.to(at::kDouble).contiguous();
-  const at::Tensor rv = running_var.to(at::kDouble).contiguous();
-  const at::Tensor bm = mean.to(at::kDouble).contiguous();
-  const at::Tensor bv = var.to(at::kDouble).contiguous();
   const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
-  const double* prm = rm.const_data_ptr<double>();
-  const double* prv = rv.const_data_ptr<double>();
-  const double* pbm = bm.const_data_ptr<double>();
-  const double* pbv = bv.const_data_ptr<double>();
-  double* pm = new_mean.mutable_data_ptr<double>();
-  double* pv = new_var.mutable_data_ptr<double>();
-  for (int64_t c = 0; c < C; ++c) {
-    pm[c] = (1.0 - factor) * prm[c] + factor * pbm[c];
-    pv[c] = (1.0 - factor) * prv[c] + factor * pbv[c] * unbias;
-  }
-  running_mean.copy_(new_mean);
-  running_var.copy_(new_var);
+  std::vector<double> bm(C), bv(C);
+  read_channel_values<double>(mean, C, 0.0, bm.data());
+  read_channel_values<double>(var, C, 0.0, bv.data());
+  // In place, through the buffers' own strides and dtype: no temporaries (this runs every step,
+  // and on small layers a handful of tensor ops here cost as much as the kernel).
+  auto blend = [&](const at::Tensor& running, const std::vector<double>& batch, double scale) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(),
+                                    "fusedbn_update_running_stats", [&] {
+      scalar_t* p = running.mutable_data_ptr<scalar_t>();
+      const int64_t stride = running.stride(0);
+      for (int64_t c = 0; c < C; ++c) {
+        scalar_t& r = p[c * stride];
+        r = static_cast<scalar_t>((1.0 - factor) * static_cast<double>(r) +
+                                  factor * batch[c] * scale);
+      }
+    });
+  };
+  blend(running_mean, bm, 1.0);
+  blend(running_var, bv, unbias);
 }
 
 }  // namespace fusedbn::cpu

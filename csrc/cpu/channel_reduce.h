@@ -15,9 +15,28 @@
 #include <algorithm>
 #include <vector>
 
+#ifndef FUSEDBN_TWO_PASS_MAX_PLANE
+#define FUSEDBN_TWO_PASS_MAX_PLANE 1024
+#endif
+
 namespace fusedbn::cpu {
 
 // ---- statistics -------------------------------------------------------------------------------
+
+// Planes shorter than this are reduced by an exact two-pass over each chunk (re-read from cache)
+// instead of Welford's lockstep lanes, which would leave much of every plane to a scalar tail.
+constexpr int64_t kTwoPassMaxPlane = FUSEDBN_TWO_PASS_MAX_PLANE;
+
+// The shifted state of values [begin, end) of channel c of a (N, C, S) tensor: one chunk.
+template <typename scalar_t>
+WelfordState<acc_type<scalar_t>> nchw_chunk_state(const scalar_t* x, const Geometry& g, int64_t c,
+                                                  int64_t begin, int64_t end,
+                                                  acc_type<scalar_t> shift) {
+  if (g.S < kTwoPassMaxPlane) return nchw_two_pass_state(x, g.C, g.S, c, begin, end, shift);
+  LaneWelford<scalar_t> lw(shift);
+  for_each_run(g.C, g.S, c, begin, end, [&](int64_t off, int64_t len) { lw.push_run(x + off, len); });
+  return lw.finish();
+}
 
 // Batch state (unshifted mean, m2, n) of channel c of a (N, C, S) tensor, computed by the calling
 // thread alone (the per-channel fused path).
@@ -29,12 +48,8 @@ WelfordState<acc_type<scalar_t>> nchw_channel_state(const scalar_t* x, const Geo
   const acc_t shift = static_cast<acc_t>(x[c * g.S]);
   const int64_t nchunks = num_chunks(M, kChunk);
   c10::SmallVector<WelfordState<acc_t>, 8> states(nchunks);
-  for (int64_t k = 0; k < nchunks; ++k) {
-    LaneWelford<scalar_t> lw(shift);
-    for_each_run(g.C, g.S, c, k * kChunk, std::min(M, (k + 1) * kChunk),
-                 [&](int64_t off, int64_t len) { lw.push_run(x + off, len); });
-    states[k] = lw.finish();
-  }
+  for (int64_t k = 0; k < nchunks; ++k)
+    states[k] = nchw_chunk_state(x, g, c, k * kChunk, std::min(M, (k + 1) * kChunk), shift);
   tree_merge_states(states.data(), nchunks);
   states[0].mean += shift;
   return states[0];
@@ -50,10 +65,8 @@ void nchw_stats_split(const scalar_t* x, const Geometry& g, WelfordState<acc_typ
   at::parallel_for(0, g.C * nchunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t c = w / nchunks, k = w % nchunks;
-      LaneWelford<scalar_t> lw(static_cast<acc_t>(x[c * g.S]));
-      for_each_run(g.C, g.S, c, k * kChunk, std::min(M, (k + 1) * kChunk),
-                   [&](int64_t off, int64_t len) { lw.push_run(x + off, len); });
-      states[w] = lw.finish();
+      states[w] = nchw_chunk_state(x, g, c, k * kChunk, std::min(M, (k + 1) * kChunk),
+                                   static_cast<acc_t>(x[c * g.S]));
     }
   });
   for (int64_t c = 0; c < g.C; ++c) {
@@ -71,52 +84,77 @@ inline int64_t rows_per_chunk(int64_t C) {
   return std::max<int64_t>(256, 4 * kChunk / std::max<int64_t>(C, 1));
 }
 
+// Welford over rows [r0, r1) of a block of NV * L channels starting at c of a channels-last
+// (R, C) tensor, the block's means and m2s kept in registers down the rows (rn[i] = 1 / (i + 1)).
+// Writes the block's shifted states to mean[c..], m2[c..].
+template <int NV, typename scalar_t>
+inline void cl_block_welford(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
+                             const acc_type<scalar_t>* shift, const acc_type<scalar_t>* rn,
+                             acc_type<scalar_t>* mean, acc_type<scalar_t>* m2) {
+  using IO = VecIO<scalar_t>;
+  using AVec = typename IO::AVec;
+  constexpr int64_t L = AVec::size();
+  static_assert(NV % IO::kVecs == 0, "a block is whole units");
+  AVec m[NV], q[NV], sh[NV];
+  for (int j = 0; j < NV; ++j) {
+    m[j] = q[j] = AVec(0);
+    sh[j] = AVec::loadu(shift + c + j * L);
+  }
+  const scalar_t* p = x + r0 * C + c;
+  for (int64_t r = r0; r < r1; ++r, p += C) {
+    AVec v[NV];
+    for (int u = 0; u < NV / IO::kVecs; ++u) IO::load(p + u * IO::kUnit, v + u * IO::kVecs);
+    const AVec rv(rn[r - r0]);
+    for (int j = 0; j < NV; ++j) LaneWelford<scalar_t>::update(m[j], q[j], v[j] - sh[j], rv);
+  }
+  for (int j = 0; j < NV; ++j) {
+    m[j].store(mean + c + j * L);
+    q[j].store(m2 + c + j * L);
+  }
+}
+
 // All channels of a channels-last (R, C) tensor: Welford along the rows with the channels in the
 // SIMD lanes (every channel has the same count, so one reciprocal per row serves all of them).
+// Rows are cut into chunks; within a chunk, each block of 4 vectors of channels runs down all
+// the chunk's rows with its states in registers (a row's block of 4 vectors is whole cache lines,
+// so the blocks together read every line once).
 template <typename scalar_t>
 void cl_stats(const scalar_t* x, const Geometry& g, WelfordState<acc_type<scalar_t>>* out) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
-  using AVec = typename IO::AVec;
-  constexpr int64_t L = AVec::size();
+  constexpr int kBlockVecs = 4;
+  constexpr int64_t kBlock = kBlockVecs * IO::AVec::size();
   const int64_t C = g.C, R = g.rows();
   for (int64_t c = 0; c < C; ++c) out[c] = {};
   if (R == 0) return;
   const int64_t rpc = rows_per_chunk(C);
   const int64_t nchunks = num_chunks(R, rpc);
-  std::vector<acc_t> shift(C);
+  std::vector<acc_t> shift(C), rn(std::min(R, rpc));
   for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(x[c]);
+  for (int64_t i = 0; i < static_cast<int64_t>(rn.size()); ++i)
+    rn[i] = acc_t(1) / static_cast<acc_t>(i + 1);
   // Chunk k's shifted state of channel c: mean at [k*C + c], m2 likewise; its count is implied.
   std::vector<acc_t> cmean(nchunks * C), cm2(nchunks * C);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       acc_t* mean = cmean.data() + k * C;
       acc_t* m2 = cm2.data() + k * C;
-      std::fill(mean, mean + C, acc_t(0));
-      std::fill(m2, m2 + C, acc_t(0));
       const int64_t r0 = k * rpc, r1 = std::min(R, r0 + rpc);
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = x + r * C;
-        const acc_t rn_s = acc_t(1) / static_cast<acc_t>(r - r0 + 1);
-        const AVec rn(rn_s);
-        int64_t c = 0;
-        for (; c + IO::kUnit <= C; c += IO::kUnit) {
-          AVec v[IO::kVecs];
-          IO::load(row + c, v);
-          for (int j = 0; j < IO::kVecs; ++j) {
-            const int64_t cj = c + j * L;
-            AVec m = AVec::loadu(mean + cj), q = AVec::loadu(m2 + cj);
-            LaneWelford<scalar_t>::update(m, q, v[j] - AVec::loadu(shift.data() + cj), rn);
-            m.store(mean + cj);
-            q.store(m2 + cj);
-          }
+      int64_t c = 0;
+      for (; c + kBlock <= C; c += kBlock)
+        cl_block_welford<kBlockVecs>(x, C, c, r0, r1, shift.data(), rn.data(), mean, m2);
+      for (; c + IO::kUnit <= C; c += IO::kUnit)
+        cl_block_welford<IO::kVecs>(x, C, c, r0, r1, shift.data(), rn.data(), mean, m2);
+      for (; c < C; ++c) {  // fewer channels than a unit: scalar, the same updates
+        acc_t m = 0, q = 0;
+        for (int64_t r = r0; r < r1; ++r) {
+          const acc_t v = static_cast<acc_t>(x[r * C + c]) - shift[c];
+          const acc_t d = v - m;
+          m = d * rn[r - r0] + m;
+          q = d * (v - m) + q;
         }
-        for (; c < C; ++c) {
-          const acc_t v = static_cast<acc_t>(row[c]) - shift[c];
-          const acc_t d = v - mean[c];
-          mean[c] += d * rn_s;
-          m2[c] += d * (v - mean[c]);
-        }
+        mean[c] = m;
+        m2[c] = q;
       }
     }
   });
@@ -155,12 +193,9 @@ void nchw_channel_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
   sum_dy = sum_dyx = acc_t(0);
   if (nchunks == 0) return;
   c10::SmallVector<acc_t, 8> a(nchunks), b(nchunks);
-  for (int64_t k = 0; k < nchunks; ++k) {
-    LaneGradSums<scalar_t> ls(mean_c);
-    for_each_run(g.C, g.S, c, k * kChunk, std::min(M, (k + 1) * kChunk),
-                 [&](int64_t off, int64_t len) { ls.push_run(dy + off, x + off, len); });
-    ls.finish(a[k], b[k]);
-  }
+  for (int64_t k = 0; k < nchunks; ++k)
+    nchw_chunk_sums(dy, x, g.C, g.S, c, k * kChunk, std::min(M, (k + 1) * kChunk), mean_c, a[k],
+                    b[k]);
   tree_sum(a.data(), nchunks);
   tree_sum(b.data(), nchunks);
   sum_dy = a[0];
@@ -179,10 +214,8 @@ void nchw_sums_split(const scalar_t* dy, const scalar_t* x, const Geometry& g,
   at::parallel_for(0, g.C * nchunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t c = w / nchunks, k = w % nchunks;
-      LaneGradSums<scalar_t> ls(mean[c]);
-      for_each_run(g.C, g.S, c, k * kChunk, std::min(M, (k + 1) * kChunk),
-                   [&](int64_t off, int64_t len) { ls.push_run(dy + off, x + off, len); });
-      ls.finish(a[w], b[w]);
+      nchw_chunk_sums(dy, x, g.C, g.S, c, k * kChunk, std::min(M, (k + 1) * kChunk), mean[c],
+                      a[w], b[w]);
     }
   });
   for (int64_t c = 0; c < g.C; ++c) {
@@ -195,44 +228,76 @@ void nchw_sums_split(const scalar_t* dy, const scalar_t* x, const Geometry& g,
   }
 }
 
-// The same for a channels-last (R, C) tensor, channels in the SIMD lanes.
+// Sums of dy and dy * (x - mean) over rows [r0, r1) of a block of NV * L channels starting at c
+// of a channels-last (R, C) tensor, kept in registers down the rows; written to sa[c..], sb[c..].
+template <int NV, typename scalar_t>
+inline void cl_block_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c, int64_t r0,
+                          int64_t r1, const acc_type<scalar_t>* mean, acc_type<scalar_t>* sa,
+                          acc_type<scalar_t>* sb) {
+  using IO = VecIO<scalar_t>;
+  using AVec = typename IO::AVec;
+  constexpr int64_t L = AVec::size();
+  static_assert(NV % IO::kVecs == 0, "a block is whole units");
+  AVec a[NV], b[NV], mv[NV];
+  for (int j = 0; j < NV; ++j) {
+    a[j] = b[j] = AVec(0);
+    mv[j] = AVec::loadu(mean + c + j * L);
+  }
+  const int64_t base = r0 * C + c;
+  const scalar_t* gp = dy + base;
+  const scalar_t* xp = x + base;
+  for (int64_t r = r0; r < r1; ++r, gp += C, xp += C) {
+    AVec gv[NV], xv[NV];
+    for (int u = 0; u < NV / IO::kVecs; ++u) {
+      IO::load(gp + u * IO::kUnit, gv + u * IO::kVecs);
+      IO::load(xp + u * IO::kUnit, xv + u * IO::kVecs);
+    }
+    for (int j = 0; j < NV; ++j) {
+      a[j] = a[j] + gv[j];
+      b[j] = at::vec::fmadd(gv[j], xv[j] - mv[j], b[j]);
+    }
+  }
+  for (int j = 0; j < NV; ++j) {
+    a[j].store(sa + c + j * L);
+    b[j].store(sb + c + j * L);
+  }
+}
+
+// The same for a channels-last (R, C) tensor, channels in the SIMD lanes, in chunks of rows and
+// blocks of channels as cl_stats.
 template <typename scalar_t>
 void cl_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
              const acc_type<scalar_t>* mean, acc_type<scalar_t>* sum_dy,
              acc_type<scalar_t>* sum_dyx) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
-  using AVec = typename IO::AVec;
-  constexpr int64_t L = AVec::size();
+  constexpr int kBlockVecs = 4;
+  constexpr int64_t kBlock = kBlockVecs * IO::AVec::size();
   const int64_t C = g.C, R = g.rows();
   const int64_t rpc = rows_per_chunk(C);
   const int64_t nchunks = num_chunks(R, rpc);
   for (int64_t c = 0; c < C; ++c) sum_dy[c] = sum_dyx[c] = acc_t(0);
   if (nchunks == 0) return;
-  std::vector<acc_t> a(nchunks * C, acc_t(0)), b(nchunks * C, acc_t(0));
+  std::vector<acc_t> a(nchunks * C), b(nchunks * C);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       acc_t* sa = a.data() + k * C;
       acc_t* sb = b.data() + k * C;
-      for (int64_t r = k * rpc; r < std::min(R, (k + 1) * rpc); ++r) {
-        const scalar_t* grow = dy + r * C;
-        const scalar_t* xrow = x + r * C;
-        int64_t c = 0;
-        for (; c + IO::kUnit <= C; c += IO::kUnit) {
-          AVec gv[IO::kVecs], xv[IO::kVecs];
-          IO::load(grow + c, gv);
-          IO::load(xrow + c, xv);
-          for (int j = 0; j < IO::kVecs; ++j) {
-            const int64_t cj = c + j * L;
-            (AVec::loadu(sa + cj) + gv[j]).store(sa + cj);
-            at::vec::fmadd(gv[j], xv[j] - AVec::loadu(mean + cj), AVec::loadu(sb + cj)).store(sb + cj);
-          }
+      const int64_t r0 = k * rpc, r1 = std::min(R, r0 + rpc);
+      int64_t c = 0;
+      for (; c + kBlock <= C; c += kBlock)
+        cl_block_sums<kBlockVecs>(dy, x, C, c, r0, r1, mean, sa, sb);
+      for (; c + IO::kUnit <= C; c += IO::kUnit)
+        cl_block_sums<IO::kVecs>(dy, x, C, c, r0, r1, mean, sa, sb);
+      for (; c < C; ++c) {  // fewer channels than a unit: scalar
+        acc_t sdy = 0, sdyx = 0;
+        for (int64_t r = r0; r < r1; ++r) {
+          const acc_t gc = static_cast<acc_t>(dy[r * C + c]);
+          sdy += gc;
+          sdyx += gc * (static_cast<acc_t>(x[r * C + c]) - mean[c]);
         }
-        for (; c < C; ++c) {
-          const acc_t gc = static_cast<acc_t>(grow[c]);
-          sa[c] += gc;
-          sb[c] += gc * (static_cast<acc_t>(xrow[c]) - mean[c]);
-        }
+        sa[c] = sdy;
+        sb[c] = sdyx;
       }
     }
   });

@@ -104,9 +104,9 @@ void grad_input_all(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const G
   }
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1));
   at::parallel_for(0, g.N * C, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
+    for (int64_t p = begin, c = begin % C; p < end; ++p, c = c + 1 == C ? 0 : c + 1) {
       const int64_t off = p * g.S;
-      grad_input_run(dy + off, x + off, dx + off, g.S, k, p % C, train);
+      grad_input_run(dy + off, x + off, dx + off, g.S, k, c, train);
     }
   });
 }

@@ -1,10 +1,9 @@
 // Per-channel reductions over contiguous runs of one channel's values, vectorized.
 //
 // Statistics: Welford in every SIMD lane of four independent accumulators (so four dependency
-// chains are in flight), all lanes in lockstep so that one reciprocal 1/n serves 4 vectors. The
-// values left at the end of a run are carried into the next run's first step, so short runs (NCHW
-// planes of 7x7) stay on the vector path; only the last < 4 vectors of a chunk go to a scalar
-// Welford state. Values are shifted by a per-channel constant (the channel's first value)
+// chains are in flight), all lanes in lockstep so that one reciprocal 1/n serves 4 vectors. Short
+// runs (NCHW planes of 7x7) and the last < 4 vectors of a long run are each reduced by an exact
+// two-pass over the run (still in L1) and merged with Chan's formula. Values are shifted by a per-channel constant (the channel's first value)
 // before accumulation: Welford is exact under a shift, and the shifted values are small, so a
 // float32 mean of data like 1e4 +- 1e-2 does not absorb its own updates. Lanes are merged with
 // Chan's formula in a fixed order; a channel is cut into chunks of kChunk values whose states are
@@ -39,14 +38,16 @@ struct LaneWelford {
   static constexpr int kUnitsPerStep = kAcc / IO::kVecs;
   static constexpr int L = AVec::size();
   static constexpr int64_t kStep = kAcc * L;         // values per step
+  // Runs shorter than this (small NCHW planes: 7x7, 14x14 is longer) are summarised on their own
+  // by an exact two-pass in L1 and merged with Chan's formula: the lockstep lanes would leave most
+  // of such a run to a scalar tail.
+  static constexpr int64_t kShortRun = 4 * kStep;
 
   // Every lane of every accumulator has seen `steps` values.
   AVec mean[kAcc], m2[kAcc];
   int64_t steps = 0;
-  // Values carried over from the end of one run to the start of the next (already shifted), so
-  // that short runs (small NCHW planes) still go through the vector path in whole steps.
-  alignas(64) acc_t staged[kStep];
-  int64_t nstaged = 0;
+  // Short runs and the tails (< kStep values) of long runs, merged run by run.
+  WelfordState<acc_t> runs;
   AVec shift;
   acc_t shift_s;
 
@@ -60,35 +61,68 @@ struct LaneWelford {
     q = at::vec::fmadd(d, x - m, q);
   }
 
-  inline void step(const AVec* v) {
-    ++steps;
-    const AVec rn(acc_t(1) / static_cast<acc_t>(steps));
-    for (int a = 0; a < kAcc; ++a) update(mean[a], m2[a], v[a] - shift, rn);
+  static inline acc_t lane_sum(const AVec& v) {
+    acc_t b[L];
+    v.store(b);
+    for (int l = 1; l < L; ++l) b[0] += b[l];
+    return b[0];
   }
 
-  inline void stage(const scalar_t* p, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) staged[nstaged + i] = static_cast<acc_t>(p[i]);
-    nstaged += n;
+  // The shifted state of n > 0 contiguous values: their mean, then the squared deviations from it
+  // (the values are re-read from L1).
+  inline WelfordState<acc_t> run_state(const scalar_t* p, int64_t n) const {
+    AVec s[IO::kVecs];
+    for (int j = 0; j < IO::kVecs; ++j) s[j] = AVec(acc_t(0));
+    int64_t i = 0;
+    for (; i + IO::kUnit <= n; i += IO::kUnit) {
+      AVec v[IO::kVecs];
+      IO::load(p + i, v);
+      for (int j = 0; j < IO::kVecs; ++j) s[j] = s[j] + (v[j] - shift);
+    }
+    for (int j = 1; j < IO::kVecs; ++j) s[0] = s[0] + s[j];
+    acc_t sum = lane_sum(s[0]);
+    for (int64_t t = i; t < n; ++t) sum += static_cast<acc_t>(p[t]) - shift_s;
+    const acc_t m = sum / static_cast<acc_t>(n);
+    const AVec mv(m);
+    for (int j = 0; j < IO::kVecs; ++j) s[j] = AVec(acc_t(0));
+    for (i = 0; i + IO::kUnit <= n; i += IO::kUnit) {
+      AVec v[IO::kVecs];
+      IO::load(p + i, v);
+      for (int j = 0; j < IO::kVecs; ++j) {
+        const AVec d = (v[j] - shift) - mv;
+        s[j] = at::vec::fmadd(d, d, s[j]);
+      }
+    }
+    for (int j = 1; j < IO::kVecs; ++j) s[0] = s[0] + s[j];
+    acc_t q = lane_sum(s[0]);
+    for (int64_t t = i; t < n; ++t) {
+      const acc_t d = (static_cast<acc_t>(p[t]) - shift_s) - m;
+      q += d * d;
+    }
+    return {m, q, n};
   }
 
   // Adds len contiguous values.
   inline void push_run(const scalar_t* p, int64_t len) {
-    int64_t i = 0;
-    if (nstaged > 0) {  // complete the carried step first
-      i = std::min(len, kStep - nstaged);
-      stage(p, i);
-      if (nstaged < kStep) return;
-      AVec v[kAcc];
-      for (int a = 0; a < kAcc; ++a) v[a] = AVec::loadu(staged + a * L);
-      step(v);
-      nstaged = 0;
+    if (len <= 0) return;
+    if (len < kShortRun) {
+      welford_merge(runs, run_state(p, len));
+      return;
     }
+    // Locals for the run, so that the states stay in registers (see two_pass_state).
+    AVec m[kAcc], q[kAcc];
+    for (int a = 0; a < kAcc; ++a) m[a] = mean[a], q[a] = m2[a];
+    const AVec sh = shift;
+    int64_t i = 0, n = steps;
     for (; i + kStep <= len; i += kStep) {
       AVec v[kAcc];
       for (int u = 0; u < kUnitsPerStep; ++u) IO::load(p + i + u * IO::kUnit, v + u * IO::kVecs);
-      step(v);
+      const AVec rn(acc_t(1) / static_cast<acc_t>(++n));
+      for (int a = 0; a < kAcc; ++a) update(m[a], q[a], v[a] - sh, rn);
     }
-    stage(p + i, len - i);
+    steps = n;
+    for (int a = 0; a < kAcc; ++a) mean[a] = m[a], m2[a] = q[a];
+    if (i < len) welford_merge(runs, run_state(p + i, len - i));
   }
 
   // The state of everything pushed, in shifted coordinates.
@@ -113,9 +147,7 @@ struct LaneWelford {
     for (int l = 0; l < L; ++l) lanes[l] = {mb[l], qb[l], kAcc * steps};
     tree_merge_states(lanes, L);
     WelfordState<acc_t> acc = steps > 0 ? lanes[0] : WelfordState<acc_t>{};
-    WelfordState<acc_t> tail;
-    for (int64_t i = 0; i < nstaged; ++i) welford_push(tail, staged[i] - shift_s);
-    welford_merge(acc, tail);
+    welford_merge(acc, runs);
     return acc;
   }
 };
@@ -127,76 +159,165 @@ void tree_sum(acc_t* values, int64_t n, int64_t step = 1) {
     for (int64_t i = 0; i + stride < n; i += 2 * stride) values[i * step] += values[(i + stride) * step];
 }
 
-// Sums of dy and of dy * (x - mean) over contiguous runs of one channel (the backward reductions).
-template <typename scalar_t>
-struct LaneGradSums {
+// One pass of nchw_two_pass_state: the sum over values [begin, end) of channel c of a (N, C, S)
+// tensor of d = (x - shift) - center (kSquares: of d * d). The shift comes off first: shift +
+// center would round away the spread of data far from zero. The runs are walked here, not through
+// a callback, so that the accumulators stay in registers from one short run to the next.
+template <bool kSquares, typename scalar_t>
+acc_type<scalar_t> nchw_deviation_sum(const scalar_t* x, int64_t C, int64_t S, int64_t c,
+                                      int64_t begin, int64_t end, acc_type<scalar_t> shift_s,
+                                      acc_type<scalar_t> center_s) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using AVec = typename IO::AVec;
-  static constexpr int kAcc = 4;
-  static constexpr int kUnitsPerStep = kAcc / IO::kVecs;
-  static constexpr int64_t kStep = kUnitsPerStep * IO::kUnit;
-
-  AVec sdy[kAcc], sdyx[kAcc];
-  AVec mean;
-
-  explicit LaneGradSums(acc_t m) : mean(m) {
-    for (int a = 0; a < kAcc; ++a) sdy[a] = sdyx[a] = AVec(acc_t(0));
-  }
-
-  inline void push_run(const scalar_t* dy, const scalar_t* x, int64_t len) {
+  constexpr int K = IO::kVecs;
+  constexpr int64_t L = AVec::size();
+  const AVec shift(shift_s), center(center_s), zero(acc_t(0));
+  auto acc = [](const AVec& a, const AVec& d) {
+    if constexpr (kSquares) {
+      return at::vec::fmadd(d, d, a);
+    } else {
+      return a + d;
+    }
+  };
+  AVec a0[K], a1[K], t[K];
+  for (int j = 0; j < K; ++j) a0[j] = a1[j] = t[j] = zero;
+  int64_t n = begin / S, s = begin % S;
+  for (int64_t done = begin; done < end; s = 0, ++n) {
+    const int64_t len = std::min(S - s, end - done);
+    const scalar_t* p = x + (n * C + c) * S + s;
+    done += len;
     int64_t i = 0;
-    for (; i + kStep <= len; i += kStep) {
-      AVec g[kAcc], v[kAcc];
-      for (int u = 0; u < kUnitsPerStep; ++u) {
-        IO::load(dy + i + u * IO::kUnit, g + u * IO::kVecs);
-        IO::load(x + i + u * IO::kUnit, v + u * IO::kVecs);
-      }
-      for (int a = 0; a < kAcc; ++a) {
-        sdy[a] = sdy[a] + g[a];
-        sdyx[a] = at::vec::fmadd(g[a], v[a] - mean, sdyx[a]);
+    for (; i + 2 * IO::kUnit <= len; i += 2 * IO::kUnit) {
+      AVec v0[K], v1[K];
+      IO::load(p + i, v0);
+      IO::load(p + i + IO::kUnit, v1);
+      for (int j = 0; j < K; ++j) {
+        a0[j] = acc(a0[j], (v0[j] - shift) - center);
+        a1[j] = acc(a1[j], (v1[j] - shift) - center);
       }
     }
-    // Leftovers, the last unit partial: its missing lanes load as dy = 0 and add nothing.
-    for (; i < len; i += IO::kUnit) {
-      const int64_t n = std::min<int64_t>(IO::kUnit, len - i);
-      AVec g[IO::kVecs], v[IO::kVecs];
-      if (n == IO::kUnit) {
-        IO::load(dy + i, g);
-        IO::load(x + i, v);
-      } else {
-        IO::load_partial(dy + i, n, g);
-        IO::load_partial(x + i, n, v);
-      }
-      for (int j = 0; j < IO::kVecs; ++j) {
-        sdy[j] = sdy[j] + g[j];
-        sdyx[j] = at::vec::fmadd(g[j], v[j] - mean, sdyx[j]);
+    if (i + IO::kUnit <= len) {
+      AVec v[K];
+      IO::load(p + i, v);
+      for (int j = 0; j < K; ++j) a0[j] = acc(a0[j], (v[j] - shift) - center);
+      i += IO::kUnit;
+    }
+    const int64_t rem = len - i;
+    if (rem > 0 && rem <= IO::kUnit / 4) {  // a few values: one lane each (no copied load)
+      for (; i < len; ++i)
+        t[0] = acc(t[0], AVec::set(zero, (AVec(static_cast<acc_t>(p[i])) - shift) - center, 1));
+    } else if (rem > 0) {  // the missing lanes of the last unit contribute zero deviations
+      AVec v[K];
+      IO::load_partial(p + i, rem, v);
+      for (int j = 0; j < K; ++j) {
+        const int64_t nj = std::clamp<int64_t>(rem - j * L, 0, L);
+        if (nj > 0) t[j] = acc(t[j], AVec::set(zero, (v[j] - shift) - center, nj));
       }
     }
   }
+  acc_t lanes[3 * K * L];
+  for (int j = 0; j < K; ++j) {
+    a0[j].store(lanes + j * L);
+    a1[j].store(lanes + (K + j) * L);
+    t[j].store(lanes + (2 * K + j) * L);
+  }
+  tree_sum(lanes, 3 * K * L);
+  return lanes[0];
+}
 
-  // (sum dy, sum dy * (x - mean)) of everything pushed.
-  void finish(acc_t& out_dy, acc_t& out_dyx) const {
-    constexpr int L = AVec::size();
-    acc_t a[kAcc * L], b[kAcc * L];
-    for (int k = 0; k < kAcc; ++k) {
-      sdy[k].store(a + k * L);
-      sdyx[k].store(b + k * L);
+// The shifted state of values [begin, end) of channel c of a (N, C, S) tensor by an exact two-pass
+// (the mean, then the squared deviations from it; the second pass re-reads the values from
+// cache). For small planes, where Welford's lockstep lanes would leave much of every plane to a
+// scalar tail: here a plane is whole vectors plus one masked vector, with no per-plane reduction
+// or division.
+template <typename scalar_t>
+WelfordState<acc_type<scalar_t>> nchw_two_pass_state(const scalar_t* x, int64_t C, int64_t S,
+                                                     int64_t c, int64_t begin, int64_t end,
+                                                     acc_type<scalar_t> shift) {
+  using acc_t = acc_type<scalar_t>;
+  if (begin >= end) return {};
+  const int64_t n = end - begin;
+  const acc_t mean =
+      nchw_deviation_sum<false>(x, C, S, c, begin, end, shift, acc_t(0)) / static_cast<acc_t>(n);
+  const acc_t m2 = nchw_deviation_sum<true>(x, C, S, c, begin, end, shift, mean);
+  return {mean, m2, n};
+}
+
+// Sums of dy and of dy * (x - mean) over values [begin, end) of channel c of a (N, C, S) tensor
+// (the backward reductions of one chunk). The runs are walked here, so that the sums stay in
+// registers from one short run to the next; a partial last unit loads zero-padded (dy = 0 adds
+// nothing).
+template <typename scalar_t>
+void nchw_chunk_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t S, int64_t c,
+                     int64_t begin, int64_t end, acc_type<scalar_t> mean_s,
+                     acc_type<scalar_t>& out_dy, acc_type<scalar_t>& out_dyx) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using AVec = typename IO::AVec;
+  constexpr int K = IO::kVecs;
+  constexpr int64_t L = AVec::size();
+  const AVec mean(mean_s), zero(acc_t(0));
+  AVec a0[K], a1[K], b0[K], b1[K];
+  for (int j = 0; j < K; ++j) a0[j] = a1[j] = b0[j] = b1[j] = zero;
+  int64_t n = begin < end ? begin / S : 0, s = begin < end ? begin % S : 0;
+  for (int64_t done = begin; done < end; s = 0, ++n) {
+    const int64_t len = std::min(S - s, end - done);
+    const int64_t off = (n * C + c) * S + s;
+    const scalar_t* gp = dy + off;
+    const scalar_t* xp = x + off;
+    done += len;
+    int64_t i = 0;
+    for (; i + 2 * IO::kUnit <= len; i += 2 * IO::kUnit) {
+      AVec g0[K], g1[K], v0[K], v1[K];
+      IO::load(gp + i, g0);
+      IO::load(gp + i + IO::kUnit, g1);
+      IO::load(xp + i, v0);
+      IO::load(xp + i + IO::kUnit, v1);
+      for (int j = 0; j < K; ++j) {
+        a0[j] = a0[j] + g0[j];
+        a1[j] = a1[j] + g1[j];
+        b0[j] = at::vec::fmadd(g0[j], v0[j] - mean, b0[j]);
+        b1[j] = at::vec::fmadd(g1[j], v1[j] - mean, b1[j]);
+      }
     }
-    tree_sum(a, kAcc * L);
-    tree_sum(b, kAcc * L);
-    out_dy = a[0];
-    out_dyx = b[0];
+    for (; i < len; i += IO::kUnit) {
+      const int64_t rem = std::min<int64_t>(IO::kUnit, len - i);
+      AVec g[K], v[K];
+      if (rem == IO::kUnit) {
+        IO::load(gp + i, g);
+        IO::load(xp + i, v);
+      } else {
+        IO::load_partial(gp + i, rem, g);
+        IO::load_partial(xp + i, rem, v);
+      }
+      for (int j = 0; j < K; ++j) {
+        a0[j] = a0[j] + g[j];
+        b0[j] = at::vec::fmadd(g[j], v[j] - mean, b0[j]);
+      }
+    }
   }
-};
+  acc_t sa[2 * K * L], sb[2 * K * L];
+  for (int j = 0; j < K; ++j) {
+    a0[j].store(sa + j * L);
+    a1[j].store(sa + (K + j) * L);
+    b0[j].store(sb + j * L);
+    b1[j].store(sb + (K + j) * L);
+  }
+  tree_sum(sa, 2 * K * L);
+  tree_sum(sb, 2 * K * L);
+  out_dy = sa[0];
+  out_dyx = sb[0];
+}
 
 // Calls f(ptr_offset, len) for the contiguous runs that make up values [begin, end) of channel c
 // in a (N, C, S) tensor, where value i of the channel lives at (i / S) * C * S + c * S + i % S.
+// (One division per call: with 7x7 planes a division pair per run cost more than the run.)
 template <typename F>
 inline void for_each_run(int64_t C, int64_t S, int64_t c, int64_t begin, int64_t end, const F& f) {
-  int64_t i = begin;
-  while (i < end) {
-    const int64_t n = i / S, s = i % S;
+  if (begin >= end) return;
+  int64_t n = begin / S, s = begin % S;
+  for (int64_t i = begin; i < end; s = 0, ++n) {
     const int64_t len = std::min(S - s, end - i);
     f((n * C + c) * S + s, len);
     i += len;
