@@ -22,11 +22,14 @@ class _FusedBatchNormMixin:
         step updates the running statistics, and returns the statistics arguments of the op:
         (running_mean, running_var, use_batch_stats, momentum, num_batches_tracked). (A tuple,
         not a dict: this runs on every call, and small layers feel every microsecond.)"""
+        # (Each buffer is read once: nn.Module attribute lookups of buffers are slow Python.)
         self._check_input_dim(input)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        update = self.training and self.track_running_stats
-        running_mean = self.running_mean if not self.training or self.track_running_stats else None
-        running_var = self.running_var if not self.training or self.track_running_stats else None
+        training = self.training
+        running_mean, running_var = self.running_mean, self.running_var
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        update = training and self.track_running_stats
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
         if use_batch_stats:
             verify_batch_size(input.size())
         check_eps(self.eps, use_batch_stats)
@@ -34,10 +37,12 @@ class _FusedBatchNormMixin:
 
         momentum = self.momentum
         num_batches_tracked = None
-        if update and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if momentum is None:  # cumulative moving average: 1 / num_batches_tracked
-                num_batches_tracked = self.num_batches_tracked
+        if update:
+            counter = self.num_batches_tracked
+            if counter is not None:
+                counter.add_(1)
+                if momentum is None:  # cumulative moving average: 1 / num_batches_tracked
+                    num_batches_tracked = counter
         if momentum is None and num_batches_tracked is None:
             momentum = 0.0  # what nn.BatchNorm uses when there is no counter to average with
         return running_mean, running_var, use_batch_stats, momentum, num_batches_tracked

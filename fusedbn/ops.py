@@ -195,7 +195,8 @@ def batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, 
                num_batches_tracked=None):
     """The op-level entry: no Python-side validation beyond the device (see fusedbn.functional).
     momentum=None means the cumulative average 1/num_batches_tracked, read on the device."""
-    _check_device_supported(input)
+    if input.device.type not in _BACKENDS:
+        _check_device_supported(input)
     if torch.is_grad_enabled() and (input.requires_grad
                                     or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):

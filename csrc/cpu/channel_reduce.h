@@ -78,33 +78,51 @@ void nchw_stats_split(const scalar_t* x, const Geometry& g, WelfordState<acc_typ
   }
 }
 
-// Rows per chunk for channels-last reductions: about 4 kChunk values and at least 256 rows, so that
-// merging the chunks' per-channel states stays cheap next to reading them.
+// Rows per chunk for channels-last reductions: about kChunk values (64 KB of float32, so that a
+// chunk stays in L2 while its channel blocks walk it) and at least 64 rows, so that merging the
+// chunks' per-channel states stays cheap next to reading them. Small tensors still get enough
+// chunks to share out evenly over the threads (32x512x7x7: 25 chunks, not 7).
 inline int64_t rows_per_chunk(int64_t C) {
-  return std::max<int64_t>(256, 4 * kChunk / std::max<int64_t>(C, 1));
+  return std::max<int64_t>(64, kChunk / std::max<int64_t>(C, 1));
 }
 
+// Rows ahead that the channel-block walks of a chunk prefetch: each block reads a few cache lines
+// per row at a stride of C values, which the hardware prefetchers follow poorly when the chunk is
+// not yet in cache.
+constexpr int64_t kPrefetchRows = 8;
+
+// Rows that a channel block walks before the next block takes over (the state goes back to memory
+// once per group).
+constexpr int64_t kGroupRows = 16;
+
 // Welford over rows [r0, r1) of a block of NV * L channels starting at c of a channels-last
-// (R, C) tensor, the block's means and m2s kept in registers down the rows (rn[i] = 1 / (i + 1)).
-// Writes the block's shifted states to mean[c..], m2[c..].
+// (R, C) tensor, the block's means and m2s kept in registers down the rows and carried in
+// mean[c..], m2[c..] from one group of rows to the next (rn[i] = 1 / (i + 1), i counted from the
+// chunk's first row c0).
 template <int NV, typename scalar_t>
 inline void cl_block_welford(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
-                             const acc_type<scalar_t>* shift, const acc_type<scalar_t>* rn,
-                             acc_type<scalar_t>* mean, acc_type<scalar_t>* m2) {
+                             int64_t chunk_r0, int64_t chunk_r1, const acc_type<scalar_t>* shift,
+                             const acc_type<scalar_t>* rn, acc_type<scalar_t>* mean,
+                             acc_type<scalar_t>* m2) {
   using IO = VecIO<scalar_t>;
   using AVec = typename IO::AVec;
   constexpr int64_t L = AVec::size();
   static_assert(NV % IO::kVecs == 0, "a block is whole units");
   AVec m[NV], q[NV], sh[NV];
   for (int j = 0; j < NV; ++j) {
-    m[j] = q[j] = AVec(0);
+    m[j] = AVec::loadu(mean + c + j * L);
+    q[j] = AVec::loadu(m2 + c + j * L);
     sh[j] = AVec::loadu(shift + c + j * L);
   }
   const scalar_t* p = x + r0 * C + c;
+  constexpr int64_t kBlockBytes = NV * L * sizeof(scalar_t);
   for (int64_t r = r0; r < r1; ++r, p += C) {
+    if (r + kPrefetchRows < chunk_r1)
+      for (int64_t b = 0; b < kBlockBytes; b += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(p + kPrefetchRows * C) + b);
     AVec v[NV];
     for (int u = 0; u < NV / IO::kVecs; ++u) IO::load(p + u * IO::kUnit, v + u * IO::kVecs);
-    const AVec rv(rn[r - r0]);
+    const AVec rv(rn[r - chunk_r0]);
     for (int j = 0; j < NV; ++j) LaneWelford<scalar_t>::update(m[j], q[j], v[j] - sh[j], rv);
   }
   for (int j = 0; j < NV; ++j) {
@@ -140,34 +158,64 @@ void cl_stats(const scalar_t* x, const Geometry& g, WelfordState<acc_type<scalar
       acc_t* mean = cmean.data() + k * C;
       acc_t* m2 = cm2.data() + k * C;
       const int64_t r0 = k * rpc, r1 = std::min(R, r0 + rpc);
-      int64_t c = 0;
-      for (; c + kBlock <= C; c += kBlock)
-        cl_block_welford<kBlockVecs>(x, C, c, r0, r1, shift.data(), rn.data(), mean, m2);
-      for (; c + IO::kUnit <= C; c += IO::kUnit)
-        cl_block_welford<IO::kVecs>(x, C, c, r0, r1, shift.data(), rn.data(), mean, m2);
-      for (; c < C; ++c) {  // fewer channels than a unit: scalar, the same updates
-        acc_t m = 0, q = 0;
-        for (int64_t r = r0; r < r1; ++r) {
-          const acc_t v = static_cast<acc_t>(x[r * C + c]) - shift[c];
-          const acc_t d = v - m;
-          m = d * rn[r - r0] + m;
-          q = d * (v - m) + q;
+      std::fill(mean, mean + C, acc_t(0));
+      std::fill(m2, m2 + C, acc_t(0));
+      // Groups of rows, every block of channels over a group before the next group: the chunk is
+      // read nearly in memory order (each block alone would stride through it).
+      for (int64_t g0 = r0; g0 < r1; g0 += kGroupRows) {
+        const int64_t g1 = std::min(r1, g0 + kGroupRows);
+        int64_t c = 0;
+        for (; c + kBlock <= C; c += kBlock)
+          cl_block_welford<kBlockVecs>(x, C, c, g0, g1, r0, r1, shift.data(), rn.data(), mean, m2);
+        for (; c + IO::kUnit <= C; c += IO::kUnit)
+          cl_block_welford<IO::kVecs>(x, C, c, g0, g1, r0, r1, shift.data(), rn.data(), mean, m2);
+        for (; c < C; ++c) {  // fewer channels than a unit: scalar, the same updates
+          acc_t m = mean[c], q = m2[c];
+          for (int64_t r = g0; r < g1; ++r) {
+            const acc_t v = static_cast<acc_t>(x[r * C + c]) - shift[c];
+            const acc_t d = v - m;
+            m = d * rn[r - r0] + m;
+            q = d * (v - m) + q;
+          }
+          mean[c] = m;
+          m2[c] = q;
         }
-        mean[c] = m;
-        m2[c] = q;
       }
     }
   });
-  at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
-    std::vector<WelfordState<acc_t>> states(nchunks);
-    for (int64_t c = begin; c < end; ++c) {
-      for (int64_t k = 0; k < nchunks; ++k)
-        states[k] = {cmean[k * C + c], cm2[k * C + c], std::min(R, (k + 1) * rpc) - k * rpc};
-      tree_merge_states(states.data(), nchunks);
-      out[c] = states[0];
-      out[c].mean += shift[c];
+  // Pairwise merge of the chunks (tree order, as tree_merge_states), all channels at once: the
+  // chunks' counts are the same for every channel, so Chan's factor is one scalar per merge and
+  // the merge runs on vectors across the channels (a per-channel scalar merge with its division
+  // cost as much as the reduction itself for 7x7 layers).
+  using AVec = typename IO::AVec;
+  constexpr int64_t L = AVec::size();
+  std::vector<int64_t> count(nchunks);
+  for (int64_t k = 0; k < nchunks; ++k) count[k] = std::min(R, (k + 1) * rpc) - k * rpc;
+  for (int64_t stride = 1; stride < nchunks; stride *= 2) {
+    for (int64_t i = 0; i + stride < nchunks; i += 2 * stride) {
+      const int64_t na = count[i], nb = count[i + stride];
+      const acc_t f = static_cast<acc_t>(nb) / static_cast<acc_t>(na + nb);
+      const acc_t fa = static_cast<acc_t>(na) * f;
+      acc_t* ma = cmean.data() + i * C;
+      acc_t* qa = cm2.data() + i * C;
+      const acc_t* mb = cmean.data() + (i + stride) * C;
+      const acc_t* qb = cm2.data() + (i + stride) * C;
+      int64_t c = 0;
+      const AVec fv(f), fav(fa);
+      for (; c + L <= C; c += L) {
+        const AVec m = AVec::loadu(ma + c), d = AVec::loadu(mb + c) - m;
+        (AVec::loadu(qa + c) + (AVec::loadu(qb + c) + d * d * fav)).store(qa + c);
+        (m + d * fv).store(ma + c);
+      }
+      for (; c < C; ++c) {
+        const acc_t d = mb[c] - ma[c];
+        qa[c] += qb[c] + d * d * fa;
+        ma[c] += d * f;
+      }
+      count[i] = na + nb;
     }
-  });
+  }
+  for (int64_t c = 0; c < C; ++c) out[c] = {cmean[c] + shift[c], cm2[c], R};
 }
 
 // Batch states of every channel of the canonical input, split over the threads (any layout).
@@ -229,24 +277,33 @@ void nchw_sums_split(const scalar_t* dy, const scalar_t* x, const Geometry& g,
 }
 
 // Sums of dy and dy * (x - mean) over rows [r0, r1) of a block of NV * L channels starting at c
-// of a channels-last (R, C) tensor, kept in registers down the rows; written to sa[c..], sb[c..].
+// of a channels-last (R, C) tensor, kept in registers down the rows and carried in sa[c..],
+// sb[c..] from one group of rows to the next.
 template <int NV, typename scalar_t>
 inline void cl_block_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c, int64_t r0,
-                          int64_t r1, const acc_type<scalar_t>* mean, acc_type<scalar_t>* sa,
-                          acc_type<scalar_t>* sb) {
+                          int64_t r1, int64_t chunk_r1, const acc_type<scalar_t>* mean,
+                          acc_type<scalar_t>* sa, acc_type<scalar_t>* sb) {
   using IO = VecIO<scalar_t>;
   using AVec = typename IO::AVec;
   constexpr int64_t L = AVec::size();
   static_assert(NV % IO::kVecs == 0, "a block is whole units");
   AVec a[NV], b[NV], mv[NV];
   for (int j = 0; j < NV; ++j) {
-    a[j] = b[j] = AVec(0);
+    a[j] = AVec::loadu(sa + c + j * L);
+    b[j] = AVec::loadu(sb + c + j * L);
     mv[j] = AVec::loadu(mean + c + j * L);
   }
   const int64_t base = r0 * C + c;
   const scalar_t* gp = dy + base;
   const scalar_t* xp = x + base;
+  constexpr int64_t kBlockBytes = NV * L * sizeof(scalar_t);
   for (int64_t r = r0; r < r1; ++r, gp += C, xp += C) {
+    if (r + kPrefetchRows < chunk_r1) {
+      for (int64_t b = 0; b < kBlockBytes; b += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(gp + kPrefetchRows * C) + b);
+        __builtin_prefetch(reinterpret_cast<const char*>(xp + kPrefetchRows * C) + b);
+      }
+    }
     AVec gv[NV], xv[NV];
     for (int u = 0; u < NV / IO::kVecs; ++u) {
       IO::load(gp + u * IO::kUnit, gv + u * IO::kVecs);
@@ -278,26 +335,29 @@ void cl_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
   const int64_t nchunks = num_chunks(R, rpc);
   for (int64_t c = 0; c < C; ++c) sum_dy[c] = sum_dyx[c] = acc_t(0);
   if (nchunks == 0) return;
-  std::vector<acc_t> a(nchunks * C), b(nchunks * C);
+  std::vector<acc_t> a(nchunks * C, acc_t(0)), b(nchunks * C, acc_t(0));
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       acc_t* sa = a.data() + k * C;
       acc_t* sb = b.data() + k * C;
       const int64_t r0 = k * rpc, r1 = std::min(R, r0 + rpc);
-      int64_t c = 0;
-      for (; c + kBlock <= C; c += kBlock)
-        cl_block_sums<kBlockVecs>(dy, x, C, c, r0, r1, mean, sa, sb);
-      for (; c + IO::kUnit <= C; c += IO::kUnit)
-        cl_block_sums<IO::kVecs>(dy, x, C, c, r0, r1, mean, sa, sb);
-      for (; c < C; ++c) {  // fewer channels than a unit: scalar
-        acc_t sdy = 0, sdyx = 0;
-        for (int64_t r = r0; r < r1; ++r) {
-          const acc_t gc = static_cast<acc_t>(dy[r * C + c]);
-          sdy += gc;
-          sdyx += gc * (static_cast<acc_t>(x[r * C + c]) - mean[c]);
+      for (int64_t g0 = r0; g0 < r1; g0 += kGroupRows) {  // groups of rows, as cl_stats
+        const int64_t g1 = std::min(r1, g0 + kGroupRows);
+        int64_t c = 0;
+        for (; c + kBlock <= C; c += kBlock)
+          cl_block_sums<kBlockVecs>(dy, x, C, c, g0, g1, r1, mean, sa, sb);
+        for (; c + IO::kUnit <= C; c += IO::kUnit)
+          cl_block_sums<IO::kVecs>(dy, x, C, c, g0, g1, r1, mean, sa, sb);
+        for (; c < C; ++c) {  // fewer channels than a unit: scalar
+          acc_t sdy = sa[c], sdyx = sb[c];
+          for (int64_t r = g0; r < g1; ++r) {
+            const acc_t gc = static_cast<acc_t>(dy[r * C + c]);
+            sdy += gc;
+            sdyx += gc * (static_cast<acc_t>(x[r * C + c]) - mean[c]);
+          }
+          sa[c] = sdy;
+          sb[c] = sdyx;
         }
-        sa[c] = sdy;
-        sb[c] = sdyx;
       }
     }
   });

@@ -159,6 +159,20 @@ void tree_sum(acc_t* values, int64_t n, int64_t step = 1) {
     for (int64_t i = 0; i + stride < n; i += 2 * stride) values[i * step] += values[(i + stride) * step];
 }
 
+// A channel's planes are C * S values apart: with small planes that stride defeats the hardware
+// prefetchers and the walk down a channel waits on memory plane by plane. The plane-walking
+// reductions ask for the plane kPrefetchPlanes ahead (all its cache lines) when planes are small.
+constexpr int64_t kPrefetchPlanes = 4;
+constexpr int64_t kPrefetchMaxPlaneBytes = 4096;
+
+template <typename scalar_t>
+inline void prefetch_plane(const scalar_t* plane, int64_t S) {
+  const char* p = reinterpret_cast<const char*>(plane);
+  const int64_t bytes = S * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
+  __builtin_prefetch(p + bytes - 1);
+}
+
 // One pass of nchw_two_pass_state: the sum over values [begin, end) of channel c of a (N, C, S)
 // tensor of d = (x - shift) - center (kSquares: of d * d). The shift comes off first: shift +
 // center would round away the spread of data far from zero. The runs are walked here, not through
@@ -182,10 +196,14 @@ acc_type<scalar_t> nchw_deviation_sum(const scalar_t* x, int64_t C, int64_t S, i
   };
   AVec a0[K], a1[K], t[K];
   for (int j = 0; j < K; ++j) a0[j] = a1[j] = t[j] = zero;
+  // (The second pass finds the chunk in cache.)
+  const bool prefetch = !kSquares && S * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchMaxPlaneBytes;
   int64_t n = begin / S, s = begin % S;
   for (int64_t done = begin; done < end; s = 0, ++n) {
     const int64_t len = std::min(S - s, end - done);
     const scalar_t* p = x + (n * C + c) * S + s;
+    if (prefetch && (n + kPrefetchPlanes) * S < end)
+      prefetch_plane(x + ((n + kPrefetchPlanes) * C + c) * S, S);
     done += len;
     int64_t i = 0;
     for (; i + 2 * IO::kUnit <= len; i += 2 * IO::kUnit) {
@@ -260,12 +278,18 @@ void nchw_chunk_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t S
   const AVec mean(mean_s), zero(acc_t(0));
   AVec a0[K], a1[K], b0[K], b1[K];
   for (int j = 0; j < K; ++j) a0[j] = a1[j] = b0[j] = b1[j] = zero;
+  const bool prefetch = S * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchMaxPlaneBytes;
   int64_t n = begin < end ? begin / S : 0, s = begin < end ? begin % S : 0;
   for (int64_t done = begin; done < end; s = 0, ++n) {
     const int64_t len = std::min(S - s, end - done);
     const int64_t off = (n * C + c) * S + s;
     const scalar_t* gp = dy + off;
     const scalar_t* xp = x + off;
+    if (prefetch && (n + kPrefetchPlanes) * S < end) {
+      const int64_t ahead = ((n + kPrefetchPlanes) * C + c) * S;
+      prefetch_plane(dy + ahead, S);
+      prefetch_plane(x + ahead, S);
+    }
     done += len;
     int64_t i = 0;
     for (; i + 2 * IO::kUnit <= len; i += 2 * IO::kUnit) {
