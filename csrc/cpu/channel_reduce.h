@@ -15,17 +15,13 @@
 #include <algorithm>
 #include <vector>
 
-#ifndef FUSEDBN_TWO_PASS_MAX_PLANE
-#define FUSEDBN_TWO_PASS_MAX_PLANE 1024
-#endif
-
 namespace fusedbn::cpu {
 
 // ---- statistics -------------------------------------------------------------------------------
 
 // Planes shorter than this are reduced by an exact two-pass over each chunk (re-read from cache)
 // instead of Welford's lockstep lanes, which would leave much of every plane to a scalar tail.
-constexpr int64_t kTwoPassMaxPlane = FUSEDBN_TWO_PASS_MAX_PLANE;
+constexpr int64_t kTwoPassMaxPlane = 1024;
 
 // The shifted state of values [begin, end) of channel c of a (N, C, S) tensor: one chunk.
 template <typename scalar_t>
