@@ -30,7 +30,8 @@ WelfordState<acc_type<scalar_t>> nchw_chunk_state(const scalar_t* x, const Geome
                                                   acc_type<scalar_t> shift) {
   if (g.S < kTwoPassMaxPlane) return nchw_two_pass_state(x, g.C, g.S, c, begin, end, shift);
   LaneWelford<scalar_t> lw(shift);
-  for_each_run(g.C, g.S, c, begin, end, [&](int64_t off, int64_t len) { lw.push_run(x + off, len); });
+  for_each_run(g.C, g.S, c, begin, end,
+               [&](int64_t off, int64_t len) { lw.push_run(x + off, len); });
   return lw.finish();
 }
 
@@ -94,7 +95,7 @@ constexpr int64_t kGroupRows = 16;
 // Welford over rows [r0, r1) of a block of NV * L channels starting at c of a channels-last
 // (R, C) tensor, the block's means and m2s kept in registers down the rows and carried in
 // mean[c..], m2[c..] from one group of rows to the next (rn[i] = 1 / (i + 1), i counted from the
-// chunk's first row c0).
+// chunk's first row chunk_r0; prefetches stay inside the chunk, below chunk_r1).
 template <int NV, typename scalar_t>
 inline void cl_block_welford(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
                              int64_t chunk_r0, int64_t chunk_r1, const acc_type<scalar_t>* shift,
@@ -129,9 +130,9 @@ inline void cl_block_welford(const scalar_t* x, int64_t C, int64_t c, int64_t r0
 
 // All channels of a channels-last (R, C) tensor: Welford along the rows with the channels in the
 // SIMD lanes (every channel has the same count, so one reciprocal per row serves all of them).
-// Rows are cut into chunks; within a chunk, each block of 4 vectors of channels runs down all
-// the chunk's rows with its states in registers (a row's block of 4 vectors is whole cache lines,
-// so the blocks together read every line once).
+// Rows are cut into chunks; within a chunk, each block of 4 vectors of channels runs down a group
+// of rows with its states in registers, then the next block takes the same group (a row's block
+// of 4 vectors is whole cache lines, so the blocks together read every line once).
 template <typename scalar_t>
 void cl_stats(const scalar_t* x, const Geometry& g, WelfordState<acc_type<scalar_t>>* out) {
   using IO = VecIO<scalar_t>;

@@ -1,14 +1,16 @@
 // Per-channel reductions over contiguous runs of one channel's values, vectorized.
 //
 // Statistics: Welford in every SIMD lane of four independent accumulators (so four dependency
-// chains are in flight), all lanes in lockstep so that one reciprocal 1/n serves 4 vectors. Short
-// runs (NCHW planes of 7x7) and the last < 4 vectors of a long run are each reduced by an exact
-// two-pass over the run (still in L1) and merged with Chan's formula. Values are shifted by a per-channel constant (the channel's first value)
-// before accumulation: Welford is exact under a shift, and the shifted values are small, so a
-// float32 mean of data like 1e4 +- 1e-2 does not absorb its own updates. Lanes are merged with
-// Chan's formula in a fixed order; a channel is cut into chunks of kChunk values whose states are
-// merged pairwise (tree_merge), which keeps rounding error growth logarithmic in the channel size
-// and makes the result independent of the number of threads.
+// chains are in flight), all lanes in lockstep so that one reciprocal 1/n serves 4 vectors; the
+// last < 4 vectors of a run (and a short run, cut by a chunk boundary) are reduced by an exact
+// two-pass over the run (still in L1) and merged with Chan's formula. Small NCHW planes (7x7,
+// 14x14) take nchw_two_pass_state instead, an exact two-pass per chunk. Values are shifted by a
+// per-channel constant (the channel's first value) before accumulation: Welford is exact under a
+// shift, and the shifted values are small, so a float32 mean of data like 1e4 +- 1e-2 does not
+// absorb its own updates. Lanes are merged with Chan's formula in a fixed order; a channel is cut
+// into chunks of kChunk values whose states are merged pairwise (tree_merge), which keeps rounding
+// error growth logarithmic in the channel size and makes the result independent of the number of
+// threads.
 #pragma once
 
 #include "vec_io.h"
@@ -38,9 +40,8 @@ struct LaneWelford {
   static constexpr int kUnitsPerStep = kAcc / IO::kVecs;
   static constexpr int L = AVec::size();
   static constexpr int64_t kStep = kAcc * L;         // values per step
-  // Runs shorter than this (small NCHW planes: 7x7, 14x14 is longer) are summarised on their own
-  // by an exact two-pass in L1 and merged with Chan's formula: the lockstep lanes would leave most
-  // of such a run to a scalar tail.
+  // Runs shorter than this are summarised on their own by an exact two-pass in L1 and merged with
+  // Chan's formula: the lockstep lanes would leave most of such a run to a scalar tail.
   static constexpr int64_t kShortRun = 4 * kStep;
 
   // Every lane of every accumulator has seen `steps` values.
@@ -109,7 +110,7 @@ struct LaneWelford {
       welford_merge(runs, run_state(p, len));
       return;
     }
-    // Locals for the run, so that the states stay in registers (see two_pass_state).
+    // Locals for the run, so that the states stay in registers (see nchw_deviation_sum).
     AVec m[kAcc], q[kAcc];
     for (int a = 0; a < kAcc; ++a) m[a] = mean[a], q[a] = m2[a];
     const AVec sh = shift;
@@ -197,7 +198,8 @@ acc_type<scalar_t> nchw_deviation_sum(const scalar_t* x, int64_t C, int64_t S, i
   AVec a0[K], a1[K], t[K];
   for (int j = 0; j < K; ++j) a0[j] = a1[j] = t[j] = zero;
   // (The second pass finds the chunk in cache.)
-  const bool prefetch = !kSquares && S * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchMaxPlaneBytes;
+  const bool prefetch =
+      !kSquares && S * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchMaxPlaneBytes;
   int64_t n = begin / S, s = begin % S;
   for (int64_t done = begin; done < end; s = 0, ++n) {
     const int64_t len = std::min(S - s, end - done);
