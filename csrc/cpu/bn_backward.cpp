@@ -42,8 +42,11 @@ void backward_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt,
       for (int64_t c = begin; c < end; ++c) {
         nchw_channel_sums(dy, x, g, c, mean[c], sum_dy[c], sum_dyx[c]);
         constants(c);
+        const bool prefetch = is_small_plane<scalar_t>(g.S);
         for (int64_t n = g.N - 1; n >= 0; --n) {  // newest in cache first
           const int64_t off = (n * C + c) * g.S;
+          if (prefetch && n >= kPrefetchPlanes)
+            prefetch_plane<true>(dx + off - kPrefetchPlanes * C * g.S, g.S);
           grad_input_run(dy + off, x + off, dx + off, g.S, k, c, true);
         }
       }

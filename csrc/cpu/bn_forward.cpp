@@ -107,8 +107,11 @@ void forward_train_impl(const at::Tensor& xt, at::Tensor& yt, const Geometry& g,
     at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         finish_channel(c, nchw_channel_state(x, g, c));
+        const bool prefetch = is_small_plane<scalar_t>(g.S);
         for (int64_t n = g.N - 1; n >= 0; --n) {  // newest in cache first
           const int64_t off = (n * g.C + c) * g.S;
+          if (prefetch && n >= kPrefetchPlanes)
+            prefetch_plane<true>(y + off - kPrefetchPlanes * g.C * g.S, g.S);
           normalize_run(x + off, y + off, g.S, c, k);
         }
       }

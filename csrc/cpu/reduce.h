@@ -166,12 +166,19 @@ void tree_sum(acc_t* values, int64_t n, int64_t step = 1) {
 constexpr int64_t kPrefetchPlanes = 4;
 constexpr int64_t kPrefetchMaxPlaneBytes = 4096;
 
-template <typename scalar_t>
+// kWrite: the plane is about to be written (the per-channel passes write their outputs at the
+// same stride, and a store that misses waits for its line to be read in).
+template <bool kWrite = false, typename scalar_t>
 inline void prefetch_plane(const scalar_t* plane, int64_t S) {
   const char* p = reinterpret_cast<const char*>(plane);
   const int64_t bytes = S * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
-  __builtin_prefetch(p + bytes - 1);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, kWrite ? 1 : 0);
+  __builtin_prefetch(p + bytes - 1, kWrite ? 1 : 0);
+}
+
+template <typename scalar_t>
+inline bool is_small_plane(int64_t S) {
+  return S * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchMaxPlaneBytes;
 }
 
 // One pass of nchw_two_pass_state: the sum over values [begin, end) of channel c of a (N, C, S)
@@ -198,8 +205,7 @@ acc_type<scalar_t> nchw_deviation_sum(const scalar_t* x, int64_t C, int64_t S, i
   AVec a0[K], a1[K], t[K];
   for (int j = 0; j < K; ++j) a0[j] = a1[j] = t[j] = zero;
   // (The second pass finds the chunk in cache.)
-  const bool prefetch =
-      !kSquares && S * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchMaxPlaneBytes;
+  const bool prefetch = !kSquares && is_small_plane<scalar_t>(S);
   int64_t n = begin / S, s = begin % S;
   for (int64_t done = begin; done < end; s = 0, ++n) {
     const int64_t len = std::min(S - s, end - done);
@@ -280,7 +286,7 @@ void nchw_chunk_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t S
   const AVec mean(mean_s), zero(acc_t(0));
   AVec a0[K], a1[K], b0[K], b1[K];
   for (int j = 0; j < K; ++j) a0[j] = a1[j] = b0[j] = b1[j] = zero;
-  const bool prefetch = S * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchMaxPlaneBytes;
+  const bool prefetch = is_small_plane<scalar_t>(S);
   int64_t n = begin < end ? begin / S : 0, s = begin < end ? begin % S : 0;
   for (int64_t done = begin; done < end; s = 0, ++n) {
     const int64_t len = std::min(S - s, end - done);
