@@ -199,7 +199,18 @@ def method_note(doc):
             "calls; ×P is t(P) / t(fusedbn) (above 1: fusedbn is faster); η = minimal bytes / "
             "(time × copy bandwidth), minimal bytes = 2|x| (fwd, infer), 3|x| (bwd), 5|x| "
             "(fwdbwd); copy bandwidth measured in the same run: %.1f GB/s. Parameters are float32 "
-            "(as under AMP). Modes: %s." % (bw["bytes_per_s"] / 1e9, ", ".join(cfg["modes"])))
+            "(as under AMP). Modes: %s.%s" % (bw["bytes_per_s"] / 1e9, ", ".join(cfg["modes"]),
+                                              _allocator_note(cfg)))
+
+
+def _allocator_note(cfg):
+    """How CPU memory was allocated (benchmarks/timing.py, --allocator); results files older
+    than the option say nothing."""
+    alloc = cfg.get("allocator")
+    if not alloc or alloc == "default":
+        return ""
+    return (" Memory: %s (freed memory is kept, so page faults of fresh outputs are not timed; "
+            "the same for every provider)." % alloc)
 
 
 def print_report(doc, file):
