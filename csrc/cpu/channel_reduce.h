@@ -92,6 +92,20 @@ constexpr int64_t kPrefetchRows = 8;
 // once per group).
 constexpr int64_t kGroupRows = 16;
 
+// Asks for the NV vectors' worth of values at p, kPrefetchRows rows further down.
+template <int NV, typename scalar_t>
+inline void prefetch_block_ahead(const scalar_t* p, int64_t C) {
+  constexpr int64_t kBytes = NV * VecIO<scalar_t>::AVec::size() * sizeof(scalar_t);
+  const char* q = reinterpret_cast<const char*>(p + kPrefetchRows * C);
+  for (int64_t b = 0; b < kBytes; b += 64) __builtin_prefetch(q + b);
+}
+
+// acc[j] = the NV vectors at p (a block's state carried between groups of rows).
+template <int NV, typename acc_t>
+inline void load_block(const acc_t* p, at::vec::Vectorized<acc_t>* acc) {
+  for (int j = 0; j < NV; ++j) acc[j] = at::vec::Vectorized<acc_t>::loadu(p + j * acc[0].size());
+}
+
 // Welford over rows [r0, r1) of a block of NV * L channels starting at c of a channels-last
 // (R, C) tensor, the block's means and m2s kept in registers down the rows and carried in
 // mean[c..], m2[c..] from one group of rows to the next (rn[i] = 1 / (i + 1), i counted from the
@@ -106,17 +120,12 @@ inline void cl_block_welford(const scalar_t* x, int64_t C, int64_t c, int64_t r0
   constexpr int64_t L = AVec::size();
   static_assert(NV % IO::kVecs == 0, "a block is whole units");
   AVec m[NV], q[NV], sh[NV];
-  for (int j = 0; j < NV; ++j) {
-    m[j] = AVec::loadu(mean + c + j * L);
-    q[j] = AVec::loadu(m2 + c + j * L);
-    sh[j] = AVec::loadu(shift + c + j * L);
-  }
+  load_block<NV>(mean + c, m);
+  load_block<NV>(m2 + c, q);
+  load_block<NV>(shift + c, sh);
   const scalar_t* p = x + r0 * C + c;
-  constexpr int64_t kBlockBytes = NV * L * sizeof(scalar_t);
   for (int64_t r = r0; r < r1; ++r, p += C) {
-    if (r + kPrefetchRows < chunk_r1)
-      for (int64_t b = 0; b < kBlockBytes; b += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(p + kPrefetchRows * C) + b);
+    if (r + kPrefetchRows < chunk_r1) prefetch_block_ahead<NV>(p, C);
     AVec v[NV];
     for (int u = 0; u < NV / IO::kVecs; ++u) IO::load(p + u * IO::kUnit, v + u * IO::kVecs);
     const AVec rv(rn[r - chunk_r0]);
@@ -285,21 +294,16 @@ inline void cl_block_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int6
   constexpr int64_t L = AVec::size();
   static_assert(NV % IO::kVecs == 0, "a block is whole units");
   AVec a[NV], b[NV], mv[NV];
-  for (int j = 0; j < NV; ++j) {
-    a[j] = AVec::loadu(sa + c + j * L);
-    b[j] = AVec::loadu(sb + c + j * L);
-    mv[j] = AVec::loadu(mean + c + j * L);
-  }
+  load_block<NV>(sa + c, a);
+  load_block<NV>(sb + c, b);
+  load_block<NV>(mean + c, mv);
   const int64_t base = r0 * C + c;
   const scalar_t* gp = dy + base;
   const scalar_t* xp = x + base;
-  constexpr int64_t kBlockBytes = NV * L * sizeof(scalar_t);
   for (int64_t r = r0; r < r1; ++r, gp += C, xp += C) {
     if (r + kPrefetchRows < chunk_r1) {
-      for (int64_t b = 0; b < kBlockBytes; b += 64) {
-        __builtin_prefetch(reinterpret_cast<const char*>(gp + kPrefetchRows * C) + b);
-        __builtin_prefetch(reinterpret_cast<const char*>(xp + kPrefetchRows * C) + b);
-      }
+      prefetch_block_ahead<NV>(gp, C);
+      prefetch_block_ahead<NV>(xp, C);
     }
     AVec gv[NV], xv[NV];
     for (int u = 0; u < NV / IO::kVecs; ++u) {
