@@ -171,6 +171,25 @@ inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor&
   check_stat_tensor(invstd, "invstd", input, op);
 }
 
+// The arguments of backward_elemt beyond those of backward: the global sums of every rank.
+inline void check_backward_elemt_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                      const c10::optional<at::Tensor>& weight,
+                                      const at::Tensor& mean, const at::Tensor& invstd,
+                                      const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                                      const char* op) {
+  check_backward_args(grad_output, input, weight, mean, invstd, op);
+  check_stat_tensor(sum_dy, "sum_dy", input, op);
+  check_stat_tensor(sum_dy_xmu, "sum_dy_xmu", input, op);
+}
+
+// The running statistics and eps of the eval-mode forwards (forward_eval, act_forward_eval).
+inline void check_eval_stats_args(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                  const at::Tensor& input, double eps, const char* op) {
+  check_channel_tensor(running_mean, "running_mean", input, op);
+  check_channel_tensor(running_var, "running_var", input, op);
+  TORCH_CHECK(eps >= 0, "fusedbn.", op, ": eps must be non-negative, got ", eps);
+}
+
 // count of backward_elemt: the values per channel over all ranks, so at least this input's own.
 inline void check_sync_count(int64_t count, const Geometry& g, const char* op) {
   TORCH_CHECK(count >= g.rows(), "fusedbn.", op,

@@ -231,9 +231,7 @@ std::tuple<at::Tensor, at::Tensor> act_forward_eval(
   constexpr const char* op = "act_forward_eval";
   const Act act =
       check_act_forward_args(input, weight, bias, residual, activation, negative_slope, save_mask, op);
-  check_channel_tensor(running_mean, "running_mean", input, op);
-  check_channel_tensor(running_var, "running_var", input, op);
-  TORCH_CHECK(eps >= 0, "fusedbn.", op, ": eps must be non-negative, got ", eps);
+  check_eval_stats_args(running_mean, running_var, input, eps, op);
   Geometry g;
   const at::Tensor x = canonicalize(input, g);
   const at::Tensor r = defined(residual) ? match_layout(*residual, x) : at::Tensor();

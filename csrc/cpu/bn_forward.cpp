@@ -175,9 +175,7 @@ at::Tensor forward_eval(const at::Tensor& input, const c10::optional<at::Tensor>
   check_optional_channel_tensor(weight, "weight", input, op);
   check_optional_channel_tensor(bias, "bias", input, op);
   check_weight_bias_dtypes(weight, bias, op);
-  check_channel_tensor(running_mean, "running_mean", input, op);
-  check_channel_tensor(running_var, "running_var", input, op);
-  TORCH_CHECK(eps >= 0, "fusedbn.", op, ": eps must be non-negative, got ", eps);
+  check_eval_stats_args(running_mean, running_var, input, eps, op);
   Geometry g;
   const at::Tensor x = canonicalize(input, g);
   at::Tensor y = empty_output(x);

@@ -146,9 +146,7 @@ at::Tensor forward_eval(const at::Tensor& input, const c10::optional<at::Tensor>
                         const at::Tensor& running_var, double eps) {
   constexpr const char* op = "forward_eval";
   check_affine(input, weight, bias, op);
-  check_channel_tensor(running_mean, "running_mean", input, op);
-  check_channel_tensor(running_var, "running_var", input, op);
-  TORCH_CHECK(eps >= 0, "fusedbn.", op, ": eps must be non-negative, got ", eps);
+  check_eval_stats_args(running_mean, running_var, input, eps, op);
   const c10::cuda::CUDAGuard guard(input.device());
   Geometry g;
   const at::Tensor x = canonicalize(input, g);

@@ -130,9 +130,7 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
                           const at::Tensor& invstd, const at::Tensor& sum_dy,
                           const at::Tensor& sum_dy_xmu, int64_t count) {
   constexpr const char* op = "backward_elemt";
-  check_backward_args(grad_output, input, weight, mean, invstd, op);
-  check_stat_tensor(sum_dy, "sum_dy", input, op);
-  check_stat_tensor(sum_dy_xmu, "sum_dy_xmu", input, op);
+  check_backward_elemt_args(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, op);
   const c10::cuda::CUDAGuard guard(input.device());
   Geometry g;
   const at::Tensor x = canonicalize(input, g);
