@@ -1,5 +1,7 @@
 // fusedbn._C: the Python module that carries the operator library (schemas in schema.cpp, CUDA
 // kernels when they were built) and says how it was built.
+#include "eager.h"
+
 #include <pybind11/pybind11.h>
 
 #ifndef FUSEDBN_VERSION
@@ -37,4 +39,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedbn operator library";
   m.def("build_info", &build_info,
         "How this fusedbn was built: version, compiled backends, CUDA architectures, torch.");
+  fusedbn::bind_eager(m);
 }

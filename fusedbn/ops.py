@@ -17,6 +17,9 @@ from . import _ext
 from .double_backward import BatchNormBackward
 
 _ops = torch.ops.fusedbn
+_C = _ext._C
+# The C++ backward of the eager path (csrc/eager.cpp) hands create_graph=True backwards to this.
+_C.set_double_backward(BatchNormBackward.apply)
 
 
 # Read once at import: a constant for torch.compile to trace through.
@@ -194,9 +197,16 @@ class BatchNormFunction(torch.autograd.Function):
 def batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps,
                num_batches_tracked=None):
     """The op-level entry: no Python-side validation beyond the device (see fusedbn.functional).
-    momentum=None means the cumulative average 1/num_batches_tracked, read on the device."""
+    momentum=None means the cumulative average 1/num_batches_tracked, read on the device.
+
+    Eager calls go to fusedbn._C.batch_norm (csrc/eager.cpp): the same ops with the checks and
+    the autograd node in C++, which on small layers saves more time than the kernels take.
+    torch.compile traces the Python path below instead (dynamo cannot see into a C++ call)."""
     if input.device.type not in _BACKENDS:
         _check_device_supported(input)
+    if not torch.compiler.is_compiling():
+        return _C.batch_norm(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                             use_batch_stats, momentum, eps)
     if torch.is_grad_enabled() and (input.requires_grad
                                     or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
