@@ -74,7 +74,10 @@ const auto& update_running_stats_op() {
 struct StatsArgs {
   OptTensor running_mean;
   OptTensor running_var;
-  OptTensor num_batches_tracked;
+  // The module's num_batches_tracked when this step advances it (training with
+  // track_running_stats): advanced by one once the forward has succeeded, and read as the
+  // cumulative-average factor 1/num_batches_tracked when momentum is None.
+  OptTensor counter;
   bool use_batch_stats;
   std::optional<double> momentum;
   double eps;
@@ -111,11 +114,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(const at::Tensor& inp
     const bool update = s.running_mean.has_value();
     if (update) check_running_stats(input, *s.running_mean, *s.running_var);
     auto [output, mean, invstd, var] = forward_train_op().call(input, weight, bias, s.eps);
+    if (s.counter.has_value()) s.counter->add_(1);  // after the checks: a rejected batch is not counted
     if (update) {
       const int64_t C = input.size(1);
       const int64_t count = C ? input.numel() / C : 0;
       update_running_stats_op().call(*s.running_mean, *s.running_var, mean, var,
-                                     c10::SymInt(count), s.momentum, s.num_batches_tracked);
+                                     c10::SymInt(count), s.momentum,
+                                     s.momentum.has_value() ? std::nullopt : s.counter);
     }
     return {std::move(output), std::move(mean), std::move(invstd)};
   }
@@ -188,12 +193,32 @@ bool any_requires_grad(const at::Tensor& input, const OptTensor& weight, const O
          (bias.has_value() && bias->requires_grad());
 }
 
+void check_device_supported(const at::Tensor& t) {
+  const auto type = t.device().type();
+  if (type == c10::DeviceType::CPU) return;
+#ifdef FUSEDBN_WITH_CUDA
+  if (type == c10::DeviceType::CUDA) return;
+  constexpr const char* backends = "cpu, cuda";
+#else
+  TORCH_CHECK(type != c10::DeviceType::CUDA, "fusedbn: input is on ", t.device(),
+              " but this fusedbn was built without CUDA kernels (build_info()['backends'] = "
+              "('cpu',)). Rebuild it where a CUDA build of torch and the CUDA toolkit are "
+              "installed: `FORCE_CUDA=1 pip install --no-build-isolation .` (set CUDA_HOME if the "
+              "toolkit is not in /usr/local/cuda, and TORCH_CUDA_ARCH_LIST, e.g. '9.0', for your "
+              "GPU).");
+  constexpr const char* backends = "cpu";
+#endif
+  TORCH_CHECK(false, "fusedbn: no kernels for device type '",
+              c10::DeviceTypeName(type, /*lower_case=*/true), "' (this build has ", backends, ")");
+}
+
 at::Tensor batch_norm(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
                       const OptTensor& running_mean, const OptTensor& running_var,
-                      const OptTensor& num_batches_tracked, bool use_batch_stats,
+                      const OptTensor& counter, bool use_batch_stats,
                       std::optional<double> momentum, double eps) {
+  check_device_supported(input);
   py::gil_scoped_release no_gil;  // as torch's own bindings do: other Python threads run meanwhile
-  StatsArgs s{running_mean, running_var, num_batches_tracked, use_batch_stats, momentum, eps};
+  StatsArgs s{running_mean, running_var, counter, use_batch_stats, momentum, eps};
   if (at::GradMode::is_enabled() && any_requires_grad(input, weight, bias))
     return BatchNormFunction::apply(input, weight, bias, s);
   // Nothing to differentiate (inference, torch.no_grad): the ops without autograd's bookkeeping.
@@ -204,10 +229,13 @@ at::Tensor batch_norm(const at::Tensor& input, const OptTensor& weight, const Op
 
 void bind_eager(py::module_& m) {
   m.def("batch_norm", &batch_norm, py::arg("input"), py::arg("weight"), py::arg("bias"),
-        py::arg("running_mean"), py::arg("running_var"), py::arg("num_batches_tracked"),
+        py::arg("running_mean"), py::arg("running_var"), py::arg("counter"),
         py::arg("use_batch_stats"), py::arg("momentum"), py::arg("eps"),
         "Batch norm in eager mode: checks, forward op(s), running-statistics update and a C++ "
         "autograd node (see csrc/eager.cpp).");
+  m.def("check_device_supported", &check_device_supported, py::arg("tensor"),
+        "Raises a RuntimeError saying what to do when fusedbn has no kernels for the tensor's "
+        "device.");
   m.def("set_double_backward", [](py::object fn) { double_backward_fn() = std::move(fn); },
         "Sets the Python callable the C++ backward calls when create_graph=True.");
 }

@@ -9,43 +9,38 @@ from .functional import check_eps, check_running_stats, verify_batch_size
 class _FusedBatchNormMixin:
     """forward() of nn.modules.batchnorm._BatchNorm on the fusedbn kernels. Two deliberate
     differences, neither visible in results: momentum=None reads num_batches_tracked on the device
-    instead of syncing it to the host, and input errors are raised before num_batches_tracked is
-    incremented, so a rejected batch leaves the module's state untouched."""
+    instead of syncing it to the host, and num_batches_tracked is incremented only once the batch
+    has passed every check, so a rejected batch leaves the module's state untouched."""
 
     def forward(self, input):
-        running_mean, running_var, use_batch_stats, momentum, nbt = self._batch_norm_args(input)
+        running_mean, running_var, use_batch_stats, momentum, counter = self._batch_norm_args(input)
         return ops.batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                              use_batch_stats, momentum, self.eps, nbt)
+                              use_batch_stats, momentum, self.eps, counter)
 
     def _batch_norm_args(self, input):
-        """Checks input and options as nn.BatchNorm does, advances num_batches_tracked when this
-        step updates the running statistics, and returns the statistics arguments of the op:
-        (running_mean, running_var, use_batch_stats, momentum, num_batches_tracked). (A tuple,
-        not a dict: this runs on every call, and small layers feel every microsecond.)"""
+        """Checks input and options as nn.BatchNorm does and returns the statistics arguments of
+        the op: (running_mean, running_var, use_batch_stats, momentum, counter), counter being
+        num_batches_tracked when this step advances it (the op does, once its checks passed).
+        (A tuple, not a dict: this runs on every call, and small layers feel every microsecond.)"""
         # (Each buffer is read once: nn.Module attribute lookups of buffers are slow Python.)
         self._check_input_dim(input)
         training = self.training
         running_mean, running_var = self.running_mean, self.running_var
         use_batch_stats = training or (running_mean is None and running_var is None)
-        update = training and self.track_running_stats
-        if training and not self.track_running_stats:
-            running_mean = running_var = None
         if use_batch_stats:
             verify_batch_size(input.size())
+        counter = None
+        if training:
+            if self.track_running_stats:
+                counter = self.num_batches_tracked
+            else:
+                running_mean = running_var = None
         check_eps(self.eps, use_batch_stats)
         check_running_stats(running_mean, running_var, use_batch_stats)
-
         momentum = self.momentum
-        num_batches_tracked = None
-        if update:
-            counter = self.num_batches_tracked
-            if counter is not None:
-                counter.add_(1)
-                if momentum is None:  # cumulative moving average: 1 / num_batches_tracked
-                    num_batches_tracked = counter
-        if momentum is None and num_batches_tracked is None:
+        if momentum is None and counter is None:
             momentum = 0.0  # what nn.BatchNorm uses when there is no counter to average with
-        return running_mean, running_var, use_batch_stats, momentum, num_batches_tracked
+        return running_mean, running_var, use_batch_stats, momentum, counter
 
 
 class FusedBatchNorm1d(_FusedBatchNormMixin, nn.BatchNorm1d):

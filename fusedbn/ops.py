@@ -20,6 +20,9 @@ _ops = torch.ops.fusedbn
 _C = _ext._C
 # The C++ backward of the eager path (csrc/eager.cpp) hands create_graph=True backwards to this.
 _C.set_double_backward(BatchNormBackward.apply)
+# Looked up once (a cold module attribute chain costs microseconds per call); dynamo still
+# recognizes the function and traces it as True.
+_is_compiling = torch.compiler.is_compiling
 
 
 # Read once at import: a constant for torch.compile to trace through.
@@ -27,20 +30,9 @@ _BACKENDS = frozenset(_ext.build_info()["backends"])
 
 
 def _check_device_supported(tensor):
-    """Raises a RuntimeError saying what to do when fusedbn has no kernels for tensor's device."""
-    device_type = tensor.device.type
-    if device_type in _BACKENDS:
-        return
-    if device_type == "cuda":
-        raise RuntimeError(
-            f"fusedbn: input is on {tensor.device} but this fusedbn was built without CUDA "
-            "kernels (build_info()['backends'] = ('cpu',)). Rebuild it where a CUDA build of "
-            "torch and the CUDA toolkit are installed: `FORCE_CUDA=1 pip install "
-            "--no-build-isolation .` (set CUDA_HOME if the toolkit is not in /usr/local/cuda, "
-            "and TORCH_CUDA_ARCH_LIST, e.g. '9.0', for your GPU).")
-    raise RuntimeError(
-        f"fusedbn: no kernels for device type '{device_type}' (this build has "
-        f"{', '.join(sorted(_BACKENDS))})")
+    """Raises a RuntimeError saying what to do when fusedbn has no kernels for tensor's device
+    (the wording lives in csrc/eager.cpp, where the eager path checks it)."""
+    _C.check_device_supported(tensor)
 
 
 def acc_dtype(dtype):
@@ -195,18 +187,24 @@ class BatchNormFunction(torch.autograd.Function):
 
 
 def batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps,
-               num_batches_tracked=None):
+               counter=None):
     """The op-level entry: no Python-side validation beyond the device (see fusedbn.functional).
-    momentum=None means the cumulative average 1/num_batches_tracked, read on the device.
+    counter: the module's num_batches_tracked when this step advances it (training with
+    track_running_stats); momentum=None then means the cumulative average 1/num_batches_tracked,
+    read on the device after the increment.
 
-    Eager calls go to fusedbn._C.batch_norm (csrc/eager.cpp): the same ops with the checks and
-    the autograd node in C++, which on small layers saves more time than the kernels take.
-    torch.compile traces the Python path below instead (dynamo cannot see into a C++ call)."""
+    Eager calls go to fusedbn._C.batch_norm (csrc/eager.cpp): the same ops with the checks, the
+    counter's increment and the autograd node in C++, which on small layers saves as much time as
+    the kernels' lead over torch's. torch.compile traces the Python path below instead (dynamo
+    cannot look into a C++ call)."""
+    if not _is_compiling():
+        return _C.batch_norm(input, weight, bias, running_mean, running_var, counter,
+                             use_batch_stats, momentum, eps)
     if input.device.type not in _BACKENDS:
         _check_device_supported(input)
-    if not torch.compiler.is_compiling():
-        return _C.batch_norm(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                             use_batch_stats, momentum, eps)
+    if counter is not None:
+        counter.add_(1)
+    num_batches_tracked = counter if momentum is None else None
     if torch.is_grad_enabled() and (input.requires_grad
                                     or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
