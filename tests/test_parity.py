@@ -15,8 +15,10 @@ SHAPES = [
     (3, 7, 5, 3),      # C = 7, odd spatial size 15
     (2, 33, 4, 4),     # C = 33
     (5, 10, 13, 11),   # spatial 143: vector tails
+    (2, 100, 5, 3),    # C = 100: channels-last rows wide enough to be streamed, vector tails
     (16, 5),           # BatchNorm1d on (N, C)
     (37, 33),          # BatchNorm1d on (N, C), C = 33 and N not a power of two
+    (40, 70),          # BatchNorm1d on (N, C), wide rows (streamed), vector tails
     (4, 6, 9),         # BatchNorm1d on (N, C, L)
     (2, 3, 3, 4, 5),   # 3d
 ]
