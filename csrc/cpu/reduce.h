@@ -181,14 +181,41 @@ inline bool is_small_plane(int64_t S) {
   return S * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchMaxPlaneBytes;
 }
 
+// Sum of (v[i] - center)^2 over n contiguous float values: four accumulators, a masked last vector.
+template <typename acc_t>
+acc_t squared_deviation_sum(const acc_t* v, int64_t n, acc_t center_s) {
+  using AVec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t L = AVec::size();
+  const AVec center(center_s), zero(acc_t(0));
+  AVec a[4] = {zero, zero, zero, zero};
+  int64_t i = 0;
+  for (; i + 4 * L <= n; i += 4 * L) {
+    for (int j = 0; j < 4; ++j) {
+      const AVec d = AVec::loadu(v + i + j * L) - center;
+      a[j] = at::vec::fmadd(d, d, a[j]);
+    }
+  }
+  for (int j = 0; i < n; i += L, ++j) {
+    const AVec d = AVec::set(zero, AVec::loadu(v + i) - center, std::min<int64_t>(L, n - i));
+    a[j] = at::vec::fmadd(d, d, a[j]);
+  }
+  acc_t lanes[4 * L];
+  for (int j = 0; j < 4; ++j) a[j].store(lanes + j * L);
+  tree_sum(lanes, 4 * L);
+  return lanes[0];
+}
+
 // One pass of nchw_two_pass_state: the sum over values [begin, end) of channel c of a (N, C, S)
 // tensor of d = (x - shift) - center (kSquares: of d * d). The shift comes off first: shift +
 // center would round away the spread of data far from zero. The runs are walked here, not through
 // a callback, so that the accumulators stay in registers from one short run to the next.
+// gather (optional, with room for end - begin + one unit of values): receives the shifted values
+// x - shift, one after the other, for a second pass that needs neither the planes nor conversion.
 template <bool kSquares, typename scalar_t>
 acc_type<scalar_t> nchw_deviation_sum(const scalar_t* x, int64_t C, int64_t S, int64_t c,
                                       int64_t begin, int64_t end, acc_type<scalar_t> shift_s,
-                                      acc_type<scalar_t> center_s) {
+                                      acc_type<scalar_t> center_s,
+                                      acc_type<scalar_t>* gather = nullptr) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using AVec = typename IO::AVec;
@@ -212,6 +239,7 @@ acc_type<scalar_t> nchw_deviation_sum(const scalar_t* x, int64_t C, int64_t S, i
     const scalar_t* p = x + (n * C + c) * S + s;
     if (prefetch && (n + kPrefetchPlanes) * S < end)
       prefetch_plane(x + ((n + kPrefetchPlanes) * C + c) * S, S);
+    acc_t* gp = gather ? gather + (done - begin) : nullptr;
     done += len;
     int64_t i = 0;
     for (; i + 2 * IO::kUnit <= len; i += 2 * IO::kUnit) {
@@ -219,26 +247,41 @@ acc_type<scalar_t> nchw_deviation_sum(const scalar_t* x, int64_t C, int64_t S, i
       IO::load(p + i, v0);
       IO::load(p + i + IO::kUnit, v1);
       for (int j = 0; j < K; ++j) {
-        a0[j] = acc(a0[j], (v0[j] - shift) - center);
-        a1[j] = acc(a1[j], (v1[j] - shift) - center);
+        v0[j] = v0[j] - shift;
+        v1[j] = v1[j] - shift;
+        if (gp) {
+          v0[j].store(gp + i + j * L);
+          v1[j].store(gp + i + IO::kUnit + j * L);
+        }
+        a0[j] = acc(a0[j], v0[j] - center);
+        a1[j] = acc(a1[j], v1[j] - center);
       }
     }
     if (i + IO::kUnit <= len) {
       AVec v[K];
       IO::load(p + i, v);
-      for (int j = 0; j < K; ++j) a0[j] = acc(a0[j], (v[j] - shift) - center);
+      for (int j = 0; j < K; ++j) {
+        v[j] = v[j] - shift;
+        if (gp) v[j].store(gp + i + j * L);
+        a0[j] = acc(a0[j], v[j] - center);
+      }
       i += IO::kUnit;
     }
     const int64_t rem = len - i;
     if (rem > 0 && rem <= IO::kUnit / 4) {  // a few values: one lane each (no copied load)
-      for (; i < len; ++i)
-        t[0] = acc(t[0], AVec::set(zero, (AVec(static_cast<acc_t>(p[i])) - shift) - center, 1));
+      for (; i < len; ++i) {
+        const acc_t v = static_cast<acc_t>(p[i]) - shift_s;
+        if (gp) gp[i] = v;
+        t[0] = acc(t[0], AVec::set(zero, AVec(v) - center, 1));
+      }
     } else if (rem > 0) {  // the missing lanes of the last unit contribute zero deviations
       AVec v[K];
       IO::load_partial(p + i, rem, v);
       for (int j = 0; j < K; ++j) {
+        v[j] = v[j] - shift;
+        if (gp) v[j].store(gp + i + j * L);  // lanes past the plane: overwritten by the next
         const int64_t nj = std::clamp<int64_t>(rem - j * L, 0, L);
-        if (nj > 0) t[j] = acc(t[j], AVec::set(zero, (v[j] - shift) - center, nj));
+        if (nj > 0) t[j] = acc(t[j], AVec::set(zero, v[j] - center, nj));
       }
     }
   }
@@ -257,6 +300,10 @@ acc_type<scalar_t> nchw_deviation_sum(const scalar_t* x, int64_t C, int64_t S, i
 // cache). For small planes, where Welford's lockstep lanes would leave much of every plane to a
 // scalar tail: here a plane is whole vectors plus one masked vector, with no per-plane reduction
 // or division.
+//
+// bfloat16/float16: the first pass also gathers the shifted values, as float32, into a buffer of
+// the thread's, and the second pass runs over that: contiguous, no conversion, no plane bounds
+// (on 7x7 planes the second pass over the planes cost as much as the first).
 template <typename scalar_t>
 WelfordState<acc_type<scalar_t>> nchw_two_pass_state(const scalar_t* x, int64_t C, int64_t S,
                                                      int64_t c, int64_t begin, int64_t end,
@@ -264,10 +311,19 @@ WelfordState<acc_type<scalar_t>> nchw_two_pass_state(const scalar_t* x, int64_t 
   using acc_t = acc_type<scalar_t>;
   if (begin >= end) return {};
   const int64_t n = end - begin;
-  const acc_t mean =
-      nchw_deviation_sum<false>(x, C, S, c, begin, end, shift, acc_t(0)) / static_cast<acc_t>(n);
-  const acc_t m2 = nchw_deviation_sum<true>(x, C, S, c, begin, end, shift, mean);
-  return {mean, m2, n};
+  if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+    thread_local std::vector<acc_t> buf;
+    if (static_cast<int64_t>(buf.size()) < n + VecIO<scalar_t>::kUnit)
+      buf.resize(n + VecIO<scalar_t>::kUnit);
+    const acc_t mean = nchw_deviation_sum<false>(x, C, S, c, begin, end, shift, acc_t(0),
+                                                 buf.data()) / static_cast<acc_t>(n);
+    return {mean, squared_deviation_sum(buf.data(), n, mean), n};
+  } else {
+    const acc_t mean =
+        nchw_deviation_sum<false>(x, C, S, c, begin, end, shift, acc_t(0)) / static_cast<acc_t>(n);
+    const acc_t m2 = nchw_deviation_sum<true>(x, C, S, c, begin, end, shift, mean);
+    return {mean, m2, n};
+  }
 }
 
 // Sums of dy and of dy * (x - mean) over values [begin, end) of channel c of a (N, C, S) tensor
