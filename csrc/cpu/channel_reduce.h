@@ -19,8 +19,9 @@ namespace fusedbn::cpu {
 
 // ---- statistics -------------------------------------------------------------------------------
 
-// Planes shorter than this are reduced by an exact two-pass over each chunk (re-read from cache)
-// instead of Welford's lockstep lanes, which would leave much of every plane to a scalar tail.
+// Planes shorter than this are reduced by an exact two-pass over each chunk (the second over a
+// gathered copy) instead of Welford's lockstep lanes, which would leave much of every plane to a
+// scalar tail.
 constexpr int64_t kTwoPassMaxPlane = 1024;
 
 // The shifted state of values [begin, end) of channel c of a (N, C, S) tensor: one chunk.
