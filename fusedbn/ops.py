@@ -31,8 +31,10 @@ _BACKENDS = frozenset(_ext.build_info()["backends"])
 
 def _check_device_supported(tensor):
     """Raises a RuntimeError saying what to do when fusedbn has no kernels for tensor's device
-    (the wording lives in csrc/eager.cpp, where the eager path checks it)."""
-    _C.check_device_supported(tensor)
+    (the wording lives in csrc/eager.cpp, where the eager path checks it). The test itself stays
+    in Python, which torch.compile traces to a constant."""
+    if tensor.device.type not in _BACKENDS:
+        _C.check_device_supported(tensor)
 
 
 def acc_dtype(dtype):
@@ -200,8 +202,7 @@ def batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, 
     if not _is_compiling():
         return _C.batch_norm(input, weight, bias, running_mean, running_var, counter,
                              use_batch_stats, momentum, eps)
-    if input.device.type not in _BACKENDS:
-        _check_device_supported(input)
+    _check_device_supported(input)
     if counter is not None:
         counter.add_(1)
     num_batches_tracked = counter if momentum is None else None

@@ -126,3 +126,26 @@ def test_functional_under_compile():
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rm, rm_ref)
         torch.testing.assert_close(rv, rv_ref)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "cumulative"])
+def test_fullgraph_act_modules(momentum):
+    """The fused BN + add + ReLU module traces whole as well (its device check and counter stay
+    traceable Python), and trains like its eager copy."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.bn = fusedbn.FusedBatchNormAct2d(4, momentum=momentum, activation="relu")
+
+        def forward(self, x):
+            return self.bn(self.conv(x), x)
+
+    model = Block()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run_steps(model, compiled, 3, lambda s: torch.randn(2, 4, 6, 6))
+    assert int(model.bn.num_batches_tracked) == 3
