@@ -105,9 +105,14 @@ void forward_train_impl(const at::Tensor& xt, at::Tensor& yt, const Geometry& g,
 
   if (g.layout == Layout::kContiguous && use_per_channel_path(g)) {
     at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+      const bool prefetch = is_small_plane<scalar_t>(g.S);
+      const int64_t first_ahead = std::max<int64_t>(0, g.N - kPrefetchPlanes);
       for (int64_t c = begin; c < end; ++c) {
+        // The output planes the normalize loop starts on, and the next channel's first inputs.
+        if (prefetch) prefetch_planes<true>(y, g.C, g.S, c, first_ahead, g.N);
         finish_channel(c, nchw_channel_state(x, g, c));
-        const bool prefetch = is_small_plane<scalar_t>(g.S);
+        if (prefetch && c + 1 < end)
+          prefetch_planes(x, g.C, g.S, c + 1, 0, std::min(g.N, kPrefetchPlanes));
         for (int64_t n = g.N - 1; n >= 0; --n) {  // newest in cache first
           const int64_t off = (n * g.C + c) * g.S;
           if (prefetch && n >= kPrefetchPlanes)

