@@ -218,6 +218,11 @@ at::Tensor batch_norm(const at::Tensor& input, const OptTensor& weight, const Op
                       const OptTensor& counter, bool use_batch_stats,
                       std::optional<double> momentum, double eps) {
   check_device_supported(input);
+  // (fusedbn.functional and the modules say this in torch's words first; this guards the op-level
+  // entry fusedbn.ops.batch_norm, which would otherwise dereference a missing tensor.)
+  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
+                    "fusedbn.batch_norm: running_mean and running_var must both be tensors or "
+                    "both be None");
   py::gil_scoped_release no_gil;  // as torch's own bindings do: other Python threads run meanwhile
   StatsArgs s{running_mean, running_var, counter, use_batch_stats, momentum, eps};
   if (at::GradMode::is_enabled() && any_requires_grad(input, weight, bias))
@@ -237,6 +242,10 @@ void bind_eager(py::module_& m) {
   m.def("check_device_supported", &check_device_supported, py::arg("tensor"),
         "Raises a RuntimeError saying what to do when fusedbn has no kernels for the tensor's "
         "device.");
+  m.def("check_running_stats", &check_running_stats, py::arg("input"), py::arg("running_mean"),
+        py::arg("running_var"),
+        "Raises TypeError/RuntimeError naming running_mean or running_var when its dtype or shape "
+        "does not fit the input.");
   m.def("set_double_backward", [](py::object fn) { double_backward_fn() = std::move(fn); },
         "Sets the Python callable the C++ backward calls when create_graph=True.");
 }

@@ -115,22 +115,14 @@ def _backward_elemt_fake(grad_output, input, weight, mean, invstd, sum_dy, sum_d
 
 def _check_running_stats(input, running_mean, running_var):
     """The training forward never sees the running statistics and the update op cannot tell the
-    input's dtype, so their dtype and shape are checked here, before the forward runs, with the
-    kernels' wording."""
+    input's dtype, so their dtype and shape are checked here, before the forward runs. The test
+    is Python (torch.compile traces it to constants); the error and its wording come from
+    csrc/eager.cpp, which the eager path checks with."""
     C = input.shape[1] if input.dim() >= 2 else None
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t.dtype not in (input.dtype, torch.float32):
-            raise TypeError(
-                f"fusedbn.batch_norm: {name} must be {_dtype_name(input.dtype)} (the input's "
-                f"dtype) or float32, got {_dtype_name(t.dtype)}")
-        if C is not None and tuple(t.shape) != (C,):
-            raise RuntimeError(
-                f"fusedbn.batch_norm: {name} must have shape ({C},) to match the {C} channels of "
-                f"input (dim 1), got {list(t.shape)}")
-
-
-def _dtype_name(dtype):
-    return str(dtype).replace("torch.", "")
+    for t in (running_mean, running_var):
+        if t.dtype not in (input.dtype, torch.float32) or (C is not None
+                                                           and tuple(t.shape) != (C,)):
+            _C.check_running_stats(input, running_mean, running_var)
 
 
 def _forward(input, weight, bias, running_mean, running_var, num_batches_tracked,

@@ -174,3 +174,29 @@ def test_no_grad_records_nothing(device):
     m.bias.requires_grad_(False)
     assert m(x.detach()).grad_fn is None
     assert m(x).grad_fn is not None
+
+
+def test_op_level_entry_rejects_half_the_running_stats(device):
+    """fusedbn.ops.batch_norm skips the functional's checks: running_mean without running_var is
+    still a ValueError naming both, never a crash."""
+    x = torch.randn(4, 3, 5, device=device)
+    with pytest.raises(ValueError, match="running_mean and running_var must both be tensors"):
+        ops.batch_norm(x, torch.zeros(3, device=device), None, None, None, True, 0.1, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["running_mean", "running_var"])
+def test_traced_path_running_stats_check(device, name):
+    """The check the Python paths use (torch.compile, the act modules, sync): Python tests, the C++
+    wording (TypeError for the dtype, RuntimeError for the shape)."""
+    x = torch.randn(4, 3, 5, device=device)
+    kw = {"running_mean": torch.zeros(3, device=device),
+          "running_var": torch.ones(3, device=device)}
+    ops._check_running_stats(x, **kw)  # fine: no error
+    kw[name] = torch.zeros(3, device=device, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"^fusedbn\.batch_norm: %s must be float32 \(the "
+                                        r"input's dtype\) or float32, got float64" % name):
+        ops._check_running_stats(x, **kw)
+    kw[name] = torch.zeros(4, device=device)
+    with pytest.raises(RuntimeError, match=r"^fusedbn\.batch_norm: %s must have shape \(3,\) "
+                                           r"to match the 3 channels of input" % name):
+        ops._check_running_stats(x, **kw)
