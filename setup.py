@@ -9,6 +9,18 @@ Environment:
                        and a CUDA toolkit)
   TORCH_CUDA_ARCH_LIST e.g. "9.0" or "8.0;9.0+PTX" (honoured by torch.utils.cpp_extension)
   MAX_JOBS             parallel compile jobs (honoured by ninja through torch.utils.cpp_extension)
+  FUSEDBN_DEBUG_INFO=1 keep -g (debug info): by default it is dropped (-g0), which changes no
+                       instruction of the code but takes a third off the compile time
+
+What is compiled how often (the build's time is the CPU kernels' template instantiations):
+  csrc/*.cpp                  once, into fusedbn._C
+  csrc/cpu/*.cpp              once per CPU variant (the kernels: hot, vectorized per instruction set)
+  CPU_ONCE below              once, with the portable flags, and linked into every variant: the
+                              kernel registration and the C-value running-statistics update, which
+                              gain nothing from AVX2
+  csrc/cpu/module.cpp         per variant, but a few lines of CPython API (the module's name)
+
+`pip install -v --no-build-isolation .` shows ninja's [k/n] line for every unit it compiles.
 """
 import glob
 import os
@@ -27,6 +39,9 @@ except ImportError as e:  # pip's isolated build environment has no torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# Not hot and nothing to vectorize: compiled once, with the first (portable) variant, whose objects
+# the other variants link (see BuildExtensionPerTarget).
+CPU_ONCE = ["csrc/cpu/register.cpp", "csrc/cpu/bn_running_stats.cpp"]
 
 
 def read_version():
@@ -76,10 +91,22 @@ def cuda_arch_list():
 class BuildExtensionPerTarget(BuildExtension):
     """The CPU kernels are compiled once per instruction set from the same sources; give every
     extension its own object folder so that the objects of one variant never stand in for the
-    other's."""
+    other's. An extension with `objects_from = (other extension's name, sources)` links those
+    sources' objects as the other extension compiled them (it must come earlier in the list)."""
 
     def build_extension(self, ext):
         base = self.build_temp
+        shared = getattr(ext, "objects_from", None)
+        if shared:
+            donor, sources = shared
+            objects = self.compiler.object_filenames(
+                sources, output_dir=os.path.join(base, donor.replace(".", "_")))
+            missing = [o for o in objects if not os.path.exists(o)]
+            if missing:
+                raise RuntimeError("fusedbn build: %s links objects of %s that were not built: %s"
+                                   % (ext.name, donor, ", ".join(missing)))
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+            ext.depends = list(ext.depends or []) + objects  # relink when they change
         self.build_temp = os.path.join(base, ext.name.replace(".", "_"))
         try:
             super().build_extension(ext)
@@ -92,6 +119,11 @@ def main():
     build_cuda, reason = want_cuda()
     common_cxx = ["-O3", "-DFUSEDBN_VERSION=\"%s\"" % version,
                   "-DFUSEDBN_TORCH_VERSION=\"%s\"" % torch.__version__]
+    debug_info = env_flag("FUSEDBN_DEBUG_INFO")
+    if not debug_info:
+        # Python's own CFLAGS carry -g: debug info for these templates is most of the objects'
+        # size (35 MB per variant) and a third of the compile time. -g0, after it, wins.
+        common_cxx.append("-g0")
     include_dirs = [os.path.join(ROOT, "csrc")]
 
     extensions = []
@@ -114,6 +146,7 @@ def main():
             extra_compile_args={"cxx": common_cxx}))
 
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
+    hot_sources = [s for s in cpu_sources if s not in CPU_ONCE]
     variants = [("default", ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"])]
     if platform.machine().lower() in ("x86_64", "amd64"):
         variants.append(("avx2", ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2",
@@ -121,18 +154,24 @@ def main():
     # at::parallel_for is an inline `#pragma omp parallel`: without OpenMP the CPU kernels would
     # silently run on one thread. libgomp resolves to the copy torch has already loaded.
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
-    for name, flags in variants:
-        extensions.append(CppExtension(
-            "fusedbn._cpu_" + name, cpu_sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": common_cxx + openmp + flags},
-            extra_link_args=openmp))
+    for i, (name, flags) in enumerate(variants):
+        ext = CppExtension(
+            "fusedbn._cpu_" + name, cpu_sources if i == 0 else hot_sources,
+            include_dirs=include_dirs, extra_compile_args={"cxx": common_cxx + openmp + flags},
+            extra_link_args=openmp)
+        if i > 0:
+            ext.objects_from = ("fusedbn._cpu_" + variants[0][0], CPU_ONCE)
+        extensions.append(ext)
 
     print("fusedbn %s build configuration:" % version)
     print("  torch %s (CUDA %s)" % (torch.__version__, torch.version.cuda))
-    print("  CPU kernels: %s" % ", ".join(name for name, _ in variants))
+    print("  CPU kernels: %s (%s compiled once)" % (", ".join(name for name, _ in variants),
+                                                   ", ".join(os.path.basename(s) for s in CPU_ONCE)))
     print("  CUDA kernels: %s (%s)%s" % ("yes" if build_cuda else "no", reason,
                                          ", arch " + arch if build_cuda else ""))
-    print("  MAX_JOBS=%s" % os.environ.get("MAX_JOBS", "(ninja default)"))
+    print("  MAX_JOBS=%s, debug info %s" % (os.environ.get("MAX_JOBS", "(ninja default)"),
+                                            "on (FUSEDBN_DEBUG_INFO=1)" if debug_info else "off"))
+    sys.stdout.flush()  # before the compiler's output, also when stdout is a pipe (pip -v)
 
     setup(
         name="fusedbn",

@@ -1,9 +1,11 @@
-// Registers the CPU kernels and makes this build variant importable as a Python module
-// (fusedbn._cpu_default or fusedbn._cpu_avx2; fusedbn/_ext.py imports exactly one of them).
+// Registers the CPU kernels with the dispatcher. Compiled once, with the portable flags, and linked
+// into every variant (fusedbn._cpu_default, fusedbn._cpu_avx2; see CPU_ONCE in setup.py): it only
+// takes the addresses of the variant's kernels, so it gains nothing from AVX2, and its template
+// instantiations (the boxing wrappers of ten signatures) are a large unit to compile twice.
+// The Python module of a variant is module.cpp.
 #include "bn_act.h"
 #include "kernels.h"
 
-#include <pybind11/pybind11.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY_IMPL(fusedbn, CPU, m) {
@@ -17,13 +19,4 @@ TORCH_LIBRARY_IMPL(fusedbn, CPU, m) {
   m.impl("act_forward_train", &fusedbn::cpu::act_forward_train);
   m.impl("act_forward_eval", &fusedbn::cpu::act_forward_eval);
   m.impl("act_backward", &fusedbn::cpu::act_backward);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fusedbn CPU kernels (one instruction-set variant)";
-#if defined(CPU_CAPABILITY_AVX2)
-  m.attr("variant") = "avx2";
-#else
-  m.attr("variant") = "default";
-#endif
 }
