@@ -1,6 +1,9 @@
 """fusedbn.functional.batch_norm: torch.nn.functional.batch_norm's signature and semantics on the
-fusedbn kernels."""
+fusedbn kernels. Its errors start with "fusedbn.functional.batch_norm: " (torch's own checks keep
+torch's words)."""
 from . import ops
+
+ENTRY = "fusedbn.functional.batch_norm"
 
 
 def verify_batch_size(size):
@@ -22,14 +25,16 @@ def check_eps(eps, use_batch_stats):
 
 
 def check_running_stats(running_mean, running_var, use_batch_stats):
+    """running_mean and running_var both given or both None; given in evaluation mode. (The
+    modules call this too: they put their own name in front of the message.)"""
     if (running_mean is None) != (running_var is None):
         raise ValueError(
-            "fusedbn.batch_norm: running_mean and running_var must both be tensors or both be "
+            f"{ENTRY}: running_mean and running_var must both be tensors or both be "
             f"None, got running_mean={'None' if running_mean is None else 'a tensor'} and "
             f"running_var={'None' if running_var is None else 'a tensor'}")
     if not use_batch_stats and running_mean is None:  # torch's exception type and wording
         raise RuntimeError(
-            "running_mean must be defined in evaluation mode (fusedbn.batch_norm with "
+            f"running_mean must be defined in evaluation mode ({ENTRY} with "
             "training=False normalizes with running_mean and running_var)")
 
 
@@ -47,6 +52,11 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     check_eps(eps, training)
     check_running_stats(running_mean, running_var, training)
     if momentum is None:
-        raise TypeError("fusedbn.batch_norm: momentum must be a float, not None (momentum=None, "
+        raise TypeError(f"{ENTRY}: momentum must be a float, not None (momentum=None, "
                         "the cumulative average, needs the modules' num_batches_tracked)")
-    return ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    try:
+        return ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                              eps)
+    except (RuntimeError, TypeError, ValueError) as e:
+        ops.name_entry_point(e, ENTRY)
+        raise

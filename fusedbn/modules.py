@@ -1,9 +1,27 @@
 """Drop-in batch-norm modules: subclasses of nn.BatchNorm1d/2d/3d (same constructor, parameters,
-buffers, state_dict keys and input checks) whose forward runs the fusedbn kernels."""
+buffers, state_dict keys and input checks) whose forward runs the fusedbn kernels.
+
+Errors speak of the module the user called: a channel mismatch names the module and its
+num_features, and every other message of fusedbn's starts with the module's class name (torch's
+own messages, for the input's rank, eps or a single value per channel, keep torch's words)."""
 from torch import nn
 
 from . import ops
 from .functional import check_eps, check_running_stats, verify_batch_size
+
+
+def check_channels(module, input, per_channel):
+    """Raises when the input's channel count differs from num_features and a per-channel tensor
+    of the module (weight, bias, running statistics: those the call uses) does not fit it: the
+    message names the module and num_features, as the user wrote them. (Without per-channel
+    tensors torch normalizes any channel count, and so does fusedbn.)"""
+    C = input.shape[1]
+    if all(t is None or t.shape == (C,) for t in per_channel):
+        return
+    name = type(module).__name__
+    raise RuntimeError(
+        f"{name}({module.num_features}) expects {module.num_features} channels (num_features), "
+        f"got input with {C} channels (input of shape {tuple(input.shape)}, channels in dim 1)")
 
 
 class _FusedBatchNormMixin:
@@ -13,9 +31,14 @@ class _FusedBatchNormMixin:
     has passed every check, so a rejected batch leaves the module's state untouched."""
 
     def forward(self, input):
-        running_mean, running_var, use_batch_stats, momentum, counter = self._batch_norm_args(input)
-        return ops.batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                              use_batch_stats, momentum, self.eps, counter)
+        try:
+            running_mean, running_var, use_batch_stats, momentum, counter = (
+                self._batch_norm_args(input))
+            return ops.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                  use_batch_stats, momentum, self.eps, counter)
+        except (RuntimeError, TypeError, ValueError) as e:
+            ops.name_entry_point(e, type(self).__name__)
+            raise
 
     def _batch_norm_args(self, input):
         """Checks input and options as nn.BatchNorm does and returns the statistics arguments of
@@ -35,6 +58,8 @@ class _FusedBatchNormMixin:
                 counter = self.num_batches_tracked
             else:
                 running_mean = running_var = None
+        if input.shape[1] != self.num_features:
+            check_channels(self, input, (self.weight, self.bias, running_mean, running_var))
         check_eps(self.eps, use_batch_stats)
         check_running_stats(running_mean, running_var, use_batch_stats)
         momentum = self.momentum

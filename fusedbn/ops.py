@@ -11,6 +11,8 @@ and the local pieces of synchronized batch norm (fusedbn/sync.py exchanges their
   backward_reduce(grad_output, input, mean) -> (sum_dy, sum_dy_xmu)
   backward_elemt(grad_output, input, weight?, mean, invstd, sum_dy, sum_dy_xmu, count) -> grad_input
 """
+import re
+
 import torch
 
 from . import _ext
@@ -27,6 +29,21 @@ _is_compiling = torch.compiler.is_compiling
 
 # Read once at import: a constant for torch.compile to trace through.
 _BACKENDS = frozenset(_ext.build_info()["backends"])
+
+# The prefixes of fusedbn's own messages: "fusedbn: ", "fusedbn.<op>: ", "fusedbn.ops.batch_norm: "
+ENTRY = "fusedbn.ops.batch_norm"
+_PREFIX = re.compile(r"^fusedbn(\.\w+)*: ")
+
+
+def name_entry_point(error, entry):
+    """Puts the public entry point the user called (fusedbn.functional.batch_norm,
+    FusedBatchNorm2d, ...) in front of a fusedbn message instead of the operator that checked
+    it (fusedbn.forward_train, fusedbn.batch_norm, ...), so that one call's messages share one
+    prefix. Changes the exception in place (the caller re-raises it, traceback intact); messages
+    that are not fusedbn's (torch's own wording) are left alone."""
+    if error.args and isinstance(error.args[0], str):
+        text = _PREFIX.sub(lambda _: entry + ": ", error.args[0], count=1)
+        error.args = (text,) + error.args[1:]
 
 
 def _check_device_supported(tensor):
@@ -192,8 +209,12 @@ def batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, 
     the kernels' lead over torch's. torch.compile traces the Python path below instead (dynamo
     cannot look into a C++ call)."""
     if not _is_compiling():
-        return _C.batch_norm(input, weight, bias, running_mean, running_var, counter,
-                             use_batch_stats, momentum, eps)
+        try:
+            return _C.batch_norm(input, weight, bias, running_mean, running_var, counter,
+                                 use_batch_stats, momentum, eps)
+        except (RuntimeError, TypeError, ValueError) as e:
+            name_entry_point(e, ENTRY)
+            raise
     _check_device_supported(input)
     if counter is not None:
         counter.add_(1)

@@ -1,5 +1,8 @@
 """Every user-facing error: the exception type and the message (which names the argument at
-fault)."""
+fault), in the terms of the entry point the user called: a module's messages start with its class
+name (a channel mismatch names the module and its num_features), fusedbn.functional.batch_norm's
+with "fusedbn.functional.batch_norm: ", fusedbn.ops.batch_norm's with "fusedbn.ops.batch_norm: ";
+torch's own checks keep torch's words."""
 import pytest
 import torch
 import torch.nn as nn
@@ -34,8 +37,41 @@ def test_module_wrong_rank(device, cls, shape, msg, training):
 def test_module_channel_mismatch(device, training, affine, track):
     m = fusedbn.FusedBatchNorm2d(3, affine=affine, track_running_stats=track,
                                  device=device).train(training)
-    with pytest.raises(RuntimeError, match=r"^fusedbn\.\w+: \w+ must have shape \(4,\)"):
+    before = [b.clone() for b in m.buffers()]
+    with pytest.raises(RuntimeError, match=r"^FusedBatchNorm2d\(3\) expects 3 channels "
+                                           r"\(num_features\), got input with 4 channels"):
         m(torch.randn(2, 4, 3, 3, device=device))
+    for a, b in zip(m.buffers(), before):
+        assert torch.equal(a, b), "a refused batch changed the module's state"
+
+
+CHANNEL_MISMATCH = [
+    (fusedbn.FusedBatchNorm1d, (8, 10)),
+    (fusedbn.FusedBatchNorm1d, (8, 10, 5)),
+    (fusedbn.FusedBatchNorm2d, (2, 10, 3, 3)),
+    (fusedbn.FusedBatchNorm3d, (2, 10, 2, 3, 3)),
+    (fusedbn.FusedBatchNormAct2d, (2, 10, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("cls,shape", CHANNEL_MISMATCH,
+                         ids=["%s-%dD" % (c.__name__, len(s)) for c, s in CHANNEL_MISMATCH])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_module_channel_mismatch_names_module_and_num_features(device, cls, shape, training):
+    """The user's view: FusedBatchNorm2d(12) was given 10 channels."""
+    m = cls(12, device=device).train(training)
+    name = cls.__name__
+    with pytest.raises(RuntimeError, match=r"^%s\(12\) expects 12 channels \(num_features\), "
+                                           r"got input with 10 channels" % name):
+        m(torch.randn(shape, device=device))
+
+
+def test_module_channel_mismatch_under_no_grad_and_channels_last(device):
+    m = fusedbn.FusedBatchNorm2d(12, device=device).eval()
+    x = torch.randn(2, 10, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"^FusedBatchNorm2d\(12\) expects "
+                                                            r"12 channels"):
+        m(x)
 
 
 def test_channel_count_free_without_per_channel_tensors(device):
@@ -117,7 +153,8 @@ def fargs(device, dtype=torch.float32, C=3):
 def test_wrong_channel_tensor_shape(device, name, bad, training):
     kw = fargs(device)
     kw[name] = torch.ones(bad, device=device)
-    with pytest.raises(RuntimeError, match=r"^fusedbn\.\w+: %s must have shape \(3,\)" % name):
+    with pytest.raises(RuntimeError, match=r"^fusedbn\.functional\.batch_norm: %s must have "
+                                           r"shape \(3,\)" % name):
         FUSED_F(training=training, **kw)
 
 
@@ -131,7 +168,7 @@ def test_wrong_channel_tensor_shape(device, name, bad, training):
 def test_wrong_channel_tensor_dtype(device, name, input_dtype, bad_dtype, training):
     kw = fargs(device, input_dtype)
     kw[name] = kw[name].to(bad_dtype)
-    with pytest.raises(TypeError, match=r"^fusedbn\.\w+: %s must be" % name):
+    with pytest.raises(TypeError, match=r"^fusedbn\.functional\.batch_norm: %s must be" % name):
         FUSED_F(training=training, **kw)
 
 
@@ -149,7 +186,7 @@ def test_module_with_params_of_another_dtype(device, training):
     x = torch.randn(4, 3, 2, 2, device=device)
     for dtype in (torch.float64, torch.bfloat16, torch.float16):
         m = fusedbn.FusedBatchNorm2d(3, device=device, dtype=dtype).train(training)
-        with pytest.raises(TypeError, match=r"^fusedbn\.\w+: (weight|bias|running_mean|"
+        with pytest.raises(TypeError, match=r"^FusedBatchNorm2d: (weight|bias|running_mean|"
                                             r"running_var) must be"):
             m(x)
     m = fusedbn.FusedBatchNorm2d(3, device=device).train(training)
@@ -171,12 +208,75 @@ def test_input_dtype(device, dtype, training):
         fusedbn.FusedBatchNorm2d(3, device=device).train(training)(x)
 
 
+# ---------------------------------------------------------------------------------------------
+# One prefix per entry point: whichever operator found the fault, the message starts with what
+# the user called
+# ---------------------------------------------------------------------------------------------
+def _bad_calls(device):
+    """(description, kwargs of fargs changed, training) that fusedbn refuses in its own words."""
+    return [
+        ("weight shape, train", {"weight": torch.ones(4, device=device)}, True),
+        ("weight shape, eval", {"weight": torch.ones(4, device=device)}, False),
+        ("running_var dtype, train", {"running_var": torch.ones(3, device=device,
+                                                                dtype=torch.float64)}, True),
+        ("running_mean shape, train", {"running_mean": torch.zeros(4, device=device)}, True),
+        ("running_var dtype, eval", {"running_var": torch.ones(3, device=device,
+                                                               dtype=torch.float64)}, False),
+        ("integer input, train", {"input": torch.ones(4, 3, 2, 2, device=device,
+                                                      dtype=torch.int64)}, True),
+        ("integer input, eval", {"input": torch.ones(4, 3, 2, 2, device=device,
+                                                     dtype=torch.int64)}, False),
+    ]
+
+
+@pytest.mark.parametrize("entry", ["fusedbn.functional.batch_norm", "fusedbn.ops.batch_norm"])
+def test_one_prefix_per_function(device, entry):
+    call = {"fusedbn.functional.batch_norm": FUSED_F,
+            "fusedbn.ops.batch_norm": lambda input, running_mean, running_var, weight, bias,
+            training: fusedbn.ops.batch_norm(input, running_mean, running_var, weight, bias,
+                                             training, 0.1, 1e-5)}[entry]
+    for what, change, training in _bad_calls(device):
+        kw = dict(fargs(device), **change)
+        with pytest.raises((RuntimeError, TypeError)) as info:
+            call(training=training, **kw)
+        assert str(info.value).startswith(entry + ": "), (what, str(info.value))
+
+
+def test_one_prefix_per_module(device):
+    x = torch.randn(4, 3, 2, 2, device=device)
+    for training in (True, False):
+        for dtype in (torch.float64, torch.bfloat16):  # parameters the input cannot use
+            m = fusedbn.FusedBatchNorm2d(3, device=device, dtype=dtype).train(training)
+            with pytest.raises(TypeError, match=r"^FusedBatchNorm2d: \w+ must be"):
+                m(x)
+        m = fusedbn.FusedBatchNorm2d(3, device=device).train(training)
+        with pytest.raises(TypeError, match=r"^FusedBatchNorm2d: input must be float32, float64, "
+                                            r"float16 or bfloat16, got int64"):
+            m(x.long())
+    m = fusedbn.FusedBatchNorm1d(3, device=device)
+    with pytest.raises(TypeError, match=r"^FusedBatchNorm1d: input must be float32"):
+        m(torch.ones(4, 3, dtype=torch.int32, device=device))
+
+
+def test_torch_wording_kept(device):
+    """Where torch has a message, fusedbn's module gives torch's (no prefix of its own)."""
+    x = torch.randn(4, 3, 2, 2, device=device)
+    for cls_f, cls_t in ((fusedbn.FusedBatchNorm2d, nn.BatchNorm2d),):
+        for bad, kw in ((torch.randn(4, 3, 2, device=device), {}), (x, {"eps": 0.0})):
+            with pytest.raises(ValueError) as ours:
+                cls_f(3, device=device, **kw)(bad)
+            with pytest.raises(ValueError) as theirs:
+                cls_t(3, device=device, **kw)(bad)
+            assert str(ours.value) == str(theirs.value)
+
+
 @pytest.mark.parametrize("given", ["running_mean", "running_var"])
 def test_running_mean_without_running_var(device, given):
     kw = fargs(device)
     kw["running_var" if given == "running_mean" else "running_mean"] = None
     # torch's ValueError; the wording may differ but must name both arguments
-    with pytest.raises(ValueError, match="running_mean and running_var must"):
+    with pytest.raises(ValueError, match=r"^fusedbn\.functional\.batch_norm: running_mean and "
+                                         r"running_var must"):
         FUSED_F(training=True, **kw)
 
 
