@@ -1,10 +1,15 @@
 """python -m benchmarks: the fusedbn benchmark suite (see benchmarks/__init__.py).
 
 Examples:
+  python -m benchmarks --preset main --check          # the main job's short run (scripts/run.sh)
   python -m benchmarks --quick                        # smoke test, about a minute on a CPU
   python -m benchmarks --threads 2 --check            # CPU: the `cpu` shape set, all modes
+  python -m benchmarks --threads 2 --check --commit-results   # the same, into benchmarks/results/
   python -m benchmarks --shapes resnet50 --modes fwd,bwd --providers fusedbn,cudnn
   python -m benchmarks --report --markdown perf.md    # README section from results/*.json
+
+Results go to benchmarks/out/ (git-ignored) unless --out or --commit-results says otherwise:
+benchmarks/results/ holds only the committed sweeps.
 """
 import argparse
 import os
@@ -18,12 +23,27 @@ from . import cases, environment, plot, report, runner, timing, verify
 from .providers import configure_compile, default_providers, resolve_providers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Where runs write unless told otherwise (git-ignored), and where the committed sweeps live.
+OUT_DIR = os.path.join(HERE, "out")
+RESULTS_DIR = os.path.join(HERE, "results")
 # Defaults per device type: (warmup, min_time_s, min_repeats, max_repeats). On the CPU a call's
 # time spreads by 20-30% (IQR) from one repeat to the next; with 7-40 repeats per case the medians
 # of two sweeps differed by up to 10% on the small layers, so the CPU sweep takes at least 15 and
 # up to 100 (64 cases x 3 providers: about 5 minutes on 2 cores).
 TIMING_DEFAULTS = {"cpu": (3, 0.75, 15, 100), "cuda": (10, 0.2, 25, 300)}
 QUICK_TIMING = (2, 0.02, 3, 10)
+# What each --preset runs: shape sets (None: the device's default), modes, dtypes (None: the
+# device's default), timing (None: TIMING_DEFAULTS), seconds to wait for a quiet CPU per case.
+# `main` is the main job's short run: 30 cases, each provider timed 10-25 times (the medians
+# of the 64-case sweep's 15-100 repeats move by a few percent more), about 2 minutes on 2 cores.
+PRESETS = {
+    "full": {"shapes": None, "modes": list(cases.MODES), "dtypes": None, "timing": None,
+             "quiet_wait": 3.0},
+    "main": {"shapes": ["main"], "modes": ["fwd", "bwd", "fwdbwd"],
+             "dtypes": ["float32", "bfloat16"], "timing": (2, 0.2, 10, 25), "quiet_wait": 0.5},
+    "quick": {"shapes": ["quick"], "modes": list(cases.MODES), "dtypes": None,
+              "timing": QUICK_TIMING, "quiet_wait": 0.5},
+}
 
 
 def _csv(text):
@@ -37,15 +57,20 @@ def parse_args(argv):
     a("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda when available)")
     a("--providers", type=_csv, help="comma list of fusedbn, torch, cudnn, torch_native, "
       "compile (default: CPU fusedbn,torch,compile; CUDA fusedbn,cudnn,torch_native,compile)")
-    a("--modes", type=_csv, default=list(cases.MODES), help="comma list of "
+    a("--preset", choices=list(PRESETS), help="what to run: full (default: the device's shape "
+      "sets, all modes), main (the main job's short run, about 2 minutes on 2 CPU cores) or "
+      "quick (smoke test); --shapes, --modes, --dtypes and the timing options override it")
+    a("--modes", type=_csv, help="comma list of "
       + "; ".join("%s: %s" % kv for kv in cases.MODE_HELP.items()))
     a("--dtypes", type=_csv, help="comma list of %s (default: float32,bfloat16 on the CPU, "
       "all three on CUDA)" % ",".join(cases.DTYPES))
-    a("--layouts", type=_csv, default=list(cases.LAYOUTS), help="nchw,channels_last")
+    a("--layouts", type=_csv, default=list(cases.MEMORY_FORMATS), help="comma list of memory "
+      "formats (contiguous, channels_last) or layout labels (%s); default: both formats"
+      % ", ".join(cases.LAYOUTS))
     a("--shapes", type=_csv, help="comma list of shape sets %s or groups %s (default: cpu on "
       "the CPU, gpu on CUDA)" % (list(cases.SHAPE_SETS), list(cases.SHAPE_GROUPS)))
-    a("--quick", action="store_true", help="the `quick` shape set and few repeats (smoke test); "
-      "results go to benchmarks/results/quick/ unless --out is given")
+    a("--quick", action="store_true", help="the same as --preset quick: the `quick` shape set "
+      "and few repeats (smoke test)")
     a("--threads", type=int, help="torch.set_num_threads (default: torch's, %d here)"
       % torch.get_num_threads())
     a("--warmup", type=int, help="warm-up calls per provider and case")
@@ -66,7 +91,11 @@ def parse_args(argv):
     a("--check", action="store_true", help="before timing, compare every provider's outputs "
       "with a float64 reference; providers that fail are not timed")
     a("--seed", type=int, default=0)
-    a("--out", help="results JSON (default benchmarks/results/<device>.json: cpu, h100, ...)")
+    a("--out", help="results JSON (default benchmarks/out/<device>[-<preset>].json, device cpu, "
+      "h100, ...; benchmarks/out/ is git-ignored)")
+    a("--commit-results", action="store_true", help="write the results into "
+      "benchmarks/results/<device>.json (and .png), the files the README's performance section "
+      "is generated from; full sweeps only")
     a("--plot", help="PNG path (default: the --out path with .png)")
     a("--no-plot", action="store_true")
     a("--report", action="store_true", help="do not measure: print the Markdown performance "
@@ -74,7 +103,16 @@ def parse_args(argv):
     a("--results", default=os.path.join(os.path.relpath(HERE), "results", "*.json"),
       help="glob of the results files read by --report (default %(default)s)")
     a("--markdown", help="with --report: write the Markdown to this file instead of stdout")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        if args.preset not in (None, "quick"):
+            p.error("--quick is --preset quick; it cannot go with --preset %s" % args.preset)
+        args.preset = "quick"
+    args.preset = args.preset or "full"
+    if args.commit_results and (args.out or args.preset != "full"):
+        p.error("--commit-results writes the full sweep to benchmarks/results/<device>.json: "
+                "it takes neither --out nor --preset %s" % args.preset)
+    return args
 
 
 def do_report(args):
@@ -92,17 +130,25 @@ def do_report(args):
 
 def sweep_config(args, device):
     """Fills in the device-dependent defaults; returns (SweepConfig, list of cases)."""
-    warmup, min_time, lo, hi = QUICK_TIMING if args.quick else TIMING_DEFAULTS[device.type]
-    shape_sets = cases.expand_shape_sets(
-        args.shapes or (["quick"] if args.quick else cases.default_shape_sets(device.type)))
-    dtypes = args.dtypes or (["float32", "bfloat16"] if device.type == "cpu"
-                             else list(cases.DTYPES))
-    for name, values, known in (("modes", args.modes, cases.MODES),
-                                ("dtypes", dtypes, cases.DTYPES),
-                                ("layouts", args.layouts, cases.LAYOUTS)):
+    preset = PRESETS[args.preset]
+    warmup, min_time, lo, hi = preset["timing"] or TIMING_DEFAULTS[device.type]
+    try:
+        shape_sets = cases.expand_shape_sets(
+            args.shapes or preset["shapes"] or cases.default_shape_sets(device.type))
+    except ValueError as e:
+        raise SystemExit("--shapes: %s" % e)
+    dtypes = args.dtypes or preset["dtypes"] or (["float32", "bfloat16"] if device.type == "cpu"
+                                                 else list(cases.DTYPES))
+    modes = args.modes or preset["modes"]
+    for name, values, known in (("modes", modes, cases.MODES),
+                                ("dtypes", dtypes, cases.DTYPES)):
         bad = [v for v in values if v not in known]
         if bad:
             raise SystemExit("--%s: unknown %s (known: %s)" % (name, bad, ", ".join(known)))
+    bad = cases.check_layouts(args.layouts)
+    if bad:
+        raise SystemExit("--layouts: unknown %s (known: %s)" % (
+            bad, ", ".join(cases.MEMORY_FORMATS + cases.LAYOUTS)))
     try:
         providers = resolve_providers(args.providers or default_providers(device.type),
                                       device.type)
@@ -115,10 +161,14 @@ def sweep_config(args, device):
         repeats=args.repeats, min_repeats=args.min_repeats or lo,
         max_repeats=args.max_repeats or hi, check=args.check, seed=args.seed,
         monitor=load_monitor(args, device),
-        quiet_wait=args.quiet_wait if args.quiet_wait is not None else (0.5 if args.quick else 3))
-    case_list = cases.make_cases(shape_sets, dtypes, args.layouts, args.modes)
-    meta = {"shape_sets": shape_sets, "dtypes": dtypes, "layouts": args.layouts,
-            "modes": args.modes, "providers": [p.name for p in providers]}
+        quiet_wait=args.quiet_wait if args.quiet_wait is not None else preset["quiet_wait"],
+        probe=timing.CopyProbe(device))
+    case_list = cases.make_cases(shape_sets, dtypes, args.layouts, modes)
+    if not case_list:
+        raise SystemExit("no cases: --layouts %s does not apply to the shape sets %s"
+                         % (",".join(args.layouts), ",".join(shape_sets)))
+    meta = {"preset": args.preset, "shape_sets": shape_sets, "dtypes": dtypes,
+            "layouts": args.layouts, "modes": modes, "providers": [p.name for p in providers]}
     return cfg, case_list, meta
 
 
@@ -131,9 +181,12 @@ def load_monitor(args, device):
 
 
 def default_out(args, slug):
-    """benchmarks/results/<slug>.json (results/quick/ for --quick runs, which are not kept)."""
-    sub = ("results", "quick") if args.quick else ("results",)
-    return os.path.join(os.path.relpath(HERE), *sub, slug + ".json")
+    """benchmarks/results/<slug>.json with --commit-results; otherwise benchmarks/out/<slug>.json
+    (<slug>-main.json, <slug>-quick.json for the presets), which git ignores."""
+    if args.commit_results:
+        return os.path.join(os.path.relpath(RESULTS_DIR), slug + ".json")
+    suffix = "" if args.preset == "full" else "-" + args.preset
+    return os.path.join(os.path.relpath(OUT_DIR), slug + suffix + ".json")
 
 
 def _warn_if_busy(cfg):
@@ -147,10 +200,19 @@ def _warn_if_busy(cfg):
                   "re-run, up to a limit, and counted in the results" % busy, file=sys.stderr)
 
 
+def _sweep_load(cfg):
+    """A LoadMonitor over the whole sweep (its others() at the end: the cores that other
+    processes used on average meanwhile), or None where there is none."""
+    if not cfg.monitor:
+        return None
+    return timing.LoadMonitor(cfg.monitor.threshold)
+
+
 def _config_record(args, cfg, meta, timer, seconds):
     """The 'config' section of the results: what ran and how it was measured."""
     command = "python -m benchmarks " + " ".join(map(shlex.quote, sys.argv[1:]))
-    return dict(meta, command=command, quick=args.quick, check=cfg.check, seed=cfg.seed,
+    return dict(meta, command=command, quick=args.preset == "quick", check=cfg.check,
+                seed=cfg.seed,
                 warmup=cfg.warmup, min_time_s=cfg.min_time, repeats=cfg.repeats,
                 min_repeats=cfg.min_repeats, max_repeats=cfg.max_repeats,
                 flush_bytes=timer.flush_bytes,
@@ -171,6 +233,9 @@ def _save(args, doc):
         png = args.plot or os.path.splitext(out)[0] + ".png"
         if plot.plot(doc, png):
             print("wrote %s" % png, file=sys.stderr)
+    for line in report.contention_note(doc)[:1]:
+        if line.startswith("warning:"):  # repeated last, where it is seen
+            print(line, file=sys.stderr)
 
 
 def measure(args):
@@ -193,12 +258,16 @@ def measure(args):
     _warn_if_busy(cfg)
 
     t0 = time.perf_counter()
+    load = _sweep_load(cfg)
     bandwidth = timing.copy_bandwidth(device, monitor=cfg.monitor)
-    print("copy bandwidth %.1f GB/s" % (bandwidth["bytes_per_s"] / 1e9), file=sys.stderr)
+    print("copy bandwidth %.1f GB/s (best of %d copies; the copies timed beside each case may "
+          "raise it)" % (bandwidth["bytes_per_s"] / 1e9, bandwidth["stats"]["n"]),
+          file=sys.stderr)
     timer = timing.Timer(device, args.flush_mb)
-    records = runner.run_sweep(case_list, cfg, timer, bandwidth["bytes_per_s"])
+    records, bandwidth = runner.run_sweep(case_list, cfg, timer, bandwidth)
     config = _config_record(args, cfg, meta, timer, time.perf_counter() - t0)
     config["allocator"] = allocator
+    config["others_cores_during_sweep"] = load.others() if load else None
     doc = {"schema": report.SCHEMA, "env": env, "config": config,
            "copy_bandwidth": bandwidth, "records": records}
     report.print_report(doc, sys.stdout)

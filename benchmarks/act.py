@@ -14,7 +14,8 @@ Timing: one call at a time with the cache flushed before each (a 64 MB buffer re
 CPU, 256 MB on a GPU, timed with CUDA events there), warm-up calls first, providers interleaved
 round by round in a rotating order (a drift in machine load hits all of them alike), median of
 the rounds; on a shared CPU a round during which other processes ran is discarded and repeated. torch uses 2 threads on the CPU (--threads). Results go to
-benchmarks/results/act_<device>.json with the machine, torch and the commit measured.
+benchmarks/out/act_<device>.json (git-ignored) with the machine, torch and the commit measured;
+--commit-results writes benchmarks/results/act_<device>.json, the committed file, instead.
 """
 import argparse
 import copy
@@ -267,8 +268,14 @@ def main():
     p.add_argument("--e2e-batch", type=int, default=16)
     p.add_argument("--e2e-size", type=int, default=96)
     p.add_argument("--e2e-width", type=int, default=32)
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="results JSON (default "
+                   "benchmarks/out/act_<device>.json; benchmarks/out/ is git-ignored)")
+    p.add_argument("--commit-results", action="store_true", help="write "
+                   "benchmarks/results/act_<device>.json, the committed results, instead")
     args = p.parse_args()
+    if args.commit_results and (args.out or args.quick):
+        p.error("--commit-results writes the full run to benchmarks/results/: it takes neither "
+                "--out nor --quick")
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -319,7 +326,8 @@ def main():
     results["environment"]["load_average_after"] = (os.getloadavg() if hasattr(os, "getloadavg")
                                                     else None)
     results["environment"]["rounds_with_other_processes"] = dict(CONTENDED)
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", "act_%s.json" % kind)
+    folder = "results" if args.commit_results else "out"
+    out = args.out or os.path.join(ROOT, "benchmarks", folder, "act_%s.json" % kind)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=1)

@@ -1,8 +1,13 @@
 """What is measured: shape sets, benchmark cases and their inputs.
 
 A *case* is one (shape, dtype, layout, mode); every provider is timed on the same case, with the
-same input tensors, in the same process. Shapes are (N, C, H, W) for BatchNorm2d, (N, C) for
-BatchNorm1d.
+same input tensors, in the same process. Shapes are (N, C) or (N, C, L) for BatchNorm1d,
+(N, C, H, W) for BatchNorm2d, (N, C, D, H, W) for BatchNorm3d.
+
+A case's layout says what the tensor is: ``nc``, ``ncl``, ``nchw``, ``ncdhw`` (contiguous) or
+``channels_last``, ``channels_last_3d``. --layouts selects by these names or by the two memory
+formats ``contiguous`` and ``channels_last`` (which takes channels_last_3d too). Results files
+written before these names labelled every contiguous case ``nchw``; normalize_layout reads them.
 """
 import itertools
 from dataclasses import dataclass
@@ -20,7 +25,16 @@ MODE_HELP = {
 MIN_TRAFFIC = {"fwd": 2, "infer": 2, "bwd": 3, "fwdbwd": 5}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LAYOUTS = ("nchw", "channels_last")
+# The memory formats a sweep can ask for, and the layout label of each per input rank.
+MEMORY_FORMATS = ("contiguous", "channels_last")
+_LABELS = {
+    ("contiguous", 2): "nc", ("contiguous", 3): "ncl", ("contiguous", 4): "nchw",
+    ("contiguous", 5): "ncdhw", ("channels_last", 4): "channels_last",
+    ("channels_last", 5): "channels_last_3d",
+}
+# Every layout label, in the order tables list them.
+LAYOUTS = ("nc", "ncl", "nchw", "channels_last", "ncdhw", "channels_last_3d")
+_FORMAT_OF = {label: fmt for (fmt, _), label in _LABELS.items()}
 
 _RESNET50 = ((64, 112), (64, 56), (256, 56), (512, 28), (256, 14), (1024, 14), (512, 7), (2048, 7))
 _EFFICIENTNET = ((96, 112), (144, 56), (672, 14), (1152, 7))
@@ -33,6 +47,9 @@ SHAPE_SETS = {
     "bn1d": [(3136, 256)],
     # The CPU set (the default on the CPU): ResNet-like layers that a CPU trains in seconds.
     "cpu": [(32, 64, 56, 56), (8, 64, 112, 112), (32, 256, 14, 14), (32, 512, 7, 7)],
+    # The main job's short run (scripts/run.sh, --preset main): a large and a small-plane image
+    # layer (NCHW and channels_last) and a BatchNorm1d over features.
+    "main": [(32, 64, 56, 56), (32, 256, 14, 14), (4096, 256)],
     # Smoke test for CI and --quick: one small image layer and one BatchNorm1d.
     "quick": [(8, 64, 28, 28), (512, 256)],
 }
@@ -102,7 +119,7 @@ class Case:
 
     @property
     def memory_format(self):
-        if self.layout == "nchw":
+        if _FORMAT_OF[self.layout] == "contiguous":
             return torch.contiguous_format
         return {4: torch.channels_last, 5: torch.channels_last_3d}[len(self.shape)]
 
@@ -112,18 +129,34 @@ class Case:
                 "layout": self.layout, "mode": self.mode}
 
 
-def layout_applies(shape, layout):
-    """channels_last exists only for 4-D (and 5-D) inputs; BatchNorm1d runs contiguous only."""
-    return layout == "nchw" or len(shape) in (4, 5)
+def layout_label(ndim, memory_format):
+    """The label of a `memory_format` ('contiguous' or 'channels_last') tensor of `ndim`
+    dimensions, or None where the format does not exist (channels_last of (N, C) or (N, C, L))."""
+    return _LABELS.get((memory_format, ndim))
+
+
+def normalize_layout(shape, layout):
+    """The label of a record's layout, also for results files that called every contiguous case
+    'nchw' and a 5-D channels_last_3d case 'channels_last'."""
+    if layout in ("nchw", "channels_last") and len(shape) != 4:
+        return layout_label(len(shape), _FORMAT_OF[layout]) or layout
+    return layout
+
+
+def check_layouts(names):
+    """The names --layouts accepts (memory formats and labels); returns the unknown ones."""
+    return [n for n in names if n not in MEMORY_FORMATS and n not in LAYOUTS]
 
 
 def make_cases(shape_sets, dtypes, layouts, modes):
-    """All cases, modes innermost so that each provider's state (a compiled graph) is reused."""
+    """All cases, modes innermost so that each provider's state (a compiled graph) is reused.
+    `layouts` selects memory formats ('contiguous', 'channels_last') and/or layout labels."""
     cases = []
     for name in shape_sets:
-        for shape, dtype, layout in itertools.product(SHAPE_SETS[name], dtypes, layouts):
-            if layout_applies(shape, layout):
-                cases.extend(Case(name, tuple(shape), dtype, layout, m) for m in modes)
+        for shape, dtype, fmt in itertools.product(SHAPE_SETS[name], dtypes, MEMORY_FORMATS):
+            label = layout_label(len(shape), fmt)
+            if label and (fmt in layouts or label in layouts):
+                cases.extend(Case(name, tuple(shape), dtype, label, m) for m in modes)
     return cases
 
 

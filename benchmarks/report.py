@@ -4,6 +4,11 @@ A results document (the JSON file) is {"schema", "env", "config", "copy_bandwidt
 each record is one (case, provider) with its raw samples and statistics, η, memory, the --check
 outcome and the error if it could not run. Everything here reads only documents, so --report
 works on committed files without fusedbn or a GPU.
+
+η is never shown above 1: a kernel cannot move its minimal bytes faster than a copy does, so such
+a value says the copy bandwidth was under-measured (or the data stayed in cache), not that the
+kernel is that good. The sweep flags those records (eta None, eta_above_1 the value) and the
+tables show the flag instead; documents written before the rule are read the same way.
 """
 import glob
 import json
@@ -11,7 +16,7 @@ import math
 import os
 from collections import OrderedDict
 
-from .cases import DTYPES, LAYOUTS, MODES
+from .cases import DTYPES, LAYOUTS, MODES, normalize_layout
 from .environment import describe
 from .providers import REFERENCE
 
@@ -54,9 +59,34 @@ def by_case(records):
     """OrderedDict (set, shape, dtype, layout, mode) -> {provider: record}, in sweep order."""
     out = OrderedDict()
     for r in records:
-        out.setdefault((r["set"], tuple(r["shape"]), r["dtype"], r["layout"], r["mode"]),
-                       {})[r["provider"]] = r
+        out.setdefault(case_key(r), {})[r["provider"]] = r
     return out
+
+
+def case_key(r):
+    """(set, shape, dtype, layout label, mode) of a record (old files' layouts normalized)."""
+    shape = tuple(r["shape"])
+    return (r["set"], shape, r["dtype"], normalize_layout(shape, r["layout"]), r["mode"])
+
+
+ETA_FLAG = "‡"
+
+
+def eta(rec):
+    """η of a record, or None where it was not measured or came out above 1 (see the module
+    docstring; eta_flagged tells the two apart)."""
+    v = (rec or {}).get("eta")
+    return v if v is not None and v <= 1.0 else None
+
+
+def eta_flagged(rec):
+    """Whether the record's η came out above 1 (and is therefore not reported)."""
+    rec = rec or {}
+    return rec.get("eta_above_1") is not None or (rec.get("eta") or 0) > 1.0
+
+
+def _eta_cell(rec):
+    return ETA_FLAG if eta_flagged(rec) else _num(eta(rec), "%.2f")
 
 
 def median(rec):
@@ -94,7 +124,7 @@ def case_table(doc):
     for (_, shape, dtype, layout, mode), recs in by_case(doc["records"]).items():
         times = [_milliseconds(recs.get(p)) for p in provs]
         ratios = [_num(speedup(recs, b), "%.2f") for b in bases]
-        etas = [_num(recs[p].get("eta"), "%.2f") for p in provs]
+        etas = [_eta_cell(recs.get(p)) for p in provs]
         mark = "†" if any(contended(r) for r in recs.values()) else ""
         rows.append([mode, dtype, layout, "x".join(map(str, shape)) + mark]
                     + times + ratios + etas)
@@ -113,7 +143,8 @@ def summary(doc):
     dorder = {d: i for i, d in enumerate([""] + list(DTYPES))}
     lorder = {l: i for i, l in enumerate(("",) + LAYOUTS)}
     out = []
-    for g in sorted(groups, key=lambda g: (order[g[0]], dorder[g[1]], lorder[g[2]])):
+    for g in sorted(groups, key=lambda g: (order[g[0]], dorder.get(g[1], 99),
+                                           lorder.get(g[2], 99))):
         entry = {"mode": g[0], "dtype": g[1], "layout": g[2], "cases": len(groups[g])}
         for b in baselines_of(doc):
             pairs = [(speedup(r, b), k) for k, r in groups[g] if speedup(r, b)]
@@ -123,8 +154,8 @@ def summary(doc):
             entry["min_case_vs_" + b] = None if low[1] is None else " ".join(
                 ["x".join(map(str, low[1][1]))] + list(low[1][2:]))
         for p in providers_of(doc):
-            entry["eta_" + p] = geomean([r[p]["eta"] for _, r in groups[g]
-                                         if r.get(p) and r[p].get("eta")])
+            entry["eta_" + p] = geomean([eta(r.get(p)) for _, r in groups[g]
+                                         if eta(r.get(p))])
         out.append(entry)
     return out
 
@@ -171,14 +202,26 @@ def contended(rec):
 
 
 def contention_note(doc):
-    """A warning when some cases kept timing rounds that shared the CPU with other jobs."""
-    cases = {(r["set"], tuple(r["shape"]), r["dtype"], r["layout"], r["mode"])
-             for r in doc["records"] if contended(r)}
-    if not cases:
-        return []
-    return ["%d of %d cases (marked †) kept timing rounds during which other processes used "
-            "the CPU (contention in the JSON); their times are less reliable"
-            % (len(cases), len(by_case(doc["records"])))]
+    """Warnings: the machine was busy during the sweep; some cases kept timing rounds that shared
+    the CPU with other jobs; some η came out above 1 (not reported)."""
+    out = []
+    load = (doc.get("config") or {}).get("others_cores_during_sweep")
+    threshold = (doc.get("config") or {}).get("load_threshold") or 0.25
+    if load is not None and load > threshold:
+        out.append("warning: the machine was contended: other processes used %.1f cores on "
+                   "average during the sweep; times, speed-ups and η are less reliable (re-run "
+                   "on a quiet machine to compare)" % load)
+    cases = {case_key(r) for r in doc["records"] if contended(r)}
+    if cases:
+        out.append("%d of %d cases (marked †) kept timing rounds during which other processes "
+                   "used the CPU (contention in the JSON); their times are less reliable"
+                   % (len(cases), len(by_case(doc["records"]))))
+    flagged = [r for r in doc["records"] if eta_flagged(r)]
+    if flagged:
+        out.append("%d records (η shown as %s) came out above η = 1, faster than the copy "
+                   "bandwidth allows: the bandwidth was under-measured or their data stayed in "
+                   "cache; their η is not reported" % (len(flagged), ETA_FLAG))
+    return out
 
 
 def headline(doc):
@@ -198,9 +241,19 @@ def method_note(doc):
     return ("Times are medians over interleaved repeats after warm-up, caches flushed between "
             "calls; ×P is t(P) / t(fusedbn) (above 1: fusedbn is faster); η = minimal bytes / "
             "(time × copy bandwidth), minimal bytes = 2|x| (fwd, infer), 3|x| (bwd), 5|x| "
-            "(fwdbwd); copy bandwidth measured in the same run: %.1f GB/s. Parameters are float32 "
-            "(as under AMP). Modes: %s.%s" % (bw["bytes_per_s"] / 1e9, ", ".join(cfg["modes"]),
-                                              _allocator_note(cfg)))
+            "(fwdbwd); copy bandwidth measured in the same run: %.1f GB/s%s. Parameters are "
+            "float32 (as under AMP). Modes: %s.%s" % (
+                bw["bytes_per_s"] / 1e9, _bandwidth_how(bw), ", ".join(cfg["modes"]),
+                _allocator_note(cfg)))
+
+
+def _bandwidth_how(bw):
+    """How the copy bandwidth was found (results files older than the per-case copies say
+    nothing)."""
+    if not bw.get("probe_samples"):
+        return ""
+    return (" (the best of %d copies, timed before the sweep and beside the cases in their "
+            "timing rounds)" % (bw["probe_samples"] + bw["stats"]["n"]))
 
 
 def _allocator_note(cfg):

@@ -28,6 +28,7 @@ class SweepConfig:
     seed: int = 0
     monitor: Optional[timing.LoadMonitor] = None  # CPU: re-run rounds shared with other jobs
     quiet_wait: float = 0.0  # seconds to wait for a quiet CPU before each case
+    probe: Optional[timing.CopyProbe] = None  # copies timed beside each case (copy bandwidth)
 
 
 def _error_text(e):
@@ -102,7 +103,7 @@ def _measure(cfg, timer, benches, records, inputs, estimates):
         contention["waited_s"] = cfg.monitor.wait_quiet(cfg.quiet_wait)
     repeats = cfg.repeats or timing.choose_repeats(estimates, cfg.min_time, cfg.min_repeats,
                                                    cfg.max_repeats)
-    samples, info = timing.interleaved(timer, benches, repeats, cfg.monitor)
+    samples, info = timing.interleaved(timer, benches, repeats, cfg.monitor, cfg.probe)
     contention.update(info)
     for name, b in benches.items():
         rec = records[name]
@@ -132,14 +133,21 @@ def run_case(case, cfg, timer):
 
 
 def add_efficiency(records, bandwidth):
-    """η = minimal bytes / (median time x copy bandwidth), for every timed record."""
+    """η = minimal bytes / (median time x copy bandwidth), for every timed record. A value above
+    1 is not an efficiency (the copy bandwidth was under-measured, or the data stayed in cache):
+    such a record gets eta None and the value in eta_above_1 (see report.eta)."""
     for r in records:
         if r.get("stats"):
-            r["eta"] = r["min_bytes"] / (r["stats"]["median_s"] * bandwidth)
+            value = r["min_bytes"] / (r["stats"]["median_s"] * bandwidth)
+            r["eta"] = value if value <= 1.0 else None
+            if value > 1.0:
+                r["eta_above_1"] = value
 
 
 def run_sweep(cases, cfg, timer, bandwidth):
-    """Runs all cases; returns the flat list of records (one per case and provider)."""
+    """Runs all cases; returns the flat list of records (one per case and provider) and the copy
+    bandwidth document (the start measurement `bandwidth` raised to the best copy timed beside
+    the cases), by which η is computed once all cases are in."""
     progress = Progress(len(cases))
     records = []
     for i, case in enumerate(cases):
@@ -148,5 +156,6 @@ def run_sweep(cases, cfg, timer, bandwidth):
         if cfg.device.type == "cuda":
             torch.cuda.empty_cache()
     progress.update(len(cases), "done")
-    add_efficiency(records, bandwidth)
-    return records
+    bandwidth = timing.combine_bandwidth(bandwidth, cfg.probe)
+    add_efficiency(records, bandwidth["bytes_per_s"])
+    return records, bandwidth
