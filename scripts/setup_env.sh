@@ -27,16 +27,18 @@ if [ -n "$missing" ]; then
   "$PY" -m pip install --quiet $missing || echo "[setup] warning: could not install $missing (offline?)"
 fi
 
-# What the main job (scripts/run.sh) uses besides the build: numpy (without it torch warns
-# "Failed to initialize NumPy" at every import) and matplotlib (the benchmark's plot).
+# What the build and the main job (scripts/run.sh) use besides: wheel (pyproject.toml's build
+# requirement, absent from a fresh venv's setuptools < 70.1, which pip's --no-build-isolation
+# then needs installed), numpy (without it torch warns "Failed to initialize NumPy" at every
+# import) and matplotlib (the benchmark's plot).
 missing_main=$("$PY" - <<'PYEOF'
 import importlib.util
-main_job = {"numpy": "numpy", "matplotlib": "matplotlib"}
+main_job = {"wheel": "wheel", "numpy": "numpy", "matplotlib": "matplotlib"}
 print(" ".join(pkg for mod, pkg in main_job.items() if importlib.util.find_spec(mod) is None))
 PYEOF
 )
 if [ -n "$missing_main" ]; then
-  echo "[setup] installing for the main job: $missing_main"
+  echo "[setup] installing: $missing_main"
   # shellcheck disable=SC2086
   "$PY" -m pip install --quiet $missing_main \
     || echo "[setup] warning: could not install $missing_main (offline?): the plot is skipped"
@@ -56,7 +58,8 @@ build_progress() {
         ext=${ext/fusedbn__/fusedbn._}
         line="${line%%] *}] $ext: $unit" ;;
       *"["[0-9]*/[0-9]*"] "*) line="${line%% /*}" ;;  # a link or other step: its [k/n] only
-      *"build configuration:"*|"  torch "*|"  CPU kernels"*|"  CUDA kernels"*|"  MAX_JOBS"*) ;;
+      *"build configuration:"*|*" torch "*"(CUDA "*|*" CPU kernels: "*|*" CUDA kernels: "*) ;;
+      *" MAX_JOBS="*) ;;
       *"building '"*"' extension"*) line="building ${line#*building }" ;;
       *"error:"*|*"Error"*|*FAILED*|*"Successfully"*) ;;
       *) continue ;;
