@@ -12,7 +12,8 @@ Run ``python -m benchmarks --help``. The modules, in the order a sweep uses them
 * ``environment`` -- machine, software and commit recorded with the results
 * ``report``      -- table, summary, JSON, Markdown (--report); ``plot`` -- the PNG
 
-Results live in ``benchmarks/results/<device>.json`` (cpu, h100, h200, ...), with a PNG beside
-each; ``python -m benchmarks --report`` turns the committed files into the README's performance
-section.
+A run writes ``benchmarks/out/<device>[-<preset>].json`` (cpu, h100, h200, ...) with a PNG beside
+it; benchmarks/out/ is git-ignored. The committed results are ``benchmarks/results/<device>.json``,
+written only on request (``--commit-results``, or ``--out`` naming them);
+``python -m benchmarks --report`` turns those into the README's performance section.
 """
