@@ -35,6 +35,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_itemcollected(item):
+    """Names the device of CUDA tests in the junit report (scripts/gpu_check.sh counts them)."""
+    spec = getattr(item, "callspec", None)
+    if item.get_closest_marker("cuda") or (spec is not None and spec.params.get("device") == "cuda"):
+        item.user_properties.append(("device", "cuda"))
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
