@@ -253,10 +253,11 @@ def summary_markdown(summary):
              "- commit %s%s, tree %s, %s" % ((git.get("commit") or "unknown")[:12],
                                              " (dirty)" if git.get("dirty") else "",
                                              e.get("tree_hash"), summary["finished"]),
-             "- GPU %s (sm %s, %s SMs, %.0f GiB), driver %s, cuDNN %s" % (
+             ("- GPU %s (sm %s, %s SMs, %.0f GiB), driver %s, cuDNN %s" % (
                  e.get("gpu_name"), e.get("cuda_capability"), e.get("sm_count"),
                  (e.get("gpu_memory_bytes") or 0) / 2 ** 30, e.get("driver_version"),
-                 e.get("cudnn_version")),
+                 e.get("cudnn_version")) if e.get("gpu_name") else "- no GPU (%s)" % (
+                     "dry run on the CPU" if summary["dry_run"] else "torch sees none")),
              "- torch %s (CUDA %s), %s, Python %s, %s cores" % (
                  e.get("torch_version"), e.get("torch_cuda_version"), e.get("nvcc"),
                  e.get("python"), e.get("cpu_count")),

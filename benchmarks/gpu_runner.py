@@ -114,12 +114,13 @@ def is_cuda_test(case):
 
 
 def read_junit(path):
-    """Counts of a pytest junit XML file: totals, CUDA tests, per input dtype on CUDA, and the
-    ids of failed tests (at most 50)."""
+    """Counts of a pytest junit XML file: totals, CUDA tests, per input dtype on CUDA, per test
+    function of tests/gpu, the most common skip reasons and the ids of failed tests (at most
+    50)."""
     root = ET.parse(path).getroot()
     totals = {"passed": 0, "failed": 0, "skipped": 0}
     cuda = {"passed": 0, "failed": 0, "skipped": 0}
-    dtypes, failed, skip_reasons = {}, [], {}
+    dtypes, failed, skip_reasons, gpu_tests = {}, [], {}, {}
     for case in root.iter("testcase"):
         tid = "%s::%s" % (case.get("classname", ""), case.get("name", ""))
         if case.find("failure") is not None or case.find("error") is not None:
@@ -133,6 +134,10 @@ def read_junit(path):
         else:
             outcome = "passed"
         totals[outcome] += 1
+        if ".gpu." in "." + case.get("classname", ""):  # tests/gpu: per test function
+            fn = case.get("name", "").split("[")[0]
+            g = gpu_tests.setdefault(fn, {"passed": 0, "failed": 0, "skipped": 0})
+            g[outcome] += 1
         if is_cuda_test(case):
             cuda[outcome] += 1
             dt = input_dtype_of(case.get("name", ""))
@@ -141,6 +146,7 @@ def read_junit(path):
                 d[outcome] += 1
     top = sorted(skip_reasons.items(), key=lambda kv: -kv[1])[:10]
     return {"totals": totals, "cuda": cuda, "cuda_dtypes": dtypes, "failed_tests": failed,
+            "gpu_tests": gpu_tests,
             "skip_reasons": [{"reason": r, "count": n} for r, n in top]}
 
 
@@ -167,7 +173,8 @@ def sanitizer_summary(output):
     'RACECHECK SUMMARY: N hazards displayed (E errors, W warnings)'), how many of the reported
     problems are in fusedbn's kernels, and whether the checked program finished."""
     m = re.search(r"ERROR SUMMARY: (\d+) error", output)
-    r = re.search(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warn", output)
+    r = re.search(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warn",
+                  output)
     errors = int(m.group(1)) if m else None
     hazards = None
     if r:

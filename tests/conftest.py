@@ -38,7 +38,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_itemcollected(item):
     """Names the device of CUDA tests in the junit report (scripts/gpu_check.sh counts them)."""
     spec = getattr(item, "callspec", None)
-    if item.get_closest_marker("cuda") or (spec is not None and spec.params.get("device") == "cuda"):
+    on_cuda = spec is not None and spec.params.get("device") == "cuda"
+    if on_cuda or item.get_closest_marker("cuda"):
         item.user_properties.append(("device", "cuda"))
 
 
