@@ -142,7 +142,10 @@ def check_close(name, ours, theirs, ref, dtype, scale, extra=None):
 
 def check_act_step(trio, x, r, dy, what=""):
     """One forward/backward of ours, theirs and the reference; compares output, grad_input,
-    grad_weight, grad_bias, grad_residual and the running statistics. Returns ours (y, dx)."""
+    grad_weight, grad_bias, grad_residual and the running statistics, and on CUDA the same
+    results of fusedbn's CPU path (a copy of the module taken before the step, on the same data)
+    in torch's part of the rule. Returns ours (y, dx)."""
+    cpu = copy.deepcopy(trio.ours).cpu() if x.is_cuda else None
     y, dx, dw, db, dr = run(trio.ours, x, r, dy)
     ry, rdx, rdw, rdb, rdr = run(trio.ref, x.double(), r.double() if r is not None else None,
                                  dy.double(), trio.act)
@@ -168,14 +171,24 @@ def check_act_step(trio, x, r, dy, what=""):
         u = torch.finfo(idt).eps / 2
         extra_dw = u * sc["grad_weight"] + (extra_dw if extra_dw is not None else 0)
         extra_db = u * sc["grad_bias"]
-    check_close(what + "output", y, ty, ry, idt, 1.2 * (sc["output"] + rr))
-    check_close(what + "grad_input", dx, tdx, rdx, idt, sc["grad_input"], extra_dx)
-    if dw is not None:
-        check_close(what + "grad_weight", dw, tdw, rdw, pdt, sc["grad_weight"], extra_dw)
-    if db is not None:
-        check_close(what + "grad_bias", db, tdb, rdb, pdt, sc["grad_bias"], extra_db)
-    if dr is not None:
-        check_close(what + "grad_residual", dr, tdr, rdr, idt, dy64.abs() * (1.2 + z.abs()))
+    others = [("", (ty, tdx, tdw, tdb, tdr))]
+    if cpu is not None:
+        others.append(("cuda vs cpu ", run(cpu, x.cpu(), r.cpu() if r is not None else None,
+                                           dy.cpu())))
+    for label, (ty, tdx, tdw, tdb, tdr) in others:
+        w_ = what + label
+        check_close(w_ + "output", y, ty, ry, idt, 1.2 * (sc["output"] + rr))
+        check_close(w_ + "grad_input", dx, tdx, rdx, idt, sc["grad_input"], extra_dx)
+        if dw is not None:
+            check_close(w_ + "grad_weight", dw, tdw, rdw, pdt, sc["grad_weight"], extra_dw)
+        if db is not None:
+            check_close(w_ + "grad_bias", db, tdb, rdb, pdt, sc["grad_bias"], extra_db)
+        if dr is not None:
+            check_close(w_ + "grad_residual", dr, tdr, rdr, idt, dy64.abs() * (1.2 + z.abs()))
+    if cpu is not None and cpu.running_mean is not None:
+        for name in ("running_mean", "running_var"):
+            assert_parity(what + "cuda vs cpu " + name, getattr(trio.ours, name),
+                          getattr(cpu, name), getattr(trio.ref, name), pdt)
     view = copy.copy(trio)  # check_buffers compares .fused with .theirs and .ref
     view.fused = trio.ours
     check_buffers(view, what)

@@ -297,8 +297,10 @@ def forward_backward(module, x, dy):
 
 def check_trio_step(trio, x, dy, what=""):
     """One forward/backward of the three modules on x (ours and torch's in x's dtype and layout,
-    the reference on the float64 upcast); compares outputs, gradients and running statistics.
+    the reference on the float64 upcast); compares outputs, gradients and running statistics,
+    and on CUDA also with fusedbn's CPU path on the same state and data (check_against_cpu).
     Returns fusedbn's (y, dx) for format checks."""
+    cpu = copy.deepcopy(trio.fused).cpu() if x.is_cuda else None
     y, dx, dw, db = forward_backward(trio.fused, x, dy)
     ry, rdx, rdw, rdb = forward_backward(trio.ref, x.double(), dy.double())
     if trio.theirs is not None:
@@ -316,7 +318,28 @@ def check_trio_step(trio, x, dy, what=""):
     if db is not None:
         assert_parity(what + "grad_bias", db, tdb, rdb, pdt, sc["grad_bias"])
     check_buffers(trio, what)
+    if cpu is not None:
+        names = ("output", "grad_input", "grad_weight", "grad_bias")
+        check_against_cpu(cpu, trio, x, dy, dict(zip(names, (y, dx, dw, db))),
+                          dict(zip(names, (ry, rdx, rdw, rdb))), sc, what)
     return y, dx
+
+
+def check_against_cpu(cpu, trio, x, dy, ours, ref, scales, what=""):
+    """CUDA results against fusedbn's CPU path (`cpu`: a CPU copy of the module taken before the
+    step): the CPU result plays torch's part in the rule, so CUDA may be as far from the float64
+    reference as the CPU path is, plus the float32 tolerance."""
+    got = dict(zip(("output", "grad_input", "grad_weight", "grad_bias"),
+                   forward_backward(cpu, x.cpu(), dy.cpu())))
+    for name, t in ours.items():
+        if t is not None:
+            dt = trio.input_dtype if name in ("output", "grad_input") else trio.param_dtype
+            assert_parity(what + "cuda vs cpu " + name, t, got[name], ref[name], dt,
+                          scales[name])
+    if cpu.running_mean is not None:
+        for name in ("running_mean", "running_var"):
+            assert_parity(what + "cuda vs cpu " + name, getattr(trio.fused, name),
+                          getattr(cpu, name), getattr(trio.ref, name), trio.param_dtype)
 
 
 def check_buffers(trio, what=""):

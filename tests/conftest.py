@@ -35,6 +35,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_itemcollected(item):
+    """Names the device of CUDA tests in the junit report (scripts/gpu_check.sh counts them)."""
+    spec = getattr(item, "callspec", None)
+    on_cuda = spec is not None and spec.params.get("device") == "cuda"
+    if on_cuda or item.get_closest_marker("cuda"):
+        item.user_properties.append(("device", "cuda"))
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)

@@ -66,61 +66,64 @@ def run_steps(model, compiled, steps, make_input):
 
 
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "cumulative"])
-def test_fullgraph_train_then_eval(momentum):
+def test_fullgraph_train_then_eval(device, momentum):
     torch.manual_seed(0)
     torch._dynamo.reset()
-    model = AllModules(momentum)
+    model = AllModules(momentum).to(device)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch._dynamo.config.patch(error_on_recompile=True):
         # The first call compiles, every later training step must reuse that graph.
-        eager = run_steps(model, compiled, 4, lambda s: torch.randn(3, 4, 2, 5, 5) + s)
+        eager = run_steps(model, compiled, 4,
+                          lambda s: torch.randn(3, 4, 2, 5, 5, device=device) + s)
     assert int(model.bn2.num_batches_tracked) == 4
     model.eval()
     eager.eval()
-    x = torch.randn(3, 4, 2, 5, 5)
+    x = torch.randn(3, 4, 2, 5, 5, device=device)
     with torch._dynamo.config.patch(error_on_recompile=False):  # train -> eval is one recompile
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
     with torch._dynamo.config.patch(error_on_recompile=True):
         torch.testing.assert_close(compiled(x + 1), eager(x + 1), rtol=1e-5, atol=1e-5)
 
 
-def test_fullgraph_track_running_stats_false():
+def test_fullgraph_track_running_stats_false(device):
     """Batch statistics in eval too, no buffers to update."""
     torch.manual_seed(0)
     torch._dynamo.reset()
-    model = nn.Sequential(nn.Conv2d(3, 5, 3, bias=False), fusedbn.FusedBatchNorm2d(5, track_running_stats=False))
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, bias=False),
+                          fusedbn.FusedBatchNorm2d(5, track_running_stats=False)).to(device)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    run_steps(model, compiled, 2, lambda s: torch.randn(2, 3, 6, 6))
+    run_steps(model, compiled, 2, lambda s: torch.randn(2, 3, 6, 6, device=device))
     model.eval()
-    x = torch.randn(2, 3, 6, 6)
+    x = torch.randn(2, 3, 6, 6, device=device)
     torch.testing.assert_close(compiled(x), copy.deepcopy(model)(x), rtol=1e-5, atol=1e-5)
 
 
-def test_fullgraph_inductor_end_to_end():
+def test_fullgraph_inductor_end_to_end(device):
     """The real compiler: a conv/BN/ReLU training step with momentum=None under inductor."""
     torch.manual_seed(0)
     torch._dynamo.reset()
     model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), fusedbn.FusedBatchNorm2d(8, momentum=None),
-                          nn.ReLU(), nn.Conv2d(8, 4, 3, bias=False), fusedbn.FusedBatchNorm2d(4))
+                          nn.ReLU(), nn.Conv2d(8, 4, 3, bias=False),
+                          fusedbn.FusedBatchNorm2d(4)).to(device)
     compiled = torch.compile(model, fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        run_steps(model, compiled, 3, lambda s: torch.randn(4, 3, 9, 9))
+        run_steps(model, compiled, 3, lambda s: torch.randn(4, 3, 9, 9, device=device))
 
 
-def test_functional_under_compile():
+def test_functional_under_compile(device):
     torch.manual_seed(0)
     torch._dynamo.reset()
-    rm, rv = torch.zeros(3), torch.ones(3)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
     rm_ref, rv_ref = rm.clone(), rv.clone()
-    w = torch.rand(3) + 0.5
-    b = torch.randn(3)
+    w = torch.rand(3, device=device) + 0.5
+    b = torch.randn(3, device=device)
 
     def fn(x, rm, rv):
         return fusedbn.functional.batch_norm(x, rm, rv, w, b, training=True, momentum=0.3)
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     for _ in range(2):
-        x = torch.randn(4, 3, 5)
+        x = torch.randn(4, 3, 5, device=device)
         torch.testing.assert_close(compiled(x, rm, rv),
                                    torch.nn.functional.batch_norm(x, rm_ref, rv_ref, w, b, True, 0.3),
                                    rtol=1e-5, atol=1e-5)
@@ -129,7 +132,7 @@ def test_functional_under_compile():
 
 
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "cumulative"])
-def test_fullgraph_act_modules(momentum):
+def test_fullgraph_act_modules(device, momentum):
     """The fused BN + add + ReLU module traces whole as well (its device check and counter stay
     traceable Python), and trains like its eager copy."""
     torch.manual_seed(0)
@@ -144,8 +147,8 @@ def test_fullgraph_act_modules(momentum):
         def forward(self, x):
             return self.bn(self.conv(x), x)
 
-    model = Block()
+    model = Block().to(device)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch._dynamo.config.patch(error_on_recompile=True):
-        run_steps(model, compiled, 3, lambda s: torch.randn(2, 4, 6, 6))
+        run_steps(model, compiled, 3, lambda s: torch.randn(2, 4, 6, 6, device=device))
     assert int(model.bn.num_batches_tracked) == 3

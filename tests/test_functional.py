@@ -61,6 +61,19 @@ def check_functional(x, dy, w, b, rm, rv, training, momentum, eps, input_dtype, 
         assert_parity("running_var", rv_o, rv_t, rv_r, param_dtype)
         if not training:
             assert torch.equal(rm_o, rm) and torch.equal(rv_o, rv)
+    if x.is_cuda:  # fusedbn's CPU path on the same data in torch's part of the rule
+        cpu = [None if t is None else t.cpu() for t in (x, dy, w, b, rm, rv)]
+        rm_c, rv_c = clone_or_none(cpu[4]), clone_or_none(cpu[5])
+        got = functional_call(FUSED_F, cpu[0], cpu[1], cpu[2], cpu[3], rm_c, rv_c, training,
+                              momentum, eps)
+        for name, o, c, r, dt in zip(["output", "grad_input", "grad_weight", "grad_bias"],
+                                     (y, dx, dw, db), got, ref,
+                                     (input_dtype, input_dtype, param_dtype, param_dtype)):
+            if o is not None:
+                assert_parity("cuda vs cpu " + name, o, c, r, dt, scales[name])
+        if rm is not None:
+            assert_parity("cuda vs cpu running_mean", rm_o, rm_c, rm_r, param_dtype)
+            assert_parity("cuda vs cpu running_var", rv_o, rv_c, rv_r, param_dtype)
     return y
 
 
