@@ -170,13 +170,13 @@ FUSEDBN_EMU_NO_INSTRUMENT void __ubsan_handle_type_mismatch_v1(void* data, uintp
   const uintptr_t align = uintptr_t{1} << d.log_alignment;
   char buf[512];
   if (ptr == 0) {
-    std::snprintf(buf, sizeof(buf), "null pointer access of type '%s'", d.type->name);
+    std::snprintf(buf, sizeof(buf), "null pointer access of type %s", d.type->name);
   } else if (align != 0 && (ptr & (align - 1)) != 0) {
     std::snprintf(buf, sizeof(buf),
-                  "misaligned address %p for type '%s', which requires %zu-byte alignment",
+                  "misaligned address %p for type %s, which requires %zu-byte alignment",
                   reinterpret_cast<void*>(ptr), d.type->name, static_cast<size_t>(align));
   } else {
-    std::snprintf(buf, sizeof(buf), "insufficient object size at %p for type '%s'",
+    std::snprintf(buf, sizeof(buf), "insufficient object size at %p for type %s",
                   reinterpret_cast<void*>(ptr), d.type->name);
   }
   fusedbn_emu::report_undefined_behaviour(std::string(buf) + " at " + at_loc(d.loc));
@@ -185,8 +185,8 @@ FUSEDBN_EMU_NO_INSTRUMENT void __ubsan_handle_type_mismatch_v1(void* data, uintp
 FUSEDBN_EMU_NO_INSTRUMENT void __ubsan_handle_out_of_bounds(void* data, uintptr_t index) {
   const OutOfBoundsData& d = *static_cast<const OutOfBoundsData*>(data);
   fusedbn_emu::report_undefined_behaviour("index " + std::to_string(index) +
-                                          " out of bounds for type '" + d.array_type->name +
-                                          "' at " + at_loc(d.loc));
+                                          " out of bounds for type " + d.array_type->name +
+                                          " at " + at_loc(d.loc));
 }
 
 #define FUSEDBN_EMU_UB(name, what, ...) \

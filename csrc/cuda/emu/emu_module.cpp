@@ -9,8 +9,9 @@
 #include "emu_runtime.h"
 
 namespace fusedbn_emu {
-void run_broken_kernel(const std::string& name);  // broken_kernels.cu
+std::vector<float> run_broken_kernel(const std::string& name);  // broken_kernels.cpp
 std::vector<std::string> broken_kernel_names();
+at::Tensor run_tensor_kernel(const std::string& name, const at::Tensor& x);
 }  // namespace fusedbn_emu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -43,4 +44,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run_broken_kernel", &run_broken_kernel, pybind11::arg("name"),
         "Launches one of the deliberately broken kernels; raises the emulator's error.");
   m.def("broken_kernel_names", &broken_kernel_names);
+  m.def("run_tensor_kernel", &run_tensor_kernel, pybind11::arg("name"), pybind11::arg("x"),
+        "Runs one of the element-wise kernels of broken_kernels.cpp over x as an emulated op "
+        "would (poisoned allocations, guarded input).");
 }

@@ -664,7 +664,8 @@ void shared_access(uintptr_t offset, size_t n, bool write) {
     if (g_valid[off] == 0) {
       fail_in_fiber(thread_str(t) + ": shared-memory overrun: " + (write ? "write" : "read") +
                     " of " + std::to_string(n) + " bytes at " + describe_offset(l, offset) +
-                    " reaches " + describe_offset(l, off) + ", outside every shared array");
+                    (off == offset ? std::string() : " reaches " + describe_offset(l, off)) +
+                    ", outside every shared array");
     }
     ShadowCell& c = g_shadow[off];
     const uint32_t e = g_epoch;
