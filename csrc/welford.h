@@ -5,6 +5,7 @@
 // combine partial states the same way; the variance is m2 / n (biased) or m2 / (n - 1).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -43,6 +44,50 @@ FUSEDBN_HOST_DEVICE void welford_merge(WelfordState<acc_t>& a, const WelfordStat
   const acc_t nb_over_n = static_cast<acc_t>(b.n) / static_cast<acc_t>(n);
   const acc_t delta = b.mean - a.mean;
   a.mean += delta * nb_over_n;
+  a.m2 += b.m2 + delta * delta * static_cast<acc_t>(a.n) * nb_over_n;
+  a.n = n;
+}
+
+// isfinite for the accumulation types, on the host and on the device.
+template <typename acc_t>
+FUSEDBN_HOST_DEVICE bool welford_isfinite(acc_t v) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return isfinite(v);
+#else
+  return std::isfinite(v);
+#endif
+}
+
+// Chan's mean update mean_a + delta * nb/n, delta = mean_b - mean_a, for states whose means may be
+// +-Inf or NaN. The delta form gives inf - inf = NaN when a finite mean meets an infinite one, where
+// the mean of values holding +Inf (and no -Inf, no NaN) is +Inf; when delta is not finite this takes
+// the weighted form mean_a * na/n + mean_b * nb/n instead, which gives +-Inf there (NaN for +Inf
+// with -Inf, or with a NaN: torch's results) and a finite mean when delta overflowed from two
+// finite means. Finite delta: the delta form, unchanged.
+template <typename acc_t>
+FUSEDBN_HOST_DEVICE acc_t welford_mean_update(acc_t mean_a, acc_t mean_b, acc_t delta,
+                                              acc_t na_over_n, acc_t nb_over_n) {
+  return welford_isfinite(delta) ? mean_a + delta * nb_over_n
+                                 : mean_a * na_over_n + mean_b * nb_over_n;
+}
+
+// welford_merge for data that may hold +-Inf (welford_mean_update): the mean of the merged state
+// is +-Inf, not NaN, when one side's mean is +-Inf and the other's is finite. For finite means it
+// is welford_merge bit for bit. (The CUDA statistics merge with it; the CPU kernels still use
+// welford_merge.)
+template <typename acc_t>
+FUSEDBN_HOST_DEVICE void welford_merge_nonfinite(WelfordState<acc_t>& a,
+                                                 const WelfordState<acc_t>& b) {
+  if (b.n == 0) return;
+  if (a.n == 0) {
+    a = b;
+    return;
+  }
+  const int64_t n = a.n + b.n;
+  const acc_t nb_over_n = static_cast<acc_t>(b.n) / static_cast<acc_t>(n);
+  const acc_t delta = b.mean - a.mean;
+  a.mean = welford_mean_update(a.mean, b.mean, delta,
+                               static_cast<acc_t>(a.n) / static_cast<acc_t>(n), nb_over_n);
   a.m2 += b.m2 + delta * delta * static_cast<acc_t>(a.n) * nb_over_n;
   a.n = n;
 }

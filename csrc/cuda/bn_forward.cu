@@ -27,7 +27,8 @@ namespace fusedbn {
 namespace cuda {
 namespace {
 
-template <typename acc_t>
+// s is the shifted state of WelfordOp (bn_reduce_ops.cuh): the mean is s.mean + shift.
+template <typename T, typename acc_t>
 struct TrainStatsEpilogue {
   acc_t* mean;
   acc_t* invstd;
@@ -36,14 +37,16 @@ struct TrainStatsEpilogue {
   int64_t C;
   acc_t eps;
   ChannelPtr weight, bias;
+  ChannelShift<T> shift;
 
   __device__ void operator()(int64_t c, const fusedbn::WelfordState<acc_t>& s) const {
     const acc_t v = fusedbn::welford_var(s);
     const acc_t is = acc_t(1) / ::sqrt(v + eps);
-    mean[c] = s.mean;
+    const acc_t m = s.mean + shift.template load<acc_t>(c);
+    mean[c] = m;
     var[c] = v;
     invstd[c] = is;
-    coeffs[c] = s.mean;
+    coeffs[c] = m;
     coeffs[C + c] = is * weight.load<acc_t>(c, acc_t(1));
     coeffs[2 * C + c] = bias.load<acc_t>(c, acc_t(0));
   }
@@ -84,14 +87,15 @@ void train_stats(const at::Tensor& x, const Geometry& g, const c10::optional<at:
     using acc_t = at::opmath_type<scalar_t>;
     using Op = WelfordOp<scalar_t>;
     const Partials parts = reduce_pass1<Op>(x, at::Tensor(), nullptr, g);
-    TrainStatsEpilogue<acc_t> epi{mean.mutable_data_ptr<acc_t>(),
+    TrainStatsEpilogue<scalar_t, acc_t> epi{mean.mutable_data_ptr<acc_t>(),
                                   invstd.mutable_data_ptr<acc_t>(),
                                   var.mutable_data_ptr<acc_t>(),
                                   coeffs.mutable_data_ptr<acc_t>(),
                                   g.C,
                                   static_cast<acc_t>(eps),
                                   channel_ptr(weight),
-                                  channel_ptr(bias)};
+                                  channel_ptr(bias),
+                                  channel_shift<scalar_t>(x, g)};
     reduce_pass2<Op>(parts, g.C, epi);
   });
 }

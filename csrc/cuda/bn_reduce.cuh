@@ -32,6 +32,18 @@ struct Partials {
 
 constexpr int64_t kMinValuesPerBlock = 8192;
 
+// Offset between the first values of consecutive channels of a canonical input (common.h).
+inline int64_t first_value_stride(const Geometry& g) {
+  return g.layout == Layout::kChannelsLast ? 1 : g.S;
+}
+
+// The per-channel shift WelfordOp accumulates around (bn_reduce_ops.cuh), for the epilogues
+// that add it back: x is the canonical input pass 1 read.
+template <typename T>
+ChannelShift<T> channel_shift(const at::Tensor& x, const Geometry& g) {
+  return ChannelShift<T>{x.const_data_ptr<T>(), first_value_stride(g)};
+}
+
 inline int64_t choose_splits(int64_t blocks_x, int64_t target_blocks, int64_t max_splits,
                              int64_t values_per_split_unit) {
   int64_t s = ceil_div<int64_t>(target_blocks, std::max<int64_t>(blocks_x, 1));
@@ -66,6 +78,7 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
   a.in0 = in0.const_data_ptr<T>();
   a.in1 = in1.defined() ? in1.const_data_ptr<T>() : nullptr;
   a.chan = chan;
+  a.shift_stride = first_value_stride(g);
   a.N = g.N;
   a.C = g.C;
   a.S = g.S;

@@ -38,6 +38,7 @@ struct ReduceArgs {
   const T* in0 = nullptr;
   const T* in1 = nullptr;       // second input of two-input ops
   const acc_t* chan = nullptr;  // per-channel op parameter, or nullptr
+  int64_t shift_stride = 0;     // offset between channels' first values (ChannelShift)
   void* partials = nullptr;     // [C][P] Op::Partial
   int64_t N = 0, C = 0, S = 0;
   int64_t P = 0;         // partials per channel
@@ -115,7 +116,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const index_t n1 = split_begin(blockIdx.y + 1, a.N, a.splits);
   const index_t off = seg * static_cast<index_t>(a.seg_len);
   const index_t len = min(static_cast<index_t>(a.seg_len), S - off);
-  const typename Op::Param par = Op::param(a.chan, c);
+  const typename Op::Param par = Op::param(a, c);
   typename Op::Thread st = Op::init();
 
   for (index_t n = n0; n < n1; ++n) {
@@ -183,8 +184,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     hi[k] = q < nvec ? min(V, W - rel) : 0;
     const int ch = lo[k] < hi[k] ? (rel + lo[k]) / S : 0;
     bnd[k] = lo[k] < hi[k] ? min(hi[k], max(lo[k], (ch + 1) * S - rel)) : hi[k];
-    p0[k] = Op::param(a.chan, c0 + ch);
-    p1[k] = bnd[k] < hi[k] ? Op::param(a.chan, c0 + ch + 1) : p0[k];
+    p0[k] = Op::param(a, c0 + ch);
+    p1[k] = bnd[k] < hi[k] ? Op::param(a, c0 + ch + 1) : p0[k];
     s0[k] = Op::init();
     s1[k] = Op::init();
   }
@@ -273,7 +274,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   typename Op::Thread st[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    par[j] = active ? Op::param(a.chan, cv * V + j) : typename Op::Param{};
+    par[j] = active ? Op::param(a, cv * V + j) : typename Op::Param{};
     st[j] = Op::init();
   }
   if (active) {

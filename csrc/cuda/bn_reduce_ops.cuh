@@ -14,6 +14,19 @@
 // correctly rounded reciprocal per group, not a division per value. Chan's merge of exact group
 // states is as accurate as Welford's update (it is the same recurrence with blocks of L values),
 // and the cross-thread merges keep the error growth logarithmic.
+//
+// WelfordOp accumulates x - shift, shift = the channel's first value x[n=0, c, s=0] (ChannelShift:
+// every thread of the channel reads it from global memory; 0 if it is not finite), as the CPU
+// backend does: Welford and Chan are exact under a shift, and the shifted values are of the
+// data's spread, not of its mean, so a float32 mean of data like 1e4 +- 1e-2 keeps its digits
+// (unshifted, the group means and the Chan deltas round at ulp(1e4) ~ 1e-3, a tenth of the
+// spread: invstd 1.4 % off). Its states hold the shifted mean; the epilogues add the shift back.
+// The merges keep a mean of +-Inf (welford_mean_update, welford.h): a channel holding +Inf gets
+// mean +Inf and variance NaN, as in torch, not mean NaN.
+//
+// GradOp needs no shift: x - mean is taken against the saved mean, of the data's magnitude, so
+// each product dy * (x - mean) is formed from an exactly-or-nearly-exactly rounded difference and
+// the sums are of terms of the spread's size.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -23,6 +36,20 @@
 
 namespace fusedbn {
 namespace cuda {
+
+// The per-channel shift of WelfordOp: x[c * stride], the first value of channel c of the canonical
+// input (stride S for (N, C, S), 1 for channels-last rows), or 0 when that value is +-Inf or NaN.
+// Pass 1 and the epilogues read it through this one function, so both see the same value.
+template <typename T>
+struct ChannelShift {
+  const T* x = nullptr;
+  int64_t stride = 0;
+  template <typename acc_t>
+  __device__ __forceinline__ acc_t load(int64_t c) const {
+    const acc_t v = static_cast<acc_t>(x[c * stride]);
+    return fusedbn::welford_isfinite(v) ? v : acc_t(0);
+  }
+};
 
 template <typename acc_t>
 struct WelfordThread {
@@ -38,54 +65,68 @@ struct WelfordOp {
   static constexpr int kInputs = 1;
   using Thread = WelfordThread<acc_t>;
   using Partial = fusedbn::WelfordState<acc_t>;
-  struct Param {};
+  struct Param {
+    acc_t shift;
+  };
 
   __device__ __forceinline__ static Thread init() { return {acc_t(0), acc_t(0), 0}; }
-  __device__ __forceinline__ static Param param(const acc_t*, int64_t) { return {}; }
+  // a: the kernel's ReduceArgs (bn_reduce_kernels.cuh).
+  template <class Args>
+  __device__ __forceinline__ static Param param(const Args& a, int64_t c) {
+    return {ChannelShift<T>{a.in0, a.shift_stride}.template load<acc_t>(c)};
+  }
 
   // Chan's merge of an exact group state (cnt values, mean gmean, M2 gm2) into s.
   __device__ __forceinline__ static void combine(Thread& s, acc_t gmean, acc_t gm2, int cnt) {
     const int n = s.n + cnt;
-    const acc_t nb_over_n = static_cast<acc_t>(cnt) * reciprocal(static_cast<acc_t>(n));
+    const acc_t rn = reciprocal(static_cast<acc_t>(n));
+    const acc_t nb_over_n = static_cast<acc_t>(cnt) * rn;
     const acc_t delta = gmean - s.mean;
-    s.mean += delta * nb_over_n;
+    s.mean = fusedbn::welford_mean_update(s.mean, gmean, delta, static_cast<acc_t>(s.n) * rn,
+                                          nb_over_n);
     s.m2 += gm2 + delta * delta * static_cast<acc_t>(s.n) * nb_over_n;
     s.n = n;
   }
 
-  // All L values of a[] (b[] is unused: one input).
+  // All L values of a[] (b[] is unused: one input), shifted by par.shift.
   template <int L>
   __device__ __forceinline__ static void push_all(Thread& s, const acc_t (&a)[L],
-                                                  const acc_t (&)[L], Param) {
+                                                  const acc_t (&)[L], Param par) {
+    acc_t d[L];
+#pragma unroll
+    for (int j = 0; j < L; ++j) d[j] = a[j] - par.shift;
     acc_t sum = acc_t(0);
 #pragma unroll
-    for (int j = 0; j < L; ++j) sum += a[j];
+    for (int j = 0; j < L; ++j) sum += d[j];
     const acc_t gmean = sum * (acc_t(1) / acc_t(L));  // L is a power of two: exact
     acc_t gm2 = acc_t(0);
 #pragma unroll
     for (int j = 0; j < L; ++j) {
-      const acc_t d = a[j] - gmean;
-      gm2 += d * d;
+      const acc_t e = d[j] - gmean;
+      gm2 += e * e;
     }
     combine(s, gmean, gm2, L);
   }
 
-  // Values a[lo..hi), 0 <= lo < hi <= L.
+  // Values a[lo..hi), 0 <= lo < hi <= L, shifted by par.shift.
   template <int L>
   __device__ __forceinline__ static void push(Thread& s, const acc_t (&a)[L], const acc_t (&)[L],
-                                              int lo, int hi, Param) {
+                                              int lo, int hi, Param par) {
+    acc_t d[L];
+#pragma unroll
+    for (int j = 0; j < L; ++j) d[j] = a[j] - par.shift;
     acc_t sum = acc_t(0);
 #pragma unroll
     for (int j = 0; j < L; ++j)
-      if (j >= lo && j < hi) sum += a[j];
+      if (j >= lo && j < hi) sum += d[j];
     const int cnt = hi - lo;
     const acc_t gmean = sum * reciprocal(static_cast<acc_t>(cnt));
     acc_t gm2 = acc_t(0);
 #pragma unroll
     for (int j = 0; j < L; ++j) {
       if (j >= lo && j < hi) {
-        const acc_t d = a[j] - gmean;
-        gm2 += d * d;
+        const acc_t e = d[j] - gmean;
+        gm2 += e * e;
       }
     }
     combine(s, gmean, gm2, cnt);
@@ -100,7 +141,7 @@ struct WelfordOp {
   }
   __device__ __forceinline__ static Partial empty() { return Partial{}; }
   __device__ __forceinline__ static void merge(Partial& a, const Partial& b) {
-    fusedbn::welford_merge(a, b);
+    fusedbn::welford_merge_nonfinite(a, b);
   }
   __device__ __forceinline__ static Partial shfl_down(const Partial& p, int delta) {
     Partial r;
@@ -128,7 +169,10 @@ struct GradOp {
   using Param = acc_t;
 
   __device__ __forceinline__ static Thread init() { return Thread{}; }
-  __device__ __forceinline__ static Param param(const acc_t* mean, int64_t c) { return mean[c]; }
+  template <class Args>
+  __device__ __forceinline__ static Param param(const Args& a, int64_t c) {
+    return a.chan[c];
+  }
 
   template <int L>
   __device__ __forceinline__ static void push_all(Thread& s, const acc_t (&dy)[L],

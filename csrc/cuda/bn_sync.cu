@@ -25,12 +25,14 @@ namespace fusedbn {
 namespace cuda {
 namespace {
 
-template <typename acc_t>
+// s is the shifted state of WelfordOp (bn_reduce_ops.cuh): the mean is s.mean + shift.
+template <typename T, typename acc_t>
 struct StatsEpilogue {
   acc_t* mean;
   acc_t* var;
+  ChannelShift<T> shift;
   __device__ void operator()(int64_t c, const fusedbn::WelfordState<acc_t>& s) const {
-    mean[c] = s.n > 0 ? s.mean : acc_t(0);
+    mean[c] = s.n > 0 ? s.mean + shift.template load<acc_t>(c) : acc_t(0);
     var[c] = fusedbn::welford_var(s);
   }
 };
@@ -83,8 +85,9 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input) {
     using Op = WelfordOp<scalar_t>;
     const Partials parts = reduce_pass1<Op>(x, at::Tensor(), nullptr, g);
     reduce_pass2<Op>(parts, g.C,
-                     StatsEpilogue<acc_t>{mean.mutable_data_ptr<acc_t>(),
-                                          var.mutable_data_ptr<acc_t>()});
+                     StatsEpilogue<scalar_t, acc_t>{mean.mutable_data_ptr<acc_t>(),
+                                                    var.mutable_data_ptr<acc_t>(),
+                                                    channel_shift<scalar_t>(x, g)});
   });
   return {mean, var};
 }
