@@ -148,7 +148,7 @@ def sweep_config(args, device):
     bad = cases.check_layouts(args.layouts)
     if bad:
         raise SystemExit("--layouts: unknown %s (known: %s)" % (
-            bad, ", ".join(cases.MEMORY_FORMATS + cases.LAYOUTS)))
+            bad, ", ".join(dict.fromkeys(cases.MEMORY_FORMATS + cases.LAYOUTS))))
     try:
         providers = resolve_providers(args.providers or default_providers(device.type),
                                       device.type)
