@@ -186,13 +186,14 @@ def test_backward_every_output_mask(mask, train):
 
 # ---- running statistics -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("momentum", [0.1, None])
-@pytest.mark.parametrize("stat_dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("buf_dtype", [torch.float32, torch.float16, torch.bfloat16, "same"])
-@pytest.mark.parametrize("nbt_dtype", [torch.int64, torch.float32])
+RUNNING_CASES = [(m, sd, bd, nd) for m in (0.1, None)
+                 for sd in (torch.float32, torch.float64)
+                 for bd in (torch.float32, torch.float16, torch.bfloat16, "same")
+                 for nd in ((torch.int64, torch.float32) if m is None else (torch.int64,))]
+
+
+@pytest.mark.parametrize("momentum,stat_dtype,buf_dtype,nbt_dtype", RUNNING_CASES)
 def test_update_running_stats(momentum, stat_dtype, buf_dtype, nbt_dtype):
-    if momentum is not None and nbt_dtype != torch.int64:
-        pytest.skip("num_batches_tracked is read only when momentum is None")
     C = 1000
     bd = stat_dtype if buf_dtype == "same" else buf_dtype
     mean, var = torch.randn(C, dtype=stat_dtype), torch.rand(C, dtype=stat_dtype)
@@ -426,10 +427,17 @@ def test_large_mean_statistics(dtype, layout, shape, shift, scale):
     check_forward_train(x, *params(shape[1], dtype))
 
 
-@pytest.mark.xfail(strict=True, reason=DEFECT)
-@pytest.mark.parametrize("layout,shape", [("contiguous", (4, 3, 7, 7)), ("contiguous", (8, 3)),
-                                          ("channels_last", (4, 8, 5, 5)),
-                                          ("contiguous", (2, 3, 17, 19))])
+def _inf_case(layout, shape, fails):
+    marks = [pytest.mark.xfail(strict=True, reason=DEFECT)] if fails else []
+    return pytest.param(layout, shape, marks=marks, id="%s-%s" % (layout, "x".join(map(str, shape))))
+
+
+# The packed and planes paths turn an infinite channel's mean into NaN (inf - inf in a merge);
+# the rows path happens to keep the infinity in these shapes.
+@pytest.mark.parametrize("layout,shape", [_inf_case("contiguous", (4, 3, 7, 7), True),
+                                          _inf_case("contiguous", (8, 3), False),
+                                          _inf_case("channels_last", (4, 8, 5, 5), False),
+                                          _inf_case("contiguous", (2, 3, 17, 19), True)])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_infinite_channel(layout, shape, sign):
     x = make_input(shape, torch.float32, layout)
