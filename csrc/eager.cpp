@@ -83,12 +83,25 @@ struct StatsArgs {
   double eps;
 };
 
+// A tensor argument on another device than the input: refused before anything runs. (The kernels
+// check devices too, but a mix of devices can dispatch elsewhere first -- a meta tensor among CPU
+// ones selects the meta kernel -- and a running statistic on another device would be found only
+// by the update, after the forward and the counter.)
+void check_same_device(const at::Tensor& input, const OptTensor& t, const char* name) {
+  if (t.has_value() && t->defined())
+    TORCH_CHECK(t->device() == input.device(), "fusedbn.batch_norm: ", name,
+                " must be on the input's device ", input.device(), ", got ", t->device());
+}
+
 // The training forward never sees the running statistics and the update op cannot tell the
-// input's dtype: their dtype and shape are checked before anything runs (never a partial update).
+// input's dtype: their dtype, shape and device are checked before anything runs (never a partial
+// update, never a counted batch).
 void check_running_stats(const at::Tensor& input, const at::Tensor& running_mean,
                          const at::Tensor& running_var) {
   const auto dtype = input.scalar_type();
   if (!is_float_dtype(dtype)) return;  // the forward op rejects the input itself, naming it
+  check_same_device(input, running_mean, "running_mean");
+  check_same_device(input, running_var, "running_var");
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"running_mean",
                                                                            running_mean},
                                 {"running_var", running_var}}) {
@@ -104,6 +117,26 @@ void check_running_stats(const at::Tensor& input, const at::Tensor& running_mean
   }
 }
 
+// The update of the running statistics takes the unbiased variance of the batch: one value per
+// channel cannot update them. (fusedbn.functional and the modules say so first in torch's words;
+// this guards the op-level entry, whose update would refuse the count after the forward. Not part
+// of check_running_stats: a rank of synchronized batch norm may hold one value per channel.)
+void check_update_count(const at::Tensor& input) {
+  if (input.dim() < 2 || input.size(1) == 0) return;
+  TORCH_CHECK_VALUE(input.numel() != input.size(1), "fusedbn.batch_norm: updating the running "
+                    "statistics needs more than 1 value per channel (the unbiased variance of one "
+                    "value is undefined), got input size ", input.sizes());
+}
+
+// The module's num_batches_tracked, when this step advances it and momentum is None: the update
+// reads it on the device as 1/num_batches_tracked, so it must be one value on the input's device.
+void check_counter(const at::Tensor& input, const at::Tensor& counter) {
+  TORCH_CHECK(counter.numel() == 1 && counter.device() == input.device(),
+              "fusedbn.batch_norm: num_batches_tracked must be a one-element tensor on the "
+              "input's device ", input.device(), " when momentum is None, got ", counter.sizes(),
+              " on ", counter.device());
+}
+
 // (output, mean, invstd); the statistics only when backward needs them (in training they come
 // from the forward for free; in eval they are made from the running statistics).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(const at::Tensor& input,
@@ -113,16 +146,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(const at::Tensor& inp
                                                            bool stats_for_backward) {
   if (s.use_batch_stats) {
     const bool update = s.running_mean.has_value();
-    if (update) check_running_stats(input, *s.running_mean, *s.running_var);
-    auto [output, mean, invstd, var] = forward_train_op().call(input, weight, bias, s.eps);
-    if (s.counter.has_value()) s.counter->add_(1);  // after the checks: a rejected batch is not counted
     if (update) {
-      const int64_t C = input.size(1);
-      const int64_t count = C ? input.numel() / C : 0;
-      update_running_stats_op().call(*s.running_mean, *s.running_var, mean, var,
-                                     c10::SymInt(count), s.momentum,
-                                     s.momentum.has_value() ? std::nullopt : s.counter);
+      check_running_stats(input, *s.running_mean, *s.running_var);
+      check_update_count(input);
     }
+    auto [output, mean, invstd, var] = forward_train_op().call(input, weight, bias, s.eps);
+    const OptTensor batches = s.momentum.has_value() ? std::nullopt : s.counter;
+    const int64_t C = input.size(1);
+    const int64_t count = C ? input.numel() / C : 0;
+    // Every check of the update before the counter moves: a rejected batch is not counted.
+    if (update)
+      check_update_running_stats_args(*s.running_mean, *s.running_var, mean, var, count,
+                                      s.momentum, batches);
+    if (s.counter.has_value()) s.counter->add_(1);
+    if (update)
+      update_running_stats_op().call(*s.running_mean, *s.running_var, mean, var,
+                                     c10::SymInt(count), s.momentum, batches);
     return {std::move(output), std::move(mean), std::move(invstd)};
   }
   TORCH_CHECK(s.running_mean.has_value() && s.running_var.has_value(),
@@ -223,6 +262,12 @@ at::Tensor batch_norm(const at::Tensor& input, const OptTensor& weight, const Op
   TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
                     "fusedbn.batch_norm: running_mean and running_var must both be tensors or "
                     "both be None");
+  check_same_device(input, weight, "weight");
+  check_same_device(input, bias, "bias");
+  check_same_device(input, running_mean, "running_mean");
+  check_same_device(input, running_var, "running_var");
+  if (use_batch_stats && counter.has_value() && !momentum.has_value())
+    check_counter(input, *counter);
   py::gil_scoped_release no_gil;  // as torch's own bindings do: other Python threads run meanwhile
   StatsArgs s{running_mean, running_var, counter, use_batch_stats, momentum, eps};
   if (at::GradMode::is_enabled() && any_requires_grad(input, weight, bias))
@@ -244,8 +289,14 @@ void bind_eager(py::module_& m) {
         "device.");
   m.def("check_running_stats", &check_running_stats, py::arg("input"), py::arg("running_mean"),
         py::arg("running_var"),
-        "Raises TypeError/RuntimeError naming running_mean or running_var when its dtype or shape "
-        "does not fit the input.");
+        "Raises TypeError/RuntimeError naming running_mean or running_var when its dtype, shape or "
+        "device does not fit the input.");
+  m.def("check_update_count", &check_update_count, py::arg("input"),
+        "Raises ValueError when the input has 1 value per channel (no unbiased variance to update "
+        "the running statistics with).");
+  m.def("check_counter", &check_counter, py::arg("input"), py::arg("counter"),
+        "Raises RuntimeError when num_batches_tracked, read by a momentum=None update, is not one "
+        "value on the input's device.");
   m.def("set_double_backward", [](py::object fn) { double_backward_fn() = std::move(fn); },
         "Sets the Python callable the C++ backward calls when create_graph=True.");
 }

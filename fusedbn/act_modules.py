@@ -93,12 +93,10 @@ class _FusedBatchNormActMixin:
             z = super().forward(input) + residual  # broadcasting / promotion as torch does it
             return apply_activation(z, self.activation, self.negative_slope)
         running_mean, running_var, use_batch_stats, momentum, counter = self._batch_norm_args(input)
-        if counter is not None:
-            counter.add_(1)
+        # (the op advances the counter once the batch has passed its checks)
         return act_ops.batch_norm_act(
             input, running_mean, running_var, self.weight, self.bias, residual, use_batch_stats,
-            momentum, self.eps, self.activation, self.negative_slope, self.memory_saving,
-            counter if momentum is None else None)
+            momentum, self.eps, self.activation, self.negative_slope, self.memory_saving, counter)
 
     def extra_repr(self):
         s = super().extra_repr() + f", activation={self.activation}"

@@ -74,6 +74,7 @@ def _mask_fake(input, save_mask):
 @torch.library.register_fake("fusedbn::act_forward_train")
 def _act_forward_train_fake(input, weight, bias, residual, eps, activation, negative_slope,
                             save_mask):
+    _base._check_devices("act_forward_train", input, residual=residual)
     y, mean, invstd, var = _base._forward_train_fake(input, weight, bias, eps)
     return y, mean, invstd, var, _mask_fake(input, save_mask)
 
@@ -81,6 +82,7 @@ def _act_forward_train_fake(input, weight, bias, residual, eps, activation, nega
 @torch.library.register_fake("fusedbn::act_forward_eval")
 def _act_forward_eval_fake(input, weight, bias, running_mean, running_var, residual, eps,
                            activation, negative_slope, save_mask):
+    _base._check_devices("act_forward_eval", input, residual=residual)
     y = _base._forward_eval_fake(input, weight, bias, running_mean, running_var, eps)
     return y, _mask_fake(input, save_mask)
 
@@ -88,6 +90,7 @@ def _act_forward_eval_fake(input, weight, bias, running_mean, running_var, resid
 @torch.library.register_fake("fusedbn::act_backward")
 def _act_backward_fake(grad_output, saved, residual, mask, weight, bias, mean, invstd, train,
                        activation, negative_slope, source, output_mask):
+    _base._check_devices("act_backward", saved, residual=residual, mask=mask, bias=bias)
     dx, dw, db = _base._backward_fake(grad_output, saved, weight, mean, invstd, train,
                                       output_mask[:3])
     dr = _base._empty_output(saved) if output_mask[3] else saved.new_empty((0,))
@@ -100,23 +103,19 @@ class BatchNormActFunction(torch.autograd.Function):
     """y = act(batch_norm(x) + residual); in training mode also updates the running statistics."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, residual, running_mean, running_var,
-                num_batches_tracked, use_batch_stats, momentum, eps, activation, negative_slope,
-                memory_saving):
+    def forward(ctx, input, weight, bias, residual, running_mean, running_var, counter,
+                use_batch_stats, momentum, eps, activation, negative_slope, memory_saving):
         code = ACTIVATIONS[activation]
         need_grad = any(ctx.needs_input_grad[:4])
         source = (choose_source(activation, negative_slope, memory_saving, weight, input.dtype)
                   if need_grad else SOURCE_INPUT)
         save_mask = source == SOURCE_MASK
         if use_batch_stats:
-            if running_mean is not None:  # checked before anything runs: never a partial update
-                _base._check_running_stats(input, running_mean, running_var)
+            # checked before anything runs: never a partial update, never a counted rejected batch
+            _base._check_step(input, running_mean, running_var, counter, momentum)
             output, mean, invstd, var, mask = _ops.act_forward_train(
                 input, weight, bias, residual, eps, code, negative_slope, save_mask)
-            if running_mean is not None:
-                count = input.numel() // input.shape[1] if input.shape[1] else 0
-                _ops.update_running_stats(running_mean, running_var, mean, var, count, momentum,
-                                          num_batches_tracked)
+            _base._update(input, running_mean, running_var, counter, mean, var, momentum)
         else:
             output, mask = _ops.act_forward_eval(input, weight, bias, running_mean, running_var,
                                                  residual, eps, code, negative_slope, save_mask)
@@ -162,12 +161,17 @@ class BatchNormActFunction(torch.autograd.Function):
 
 def batch_norm_act(input, running_mean, running_var, weight, bias, residual, use_batch_stats,
                    momentum, eps, activation="relu", negative_slope=0.01, memory_saving=False,
-                   num_batches_tracked=None):
-    """The op-level entry (the modules validate their arguments first)."""
+                   counter=None):
+    """The op-level entry (the modules validate their arguments first). counter: the module's
+    num_batches_tracked when this step advances it (training with track_running_stats), advanced
+    once the batch has passed every check; momentum=None reads it, advanced, as the cumulative
+    average 1/num_batches_tracked (as fusedbn.ops.batch_norm)."""
     _base._check_device_supported(input)
+    if not use_batch_stats:
+        counter = None
     if activation not in ACTIVATIONS:
         raise ValueError(f"fusedbn.batch_norm_act: activation must be one of "
                          f"{', '.join(ACTIVATIONS)}, got {activation!r}")
     return BatchNormActFunction.apply(input, weight, bias, residual, running_mean, running_var,
-                                      num_batches_tracked, use_batch_stats, momentum, eps,
+                                      counter, use_batch_stats, momentum, eps,
                                       activation, float(negative_slope), bool(memory_saving))

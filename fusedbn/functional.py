@@ -38,6 +38,24 @@ def check_running_stats(running_mean, running_var, use_batch_stats):
             "training=False normalizes with running_mean and running_var)")
 
 
+def _batch_norm_below_2d(input, weight, bias):
+    """torch's F.batch_norm on an input without a channel dimension: an empty 1-D input has
+    nothing to normalize and comes back as a copy of itself (times weight[0], plus bias[0], when
+    given: torch's empty-input path, whose gradient chain this keeps); anything else is refused.
+    (torch raises RuntimeError or IndexError there, depending on the other arguments.)"""
+    if input.dim() == 1 and input.numel() == 0:
+        output = input.clone()
+        if weight is not None:
+            output = output * weight[0]
+        if bias is not None:
+            output = output + bias[0]
+        return output
+    raise RuntimeError(
+        "fusedbn.batch_norm: input must have at least 2 dimensions (N, C, *), got "
+        f"{input.dim()}D input of shape {tuple(input.shape)} (an empty 1-D input is the one "
+        "exception: it is returned as an empty output)")
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5):
     """Batch normalization over the channel dimension (dim 1) of an (N, C, *) input.
@@ -51,6 +69,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         verify_batch_size(input.size())
     check_eps(eps, training)
     check_running_stats(running_mean, running_var, training)
+    if input.dim() < 2:
+        return _batch_norm_below_2d(input, weight, bias)
     if momentum is None:
         raise TypeError(f"{ENTRY}: momentum must be a float, not None (momentum=None, "
                         "the cumulative average, needs the modules' num_batches_tracked)")

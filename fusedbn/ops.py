@@ -80,9 +80,21 @@ def _empty_output(input):
     return input.new_empty(input.shape)
 
 
+def _check_devices(op, input, **tensors):
+    """The kernels' device check, in the fake kernels too: these are also the meta kernels, which
+    the dispatcher picks for a call that mixes a meta tensor with real ones -- without this check
+    a CPU input with a meta weight would return an uninitialized output."""
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == input.device, lambda: (
+                f"fusedbn.{op}: {name} must be on the input's device {input.device}, got "
+                f"{t.device}"))
+
+
 @torch.library.register_fake("fusedbn::forward_train")
 def _forward_train_fake(input, weight, bias, eps):
     torch._check(input.dim() >= 2, lambda: "fusedbn.forward_train: input must have at least 2 dimensions")
+    _check_devices("forward_train", input, weight=weight, bias=bias)
     stat = input.new_empty((input.shape[1],), dtype=acc_dtype(input.dtype))
     return _empty_output(input), stat, stat.new_empty(stat.shape), stat.new_empty(stat.shape)
 
@@ -90,11 +102,15 @@ def _forward_train_fake(input, weight, bias, eps):
 @torch.library.register_fake("fusedbn::forward_eval")
 def _forward_eval_fake(input, weight, bias, running_mean, running_var, eps):
     torch._check(input.dim() >= 2, lambda: "fusedbn.forward_eval: input must have at least 2 dimensions")
+    _check_devices("forward_eval", input, weight=weight, bias=bias, running_mean=running_mean,
+                   running_var=running_var)
     return _empty_output(input)
 
 
 @torch.library.register_fake("fusedbn::backward")
 def _backward_fake(grad_output, input, weight, mean, invstd, train, output_mask):
+    _check_devices("backward", input, grad_output=grad_output, weight=weight, mean=mean,
+                   invstd=invstd)
     C = input.shape[1]
     pdtype = weight.dtype if weight is not None else acc_dtype(input.dtype)
     dx = _empty_output(input) if output_mask[0] else input.new_empty((0,))
@@ -106,6 +122,8 @@ def _backward_fake(grad_output, input, weight, mean, invstd, train, output_mask)
 @torch.library.register_fake("fusedbn::update_running_stats")
 def _update_running_stats_fake(running_mean, running_var, mean, var, count, momentum,
                                num_batches_tracked):
+    _check_devices("update_running_stats", mean, var=var, running_mean=running_mean,
+                   running_var=running_var, num_batches_tracked=num_batches_tracked)
     return None
 
 
@@ -119,12 +137,15 @@ def _batch_stats_fake(input):
 
 @torch.library.register_fake("fusedbn::backward_reduce")
 def _backward_reduce_fake(grad_output, input, mean):
+    _check_devices("backward_reduce", input, grad_output=grad_output, mean=mean)
     stat = input.new_empty((input.shape[1],), dtype=acc_dtype(input.dtype))
     return stat, stat.new_empty(stat.shape)
 
 
 @torch.library.register_fake("fusedbn::backward_elemt")
 def _backward_elemt_fake(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count):
+    _check_devices("backward_elemt", input, grad_output=grad_output, weight=weight, mean=mean,
+                   invstd=invstd, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)
     return _empty_output(input)
 
 
@@ -132,28 +153,52 @@ def _backward_elemt_fake(grad_output, input, weight, mean, invstd, sum_dy, sum_d
 
 def _check_running_stats(input, running_mean, running_var):
     """The training forward never sees the running statistics and the update op cannot tell the
-    input's dtype, so their dtype and shape are checked here, before the forward runs. The test
-    is Python (torch.compile traces it to constants); the error and its wording come from
-    csrc/eager.cpp, which the eager path checks with."""
+    input's dtype, so their dtype, shape and device are checked here, before the forward runs. The test is Python (torch.compile traces
+    it to constants); the error and its wording come from csrc/eager.cpp, which the eager path
+    checks with."""
     C = input.shape[1] if input.dim() >= 2 else None
     for t in (running_mean, running_var):
-        if t.dtype not in (input.dtype, torch.float32) or (C is not None
-                                                           and tuple(t.shape) != (C,)):
+        if (t.dtype not in (input.dtype, torch.float32) or t.device != input.device
+                or (C is not None and tuple(t.shape) != (C,))):
             _C.check_running_stats(input, running_mean, running_var)
 
 
-def _forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
-             use_batch_stats, momentum, eps, stats_for_backward):
+def _check_counter(input, counter):
+    """num_batches_tracked, read by a momentum=None update: one value on the input's device
+    (checked before the forward, so that a refused counter is never advanced)."""
+    if counter.numel() != 1 or counter.device != input.device:
+        _C.check_counter(input, counter)
+
+
+def _check_step(input, running_mean, running_var, counter, momentum):
+    """Everything the running-statistics update could refuse, before anything runs."""
+    if running_mean is not None:
+        _check_running_stats(input, running_mean, running_var)
+        if input.dim() >= 2 and input.shape[1] and input.numel() == input.shape[1]:
+            _C.check_update_count(input)  # one value per channel: no unbiased variance
+    if counter is not None and momentum is None:
+        _check_counter(input, counter)
+
+
+def _update(input, running_mean, running_var, counter, mean, var, momentum):
+    """After the forward op: advance the counter (the batch passed every check), then update the
+    running statistics (momentum=None reads the advanced counter on the device)."""
+    if counter is not None:
+        counter.add_(1)
+    if running_mean is not None:
+        count = input.numel() // input.shape[1] if input.shape[1] else 0
+        _ops.update_running_stats(running_mean, running_var, mean, var, count, momentum,
+                                  counter if momentum is None else None)
+
+
+def _forward(input, weight, bias, running_mean, running_var, counter, use_batch_stats, momentum,
+             eps, stats_for_backward):
     """The forward ops: (output, mean, invstd), the statistics only when backward will need them
-    (always in training, where they come for free)."""
+    (always in training, where they come for free). counter: as in batch_norm below."""
     if use_batch_stats:
-        if running_mean is not None:  # checked before anything runs: never a partial update
-            _check_running_stats(input, running_mean, running_var)
+        _check_step(input, running_mean, running_var, counter, momentum)  # never a partial update
         output, mean, invstd, var = _ops.forward_train(input, weight, bias, eps)
-        if running_mean is not None:
-            count = input.numel() // input.shape[1] if input.shape[1] else 0
-            _ops.update_running_stats(running_mean, running_var, mean, var, count, momentum,
-                                      num_batches_tracked)
+        _update(input, running_mean, running_var, counter, mean, var, momentum)
         return output, mean, invstd
     output = _ops.forward_eval(input, weight, bias, running_mean, running_var, eps)
     if not stats_for_backward:
@@ -166,13 +211,13 @@ class BatchNormFunction(torch.autograd.Function):
     """y = batch_norm(x); in training mode also updates the running statistics in place."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                use_batch_stats, momentum, eps):
+    def forward(ctx, input, weight, bias, running_mean, running_var, counter, use_batch_stats,
+                momentum, eps):
         # (grad mode is always off inside forward: needs_input_grad says what backward needs)
         need = ctx.needs_input_grad
         need_stats = need[0] or need[1] or need[2]
-        output, mean, invstd = _forward(input, weight, bias, running_mean, running_var,
-                                        num_batches_tracked, use_batch_stats, momentum, eps,
+        output, mean, invstd = _forward(input, weight, bias, running_mean, running_var, counter,
+                                        use_batch_stats, momentum, eps,
                                         stats_for_backward=need_stats)
         ctx.use_batch_stats = use_batch_stats
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -202,7 +247,8 @@ def batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, 
     """The op-level entry: no Python-side validation beyond the device (see fusedbn.functional).
     counter: the module's num_batches_tracked when this step advances it (training with
     track_running_stats); momentum=None then means the cumulative average 1/num_batches_tracked,
-    read on the device after the increment.
+    read on the device after the increment. It is advanced only once the batch has passed every
+    check, on both paths: a rejected batch leaves no trace.
 
     Eager calls go to fusedbn._C.batch_norm (csrc/eager.cpp): the same ops with the checks, the
     counter's increment and the autograd node in C++, which on small layers saves as much time as
@@ -216,14 +262,13 @@ def batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, 
             name_entry_point(e, ENTRY)
             raise
     _check_device_supported(input)
-    if counter is not None:
-        counter.add_(1)
-    num_batches_tracked = counter if momentum is None else None
+    if not use_batch_stats:
+        counter = None  # (the eager path ignores it there too)
     if torch.is_grad_enabled() and (input.requires_grad
                                     or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                       num_batches_tracked, use_batch_stats, momentum, eps)
+        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, counter,
+                                       use_batch_stats, momentum, eps)
     # Nothing to differentiate (inference, torch.no_grad): the ops without autograd's bookkeeping.
-    return _forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                    use_batch_stats, momentum, eps, stats_for_backward=False)[0]
+    return _forward(input, weight, bias, running_mean, running_var, counter, use_batch_stats,
+                    momentum, eps, stats_for_backward=False)[0]

@@ -17,7 +17,8 @@ echo "[setup] $("$PY" -c 'import torch; print("torch", torch.__version__, "CUDA"
 # Build and test tools; scikit-learn only feeds the training test (bundled digits data set).
 missing=$("$PY" - <<'PYEOF'
 import importlib.util
-need = {"ninja": "ninja", "pybind11": "pybind11", "pytest": "pytest", "sklearn": "scikit-learn"}
+need = {"ninja": "ninja", "pybind11": "pybind11", "pytest": "pytest", "sklearn": "scikit-learn",
+        "expecttest": "expecttest"}
 print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
 PYEOF
 )
