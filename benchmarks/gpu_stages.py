@@ -16,6 +16,7 @@ Each stage function takes the Context and returns its result dict: status (passe
 skipped, timeout), seconds, reason, and what it measured.
 """
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -90,23 +91,39 @@ def built_extensions():
                   + glob.glob(os.path.join(ROOT, "fusedbn", "_cpu_*.so")))
 
 
+def sources_hash():
+    """sha1 of the build's sources: the device machine may copy the tree afresh for each
+    command, with new modification times, so times alone would rebuild every time."""
+    h = hashlib.sha1()
+    for path in sorted(build_sources()):
+        h.update(os.path.relpath(path, ROOT).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def build_is_current(ctx):
-    """(current, why not): the extensions exist, are newer than every source, and (GPU run) were
-    built by this script for this compute capability and torch."""
+    """(current, why not). GPU run: the extensions exist and this script built them from the
+    same sources for this compute capability and torch. Dry run (a build made by CI or by
+    hand): the extensions exist and are newer than every source."""
     built = built_extensions()
     if not any(os.path.basename(p).startswith("_C") for p in built):
         return False, "no fusedbn/_C*.so"
-    newest = max(os.path.getmtime(p) for p in build_sources())
-    if newest > min(os.path.getmtime(p) for p in built):
-        return False, "a source is newer than the built extensions"
     if ctx.dry_run:
+        newest = max(os.path.getmtime(p) for p in build_sources())
+        if newest > min(os.path.getmtime(p) for p in built):
+            return False, "a source is newer than the built extensions"
         return True, None
     stamp = ctx.state.get("build_stamp") or {}
-    want = {"arch": ctx.environment.get("cuda_capability"),
-            "torch": ctx.environment.get("torch_version")}
-    if {k: stamp.get(k) for k in want} != want:
+    want = build_stamp(ctx)
+    if stamp != want:
         return False, "built for %s, need %s" % (stamp or "another configuration", want)
     return True, None
+
+
+def build_stamp(ctx):
+    return {"arch": ctx.environment.get("cuda_capability"),
+            "torch": ctx.environment.get("torch_version"), "sources": sources_hash()}
 
 
 def probe_build(ctx):
@@ -152,8 +169,7 @@ def stage_build(ctx):
         if "cuda" not in info.get("backends", ()) or arch not in info.get("cuda_arch_list", ""):
             return _result("failed", seconds, "built without CUDA kernels for %s: %s"
                            % (arch, info), action=action, build_info=info)
-        ctx.state["build_stamp"] = {"arch": ctx.environment.get("cuda_capability"),
-                                    "torch": ctx.environment.get("torch_version")}
+        ctx.state["build_stamp"] = build_stamp(ctx)
     return _result("passed", seconds, action=action, build_info=info, env=cfg,
                    command=" ".join(cmd))
 
@@ -213,7 +229,7 @@ def stage_tests(ctx):
         extra += ["--ignore", "tests/gpu"]
     workers = xdist_workers(ctx)
     if workers > 1:
-        extra += ["-n", str(workers), "--dist", "loadfile"]
+        extra += ["-n", str(workers), "--dist", "load"]
     res = _pytest_stage(ctx, "tests", ["tests"], extra)
     res["xdist_workers"] = workers
     return res
@@ -435,7 +451,11 @@ ORDER = list(STAGES)
 def stage_estimate(name, ctx):
     """Seconds the stage needs at least to be worth starting."""
     if name == "build":
-        return estimate("build_reused" if build_is_current(ctx)[0] else "build", ctx)
+        # Started whenever a minute is left: nothing runs without it, and ninja keeps what an
+        # interrupted build compiled for the next command.
+        if build_is_current(ctx)[0]:
+            return estimate("build_reused", ctx)
+        return min(estimate("build", ctx), 60)
     if name == "tests":
         return tests_estimate(ctx)
     if name == "sanitizers":
