@@ -40,7 +40,6 @@ GPU_BENCH_TRAIN = [(s, d) for d in ("bfloat16", "float32", "float16")
                    for s in ("unet", "efficientnet", "resnet50")]
 GPU_BENCH_EXTRA = [("smallc,bn1d", "bfloat16,float32,float16", "fwd,bwd,fwdbwd"),
                    ("unet,efficientnet,resnet50", "bfloat16", "infer")]
-SHAPES_PER_SET = {"unet": 2, "efficientnet": 4, "resnet50": 16, "smallc": 1, "bn1d": 1}
 
 
 def estimate(name, ctx):
@@ -175,12 +174,12 @@ def stage_build(ctx):
 
 
 # ---- pytest stages ----------------------------------------------------------------------------
-def _pytest_stage(ctx, name, targets, extra=()):
+def _pytest_stage(ctx, name, targets, extra=(), env=None):
     junit = os.path.join(ctx.work, "junit_%s.xml" % name)
     if os.path.exists(junit):
         os.remove(junit)
     cmd = _pytest_cmd(ctx, targets, junit, extra)
-    res = gpu_runner.run(cmd, ctx.log, env=ctx.env, cwd=ROOT, timeout=ctx.time_left())
+    res = gpu_runner.run(cmd, ctx.log, env=env or ctx.env, cwd=ROOT, timeout=ctx.time_left())
     counts = gpu_runner.read_junit(junit) if os.path.exists(junit) else None
     summary = gpu_runner.pytest_tail(res["output"])
     if res["timed_out"]:
@@ -228,10 +227,14 @@ def stage_tests(ctx):
     if ctx.state["stages"].get("quick", {}).get("status") == "passed":
         extra += ["--ignore", "tests/gpu"]
     workers = xdist_workers(ctx)
+    env = ctx.env
     if workers > 1:
         extra += ["-n", str(workers), "--dist", "load"]
-    res = _pytest_stage(ctx, "tests", ["tests"], extra)
+        # the CPU tests' torch threads share the cores instead of oversubscribing them
+        env = dict(ctx.env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // workers)))
+    res = _pytest_stage(ctx, "tests", ["tests"], extra, env)
     res["xdist_workers"] = workers
+    res["ignored"] = [extra[i + 1] for i, a in enumerate(extra) if a == "--ignore"]
     return res
 
 
@@ -342,16 +345,21 @@ def bench_chunks(ctx):
               "0.1", "--min-repeats", "20", "--max-repeats", "200"]
     chunks = []
     for sets, dtype in GPU_BENCH_TRAIN:
-        n = SHAPES_PER_SET[sets] * 2 * 3
         chunks.append(("%s_%s" % (sets, dtype), common + ["--shapes", sets, "--dtypes", dtype,
-                                                          "--modes", "fwd,bwd,fwdbwd"], n))
+                                                          "--modes", "fwd,bwd,fwdbwd"],
+                       count_cases(sets, dtype, "fwd,bwd,fwdbwd")))
     for sets, dtypes, modes in GPU_BENCH_EXTRA:
-        names = sets.split(",")
-        n = sum(SHAPES_PER_SET[s] * (1 if s == "bn1d" else 2) for s in names) * len(
-            dtypes.split(",")) * len(modes.split(","))
-        chunks.append(("%s_%s" % ("_".join(names), modes.replace(",", "")),
-                       common + ["--shapes", sets, "--dtypes", dtypes, "--modes", modes], n))
+        chunks.append(("%s_%s" % (sets.replace(",", "_"), modes.replace(",", "-")),
+                       common + ["--shapes", sets, "--dtypes", dtypes, "--modes", modes],
+                       count_cases(sets, dtypes, modes)))
     return chunks
+
+
+def count_cases(sets, dtypes, modes, layouts="nchw,channels_last"):
+    """The number of cases python -m benchmarks will run for these arguments."""
+    from . import cases
+    return len(cases.make_cases(cases.expand_shape_sets(sets.split(",")), dtypes.split(","),
+                                layouts.split(","), modes.split(",")))
 
 
 def bench_estimate(ctx, cases):
