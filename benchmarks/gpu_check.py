@@ -360,10 +360,11 @@ def main(argv=None):
                 ",".join(names), args.budget))
     ran = []
     for name in names:
-        failed_build = state["stages"].get("build", {}).get("status") in ("failed", "timeout")
+        build_status = state["stages"].get("build", {}).get("status")
         need = gpu_stages.stage_estimate(name, ctx)
-        if name != "build" and failed_build:
-            result = {"status": "skipped", "seconds": 0, "reason": "the build failed"}
+        if name != "build" and build_status in ("failed", "timeout"):
+            result = {"status": "skipped", "seconds": 0, "reason": "the build %s" % (
+                "failed" if build_status == "failed" else "did not finish in time")}
         elif need > ctx.time_left():
             result = {"status": "skipped", "seconds": 0,
                       "reason": "needs ~%.0f s, %.0f s left of the %.0f s budget"

@@ -16,6 +16,7 @@ Each stage function takes the Context and returns its result dict: status (passe
 skipped, timeout), seconds, reason, and what it measured.
 """
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -39,7 +40,6 @@ GPU_BENCH_TRAIN = [(s, d) for d in ("bfloat16", "float32", "float16")
                    for s in ("unet", "efficientnet", "resnet50")]
 GPU_BENCH_EXTRA = [("smallc,bn1d", "bfloat16,float32,float16", "fwd,bwd,fwdbwd"),
                    ("unet,efficientnet,resnet50", "bfloat16", "infer")]
-SHAPES_PER_SET = {"unet": 2, "efficientnet": 4, "resnet50": 16, "smallc": 1, "bn1d": 1}
 
 
 def estimate(name, ctx):
@@ -90,23 +90,39 @@ def built_extensions():
                   + glob.glob(os.path.join(ROOT, "fusedbn", "_cpu_*.so")))
 
 
+def sources_hash():
+    """sha1 of the build's sources: the device machine may copy the tree afresh for each
+    command, with new modification times, so times alone would rebuild every time."""
+    h = hashlib.sha1()
+    for path in sorted(build_sources()):
+        h.update(os.path.relpath(path, ROOT).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def build_is_current(ctx):
-    """(current, why not): the extensions exist, are newer than every source, and (GPU run) were
-    built by this script for this compute capability and torch."""
+    """(current, why not). GPU run: the extensions exist and this script built them from the
+    same sources for this compute capability and torch. Dry run (a build made by CI or by
+    hand): the extensions exist and are newer than every source."""
     built = built_extensions()
     if not any(os.path.basename(p).startswith("_C") for p in built):
         return False, "no fusedbn/_C*.so"
-    newest = max(os.path.getmtime(p) for p in build_sources())
-    if newest > min(os.path.getmtime(p) for p in built):
-        return False, "a source is newer than the built extensions"
     if ctx.dry_run:
+        newest = max(os.path.getmtime(p) for p in build_sources())
+        if newest > min(os.path.getmtime(p) for p in built):
+            return False, "a source is newer than the built extensions"
         return True, None
     stamp = ctx.state.get("build_stamp") or {}
-    want = {"arch": ctx.environment.get("cuda_capability"),
-            "torch": ctx.environment.get("torch_version")}
-    if {k: stamp.get(k) for k in want} != want:
+    want = build_stamp(ctx)
+    if stamp != want:
         return False, "built for %s, need %s" % (stamp or "another configuration", want)
     return True, None
+
+
+def build_stamp(ctx):
+    return {"arch": ctx.environment.get("cuda_capability"),
+            "torch": ctx.environment.get("torch_version"), "sources": sources_hash()}
 
 
 def probe_build(ctx):
@@ -152,19 +168,18 @@ def stage_build(ctx):
         if "cuda" not in info.get("backends", ()) or arch not in info.get("cuda_arch_list", ""):
             return _result("failed", seconds, "built without CUDA kernels for %s: %s"
                            % (arch, info), action=action, build_info=info)
-        ctx.state["build_stamp"] = {"arch": ctx.environment.get("cuda_capability"),
-                                    "torch": ctx.environment.get("torch_version")}
+        ctx.state["build_stamp"] = build_stamp(ctx)
     return _result("passed", seconds, action=action, build_info=info, env=cfg,
                    command=" ".join(cmd))
 
 
 # ---- pytest stages ----------------------------------------------------------------------------
-def _pytest_stage(ctx, name, targets, extra=()):
+def _pytest_stage(ctx, name, targets, extra=(), env=None):
     junit = os.path.join(ctx.work, "junit_%s.xml" % name)
     if os.path.exists(junit):
         os.remove(junit)
     cmd = _pytest_cmd(ctx, targets, junit, extra)
-    res = gpu_runner.run(cmd, ctx.log, env=ctx.env, cwd=ROOT, timeout=ctx.time_left())
+    res = gpu_runner.run(cmd, ctx.log, env=env or ctx.env, cwd=ROOT, timeout=ctx.time_left())
     counts = gpu_runner.read_junit(junit) if os.path.exists(junit) else None
     summary = gpu_runner.pytest_tail(res["output"])
     if res["timed_out"]:
@@ -212,10 +227,14 @@ def stage_tests(ctx):
     if ctx.state["stages"].get("quick", {}).get("status") == "passed":
         extra += ["--ignore", "tests/gpu"]
     workers = xdist_workers(ctx)
+    env = ctx.env
     if workers > 1:
-        extra += ["-n", str(workers), "--dist", "loadfile"]
-    res = _pytest_stage(ctx, "tests", ["tests"], extra)
+        extra += ["-n", str(workers), "--dist", "load"]
+        # the CPU tests' torch threads share the cores instead of oversubscribing them
+        env = dict(ctx.env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // workers)))
+    res = _pytest_stage(ctx, "tests", ["tests"], extra, env)
     res["xdist_workers"] = workers
+    res["ignored"] = [extra[i + 1] for i, a in enumerate(extra) if a == "--ignore"]
     return res
 
 
@@ -326,16 +345,21 @@ def bench_chunks(ctx):
               "0.1", "--min-repeats", "20", "--max-repeats", "200"]
     chunks = []
     for sets, dtype in GPU_BENCH_TRAIN:
-        n = SHAPES_PER_SET[sets] * 2 * 3
         chunks.append(("%s_%s" % (sets, dtype), common + ["--shapes", sets, "--dtypes", dtype,
-                                                          "--modes", "fwd,bwd,fwdbwd"], n))
+                                                          "--modes", "fwd,bwd,fwdbwd"],
+                       count_cases(sets, dtype, "fwd,bwd,fwdbwd")))
     for sets, dtypes, modes in GPU_BENCH_EXTRA:
-        names = sets.split(",")
-        n = sum(SHAPES_PER_SET[s] * (1 if s == "bn1d" else 2) for s in names) * len(
-            dtypes.split(",")) * len(modes.split(","))
-        chunks.append(("%s_%s" % ("_".join(names), modes.replace(",", "")),
-                       common + ["--shapes", sets, "--dtypes", dtypes, "--modes", modes], n))
+        chunks.append(("%s_%s" % (sets.replace(",", "_"), modes.replace(",", "-")),
+                       common + ["--shapes", sets, "--dtypes", dtypes, "--modes", modes],
+                       count_cases(sets, dtypes, modes)))
     return chunks
+
+
+def count_cases(sets, dtypes, modes, layouts="nchw,channels_last"):
+    """The number of cases python -m benchmarks will run for these arguments."""
+    from . import cases
+    return len(cases.make_cases(cases.expand_shape_sets(sets.split(",")), dtypes.split(","),
+                                layouts.split(","), modes.split(",")))
 
 
 def bench_estimate(ctx, cases):
@@ -435,7 +459,11 @@ ORDER = list(STAGES)
 def stage_estimate(name, ctx):
     """Seconds the stage needs at least to be worth starting."""
     if name == "build":
-        return estimate("build_reused" if build_is_current(ctx)[0] else "build", ctx)
+        # Started whenever a minute is left: nothing runs without it, and ninja keeps what an
+        # interrupted build compiled for the next command.
+        if build_is_current(ctx)[0]:
+            return estimate("build_reused", ctx)
+        return min(estimate("build", ctx), 60)
     if name == "tests":
         return tests_estimate(ctx)
     if name == "sanitizers":

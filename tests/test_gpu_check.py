@@ -193,3 +193,67 @@ def test_dtype_of_a_test_id():
     assert gpu_runner.input_dtype_of("t[cuda-f16-params_f32]") == "float16"
     assert gpu_runner.input_dtype_of("t[cuda-torch.float64-x]") == "float64"
     assert gpu_runner.input_dtype_of("t[cuda-3]") is None
+
+
+def gpu_context(tmp_path, *argv):
+    """A Context as on a GPU machine (an H200's environment), for the parts that run without
+    one."""
+    args = gpu_check.parse_args(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+                                 *argv])
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
+    environment = {"cuda_capability": "9.0", "torch_version": "2.11.0+cu130",
+                   "gpu_name": "NVIDIA H200", "tree_hash": "x"}
+    state = {"stages": {}, "times": {}, "bench_chunks": {}}
+    log = gpu_runner.Log(os.path.join(args.out, "log.txt"))
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return gpu_check.Context(args, log, state, environment, env)
+
+
+def test_gpu_plan(tmp_path):
+    from benchmarks import gpu_stages
+    ctx = gpu_context(tmp_path)
+    assert ctx.args.budget == gpu_check.DEFAULT_BUDGET < 600
+    cfg = gpu_stages.build_config(ctx)
+    assert cfg["TORCH_CUDA_ARCH_LIST"] == "9.0" and cfg["FORCE_CUDA"] == "1"
+    assert int(cfg["MAX_JOBS"]) == os.cpu_count()
+    assert gpu_stages.build_is_current(ctx)[0] is False  # never built for this GPU
+    assert gpu_stages.stage_estimate("build", ctx) <= 60
+    chunks = gpu_stages.bench_chunks(ctx)
+    train = [c for c in chunks if "infer" not in c[0] and "bn1d" not in c[0]]
+    assert len(train) == 9 and sum(c[2] for c in train) == 22 * 2 * 3 * 3
+    for name, args, _ in train:
+        assert "--device" in args and "cuda" in args and "--check" in args
+        assert args[args.index("--providers") + 1] == "fusedbn,cudnn,torch_native,compile"
+    assert train[0][0] == "unet_bfloat16"  # the smallest chunk first
+    ctx.state["stages"]["quick"] = {"status": "passed"}
+    ctx.state["stages"]["tests"] = {"status": "skipped"}
+    ctx.args.resume = True
+    assert gpu_check.selected_stages(ctx.args, ctx.state) == ["build", "tests", "sanitizers",
+                                                              "bench"]
+
+
+def test_sanitizer_stage_with_a_stand_in_tool(tmp_path, monkeypatch):
+    """The sanitizer stage as on a GPU, with a stand-in compute-sanitizer that runs the cases on
+    the CPU and prints the real tool's verdict lines: commands, parsing, sanitizer.txt."""
+    from benchmarks import gpu_stages
+    fake = tmp_path / "bin" / "compute-sanitizer"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        "while [ \"${1:0:2}\" = \"--\" ]; do shift; [ \"${1:0:2}\" = \"--\" ] || shift; done\n"
+        "args=(); for a in \"$@\"; do [ \"$a\" = cuda ] && a=cpu; args+=(\"$a\"); done\n"
+        "echo '========= COMPUTE-SANITIZER'\n"
+        "\"${args[@]}\" --only planes_f32,rows_vec_f32; rc=$?\n"
+        "echo '========= ERROR SUMMARY: 0 errors'\n"
+        "exit $rc\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", "%s%s%s" % (fake.parent, os.pathsep, os.environ["PATH"]))
+    ctx = gpu_context(tmp_path, "--no-large")
+    res = gpu_stages.stage_sanitizers(ctx)
+    assert res["status"] == "passed", res
+    assert set(res["tools"]) == {"memcheck", "racecheck", "initcheck"}
+    for tool in res["tools"].values():
+        assert tool["errors"] == 0 and tool["cases"] == 2 and tool["program_finished"]
+    text = open(os.path.join(ctx.work, "sanitizer.txt")).read()
+    assert "#### racecheck (passed" in text and "--kernel-name kns=fusedbn" in text

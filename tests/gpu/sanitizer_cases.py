@@ -78,6 +78,29 @@ def tensor(shape, dtype, layout, device, seed):
     raise ValueError(layout)
 
 
+def hashed_tensor(shape, dtype, layout, device, seed, chunk=1 << 26):
+    """Like tensor(), for inputs too large to draw in float64 on the CPU: element i (in logical
+    order) is a hash of i and the seed, scaled and offset per channel, made in chunks with the
+    same integer and float32 arithmetic on either device, so the CPU and CUDA inputs agree and
+    a read from a wrong (overflowed) index shows."""
+    n = 1
+    for d in shape:
+        n *= d
+    C, S = shape[1], n // (shape[0] * shape[1])
+    flat = torch.empty(n, dtype=dtype, device=device)
+    for start in range(0, n, chunk):
+        idx = torch.arange(start, min(n, start + chunk), device=device, dtype=torch.int64)
+        h = (idx * 2654435761 + seed * 40503) % 4294967296
+        c = ((idx // S) % C).to(torch.float32)
+        u = h.to(torch.float32) * (1.0 / 4294967296) - 0.5
+        flat[start:start + idx.numel()] = (u * (3.0 + 0.75 * c) + 0.5 * c).to(dtype)
+        del idx, h, c, u
+    x = flat.view(shape)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def channel(C, device, dtype, kind, seed):
     g = _gen(seed)
     v = {"weight": 1 + 0.5 * torch.randn(C, generator=g, dtype=F64),
@@ -92,11 +115,11 @@ def param_dtype(dtype):
 
 
 # ---- case builders: each returns fn(device) -> {name: tensor} ---------------------------------
-def train_case(shape, dtype, layout, affine=True, pdt=None, mask=ALL):
+def train_case(shape, dtype, layout, affine=True, pdt=None, mask=ALL, make=tensor):
     """forward_train + backward(train=True): the reduction, its merge, both element-wise maps."""
     def fn(dev):
-        x = tensor(shape, dtype, layout, dev, 1)
-        dy = tensor(shape, dtype, layout, dev, 2)
+        x = make(shape, dtype, layout, dev, 1)
+        dy = make(shape, dtype, layout, dev, 2)
         p = pdt or param_dtype(dtype)
         w = channel(shape[1], dev, p, "weight", 3) if affine else None
         b = channel(shape[1], dev, p, "bias", 4) if affine else None
@@ -151,7 +174,8 @@ def sync_case(shape, dtype, layout):
 ACT_IDS = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu_tanh": 4}
 
 
-def act_case(shape, dtype, layout, act, residual=True, train=True, source=None, slope=0.1):
+def act_case(shape, dtype, layout, act, residual=True, train=True, source=None, slope=0.1,
+             make=tensor):
     """act_forward_train/eval + act_backward. source: 0 recompute from x, 1 x and the saved sign
     mask, 2 memory-saving recovery from y (default: 1 for relu/leaky_relu, else 0)."""
     a = ACT_IDS[act]
@@ -160,9 +184,9 @@ def act_case(shape, dtype, layout, act, residual=True, train=True, source=None, 
     save_mask = source == 1
 
     def fn(dev):
-        x = tensor(shape, dtype, layout, dev, 1)
-        dy = tensor(shape, dtype, layout, dev, 2)
-        r = tensor(shape, dtype, layout, dev, 7) if residual else None
+        x = make(shape, dtype, layout, dev, 1)
+        dy = make(shape, dtype, layout, dev, 2)
+        r = make(shape, dtype, layout, dev, 7) if residual else None
         p = param_dtype(dtype)
         w = channel(shape[1], dev, p, "weight", 3)
         b = channel(shape[1], dev, p, "bias", 4)
@@ -274,12 +298,14 @@ CASES = {
 }
 
 # More than 2^30 elements: the kernels switch to 64-bit index math (bn_utils.cuh fits_int32).
-# About 2.2 GB per bfloat16 tensor, 9 GB in all; the CPU comparison takes a few seconds.
+# About 2.2 GB per bfloat16 tensor, 9 GB in all; the CPU comparison takes a few seconds on 16
+# cores (and about 20 GB of host memory).
+LARGE = (4, 2, 11600, 11600)
 LARGE_CASES = {
-    "large_planes_bf16": train_case((4, 2, 11600, 11600), BF16, "contiguous"),
-    "large_rows_bf16": train_case((4, 2, 11600, 11600), BF16, "channels_last"),
-    "large_act_relu_bf16": act_case((4, 2, 11600, 11600), BF16, "contiguous", "relu",
-                                    residual=False),
+    "large_planes_bf16": train_case(LARGE, BF16, "contiguous", make=hashed_tensor),
+    "large_rows_bf16": train_case(LARGE, BF16, "channels_last", make=hashed_tensor),
+    "large_act_relu_bf16": act_case(LARGE, BF16, "contiguous", "relu", residual=False,
+                                    make=hashed_tensor),
 }
 
 
