@@ -339,9 +339,9 @@ def bench_chunks(ctx):
                 "--dtypes", "float32", "--layouts", "nchw", "--shapes", "quick", "--repeats",
                 "3", "--warmup", "1", "--threads", "2", "--load-threshold", "0",
                 "--quiet-wait", "0", "--flush-mb", "8"]
-        return [("dry_run_quick_fwd", args, 2)]
+        return [("dry_run_quick_fwd", args, count_cases("quick", "float32", "fwd", "nchw"))]
     common = ["--device", "cuda", "--providers", "fusedbn,cudnn,torch_native,compile",
-              "--layouts", "nchw,channels_last", "--check", "--warmup", "5", "--min-time",
+              "--layouts", bench_layouts(), "--check", "--warmup", "5", "--min-time",
               "0.1", "--min-repeats", "20", "--max-repeats", "200"]
     chunks = []
     for sets, dtype in GPU_BENCH_TRAIN:
@@ -355,9 +355,17 @@ def bench_chunks(ctx):
     return chunks
 
 
-def count_cases(sets, dtypes, modes, layouts="nchw,channels_last"):
+def bench_layouts():
+    """Both memory formats, in the words of the benchmarks CLI at hand: 'contiguous' where it
+    names memory formats (and labels 2-D/3-D inputs nc/ncl), 'nchw' where it does not."""
+    from . import cases
+    return ("contiguous" if hasattr(cases, "MEMORY_FORMATS") else "nchw") + ",channels_last"
+
+
+def count_cases(sets, dtypes, modes, layouts=None):
     """The number of cases python -m benchmarks will run for these arguments."""
     from . import cases
+    layouts = layouts or bench_layouts()
     return len(cases.make_cases(cases.expand_shape_sets(sets.split(",")), dtypes.split(","),
                                 layouts.split(","), modes.split(",")))
 
