@@ -281,8 +281,15 @@ def stage_sanitizers(ctx):
         return _result("skipped", reason="compute-sanitizer not found (PATH, $CUDA_HOME/bin)",
                        planned=planned)
     env = dict(ctx.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")  # every tensor its own allocation
-    results, excerpts, total = {}, [], 0.0
+    results, total = {}, 0.0
+    previous = (ctx.state["stages"].get("sanitizers") or {}).get("tools") or {}
     for name, tool, opts, case_opts in runs:
+        excerpt_path = os.path.join(ctx.work, "sanitizer_%s.txt" % name)
+        if previous.get(name, {}).get("status") == "passed" and os.path.exists(excerpt_path):
+            results[name] = dict(previous[name], reused=True)  # --resume: clean already
+            continue
+        if os.path.exists(excerpt_path):
+            os.remove(excerpt_path)  # of an earlier run
         est = estimate("sanitizer_large" if name == "memcheck_large" else "sanitizer_tool", ctx)
         if est > ctx.time_left():
             results[name] = _result("skipped", reason="needs ~%.0f s, %.0f s left"
@@ -310,9 +317,12 @@ def stage_sanitizers(ctx):
         results[name] = _result(status, res["seconds"], None if clean else (
             "rc %s; %s" % (res["rc"], summ["summary_line"] or "no summary")), rc=res["rc"],
             command=" ".join(cmd), **summ)
-        excerpts.append("#### %s (%s, %.0f s, rc %s)\n$ %s\n%s\n"
-                        % (name, status, res["seconds"], res["rc"], " ".join(cmd),
-                           gpu_runner.sanitizer_excerpt(res["output"])))
+        with open(excerpt_path, "w") as f:
+            f.write("#### %s (%s, %.0f s, rc %s)\n$ %s\n%s\n"
+                    % (name, status, res["seconds"], res["rc"], " ".join(cmd),
+                       gpu_runner.sanitizer_excerpt(res["output"])))
+    excerpts = [open(p).read() for p in (os.path.join(ctx.work, "sanitizer_%s.txt" % r[0])
+                                         for r in runs) if os.path.exists(p)]
     with open(os.path.join(ctx.work, "sanitizer.txt"), "w") as f:
         f.write("\n".join(excerpts) or "no sanitizer run\n")
     statuses = [r["status"] for r in results.values()]
