@@ -12,7 +12,16 @@
 //    mutation is declared in the schema.
 #include <torch/library.h>
 
-TORCH_LIBRARY(fusedbn, m) {
+// The namespace of the library: fusedbn, or fusedbn_emu for the emulated CUDA op library of the
+// tests (csrc/cuda/emu/, built with -DFUSEDBN_OP_NAMESPACE=fusedbn_emu), which declares the same
+// schemas under its own name so that one process holds both. (TORCH_LIBRARY pastes its first
+// argument, so the macro goes through one more expansion.)
+#ifndef FUSEDBN_OP_NAMESPACE
+#define FUSEDBN_OP_NAMESPACE fusedbn
+#endif
+#define FUSEDBN_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+
+FUSEDBN_TORCH_LIBRARY(FUSEDBN_OP_NAMESPACE, m) {
   // Batch statistics (Welford) + normalize + affine in one op.
   // Returns y, the batch mean, 1/sqrt(var + eps) and the biased batch variance (the variance is
   // returned so that the running-statistics update does not have to rebuild it from invstd).

@@ -12,7 +12,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <tuple>
 
@@ -101,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> act_backward(
   ActSource src;
   std::tie(act, src) = check_act_backward_args(grad_output, saved, residual, mask, weight, bias,
                                                mean, invstd, activation, negative_slope, source, op);
-  const c10::cuda::CUDAGuard guard(saved.device());
+  const DeviceGuard guard(saved.device());
   Geometry g;
   const at::Tensor x = canonicalize(saved, g);
   const at::Tensor dy = match_layout(grad_output, x);

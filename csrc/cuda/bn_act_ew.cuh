@@ -19,8 +19,6 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -161,20 +159,19 @@ void launch_act_ew(ActEwArgs<T> a, const Geometry& g, int device) {
   a.vec = true;
   for (const T* p : a.in) a.vec = a.vec && group_aligned(p, sizeof(T));
   for (const T* p : a.out) a.vec = a.vec && group_aligned(p, sizeof(T));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const int64_t groups = ceil_div<int64_t>(a.numel, kGroup);
   const int64_t sms = sm_count(device);
   dispatch_index(!fits_int32(a.numel), [&](auto itag) {
     using index_t = typename decltype(itag)::type;
     auto kernel = act_ew_kernel<Fn, T, index_t>;
-    static const int bps = blocks_per_sm(kernel, kBlockThreads, 0);
+    const int bps = blocks_per_sm(kernel, kBlockThreads, 0);
     const int64_t blocks =
         std::max<int64_t>(1, std::min(ceil_div<int64_t>(groups, kBlockThreads), sms * bps));
     const int64_t step = blocks * kBlockThreads * kGroup;  // elements per grid iteration
     a.step_pos = step % a.S;
     a.step_ch = (step / a.S) % a.C;
-    kernel<<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(kernel, static_cast<unsigned>(blocks), kBlockThreads, 0, stream, a);
   });
 }
 

@@ -11,7 +11,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <tuple>
 
@@ -69,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> act_forwa
   const Act act = check_act_forward_args(input, weight, bias, residual, activation,
                                          negative_slope, save_mask, op);
   TORCH_CHECK(eps > 0, "fusedbn.", op, ": eps must be positive in training, got ", eps);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   Geometry g;
   const at::Tensor x = canonicalize(input, g);
   const at::Tensor r = defined(residual) ? match_layout(*residual, x) : at::Tensor();
@@ -102,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> act_forward_eval(
   const Act act = check_act_forward_args(input, weight, bias, residual, activation,
                                          negative_slope, save_mask, op);
   check_eval_stats_args(running_mean, running_var, input, eps, op);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   Geometry g;
   const at::Tensor x = canonicalize(input, g);
   const at::Tensor r = defined(residual) ? match_layout(*residual, x) : at::Tensor();

@@ -3,9 +3,10 @@
 #include <torch/library.h>
 
 #include "bn_act_cuda.h"
+#include "launch.cuh"
 
-TORCH_LIBRARY_IMPL(fusedbn, CUDA, m) {
-  m.impl("act_forward_train", TORCH_FN(fusedbn::cuda::act_forward_train));
-  m.impl("act_forward_eval", TORCH_FN(fusedbn::cuda::act_forward_eval));
-  m.impl("act_backward", TORCH_FN(fusedbn::cuda::act_backward));
+FUSEDBN_LIBRARY_IMPL(m) {
+  m.impl("act_forward_train", FUSEDBN_CUDA_FN(fusedbn::cuda::act_forward_train));
+  m.impl("act_forward_eval", FUSEDBN_CUDA_FN(fusedbn::cuda::act_forward_eval));
+  m.impl("act_backward", FUSEDBN_CUDA_FN(fusedbn::cuda::act_backward));
 }

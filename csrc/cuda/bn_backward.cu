@@ -18,9 +18,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <tuple>
 
@@ -83,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& mean, const at::Tensor& invstd, bool train, std::array<bool, 3> output_mask) {
   constexpr const char* op = "backward";
   check_backward_args(grad_output, input, weight, mean, invstd, op);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
 
   const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
   Geometry g;
@@ -129,10 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       reduce_pass2<Op>(parts, g.C, epi);
     } else {
       const auto blocks = static_cast<unsigned>(ceil_div<int64_t>(g.C, kBlockThreads));
-      eval_dx_coeffs_kernel<acc_t><<<blocks, kBlockThreads, 0,
-                                     c10::cuda::getCurrentCUDAStream()>>>(
-          channel_ptr(weight), invstd_c.const_data_ptr<acc_t>(), coeffs_ptr, g.C);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(eval_dx_coeffs_kernel<acc_t>, blocks, kBlockThreads, 0, current_stream(),
+                    channel_ptr(weight), invstd_c.const_data_ptr<acc_t>(), coeffs_ptr, g.C);
     }
   });
 

@@ -11,9 +11,6 @@
 // coefficients held in registers, U = 4 rows in flight per thread, grid.y striding over rows.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "bn_elementwise.cuh"
 #include "bn_utils.cuh"
@@ -192,7 +189,7 @@ void launch_channel_map(const at::Tensor& in0, const at::Tensor& in1, const at::
                        (a.in1 == nullptr || aligned_to(a.in1, 16));
   const bool use64 = !fits_int32(a.numel);
   const int64_t sms = sm_count(in0.get_device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
 
   if (g.layout == Layout::kChannelsLast) {
     dispatch_index(use64, [&](auto itag) {
@@ -200,16 +197,15 @@ void launch_channel_map(const at::Tensor& in0, const at::Tensor& in1, const at::
       dispatch_vec<VM>(aligned && g.C % VM == 0, [&](auto vtag) {
         constexpr int V = decltype(vtag)::value;
         auto kernel = ew_rows_kernel<Fn, T, V, index_t>;
-        static const int bps = blocks_per_sm(kernel, kBlockThreads, 0);
+        const int bps = blocks_per_sm(kernel, kBlockThreads, 0);
         const int64_t cvecs = g.C / V;
         const int tx = static_cast<int>(std::min<int64_t>(cvecs, kWarpSize));
         const int ty = kBlockThreads / tx;
         const int64_t gx = ceil_div<int64_t>(cvecs, tx);
         int64_t gy = ceil_div<int64_t>(g.rows(), int64_t{ty} * kRowsU);
         gy = std::max<int64_t>(1, std::min({gy, sms * bps / gx, int64_t{65535}}));
-        kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), dim3(tx, ty), 0,
-                 stream>>>(a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel(kernel, dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
+                      dim3(tx, ty), 0, stream, a);
       });
     });
     return;
@@ -220,15 +216,14 @@ void launch_channel_map(const at::Tensor& in0, const at::Tensor& in1, const at::
     dispatch_vec<VM>(aligned, [&](auto vtag) {
       constexpr int V = decltype(vtag)::value;
       auto kernel = ew_contig_kernel<Fn, T, V, index_t>;
-      static const int bps = blocks_per_sm(kernel, kBlockThreads, 0);
+      const int bps = blocks_per_sm(kernel, kBlockThreads, 0);
       const int64_t nvec = a.numel / V;
       const int64_t blocks = std::max<int64_t>(
           1, std::min(ceil_div<int64_t>(nvec, int64_t{kBlockThreads} * kContigU), sms * bps));
       const int64_t step = blocks * kBlockThreads * kContigU * V;  // elements per grid iteration
       a.step_pos = step % g.S;
       a.step_ch = (step / g.S) % g.C;
-      kernel<<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(kernel, static_cast<unsigned>(blocks), kBlockThreads, 0, stream, a);
     });
   });
 }

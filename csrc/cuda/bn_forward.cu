@@ -14,9 +14,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <cmath>
 #include <tuple>
@@ -109,10 +106,10 @@ void eval_coeffs(const Geometry& g, const at::Tensor& running_mean, const at::Te
   AT_DISPATCH_FLOATING_TYPES(coeffs.scalar_type(), "fusedbn_forward_eval", [&] {
     using acc_t = scalar_t;
     const auto blocks = static_cast<unsigned>(ceil_div<int64_t>(g.C, kBlockThreads));
-    eval_coeffs_kernel<acc_t><<<blocks, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        channel_ptr(running_mean), channel_ptr(running_var), channel_ptr(weight),
-        channel_ptr(bias), static_cast<acc_t>(eps), coeffs.mutable_data_ptr<acc_t>(), g.C);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(eval_coeffs_kernel<acc_t>, blocks, kBlockThreads, 0, current_stream(),
+                  channel_ptr(running_mean), channel_ptr(running_var), channel_ptr(weight),
+                  channel_ptr(bias), static_cast<acc_t>(eps), coeffs.mutable_data_ptr<acc_t>(),
+                  g.C);
   });
 }
 
@@ -122,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(
   constexpr const char* op = "forward_train";
   check_affine(input, weight, bias, op);
   TORCH_CHECK(eps > 0, "fusedbn.", op, ": eps must be positive in training, got ", eps);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   Geometry g;
   const at::Tensor x = canonicalize(input, g);
   at::Tensor out = empty_output(x);
@@ -151,7 +148,7 @@ at::Tensor forward_eval(const at::Tensor& input, const c10::optional<at::Tensor>
   constexpr const char* op = "forward_eval";
   check_affine(input, weight, bias, op);
   check_eval_stats_args(running_mean, running_var, input, eps, op);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   Geometry g;
   const at::Tensor x = canonicalize(input, g);
   at::Tensor out = empty_output(x);

@@ -15,8 +15,6 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -64,8 +62,7 @@ Partials launch_pass1(Kernel kernel, ReduceArgs<typename Op::scalar_t, typename 
   out.buffer = at::empty({a.C * a.P * static_cast<int64_t>(sizeof(typename Op::Partial))},
                          opts.dtype(at::kByte));
   a.partials = out.buffer.data_ptr();
-  kernel<<<grid, block, smem, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, grid, block, smem, stream, a);
   return out;
 }
 
@@ -88,7 +85,7 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
   const bool aligned = aligned_to(a.in0, 16) && (a.in1 == nullptr || aligned_to(a.in1, 16));
   const bool use64 = !fits_int32(g.numel());
   const int sms = sm_count(in0.get_device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const auto opts = in0.options();
   Partials result;
 
@@ -98,7 +95,7 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
       dispatch_vec<VM>(aligned && g.C % VM == 0, [&](auto vtag) {
         constexpr int V = decltype(vtag)::value;
         auto kernel = reduce_rows_kernel<Op, V, index_t>;
-        static const int bps =
+        const int bps =
             blocks_per_sm(kernel, kBlockThreads, size_t{kBlockThreads} * V * sizeof(Partial));
         const int64_t cvecs = g.C / V;
         const int tx = static_cast<int>(std::min<int64_t>(cvecs, kWarpSize));
@@ -126,7 +123,7 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
         constexpr int V = decltype(vtag)::value;
         auto kernel = reduce_packed_kernel<Op, V, KP, index_t>;
         const size_t smem = size_t{2} * kBlockThreads * KP * sizeof(Partial);
-        static const int bps = blocks_per_sm(kernel, kBlockThreads, smem);
+        const int bps = blocks_per_sm(kernel, kBlockThreads, smem);
         const int64_t groups0 = ceil_div<int64_t>(g.C, std::max<int64_t>(packed_cap / g.S, 1));
         a.cb = ceil_div<int64_t>(g.C, groups0);  // balanced groups
         const int64_t groups = ceil_div<int64_t>(g.C, a.cb);
@@ -145,7 +142,7 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
     dispatch_vec<VM>(aligned, [&](auto vtag) {
       constexpr int V = decltype(vtag)::value;
       auto kernel = reduce_planes_kernel<Op, V, index_t>;
-      static const int bps = blocks_per_sm(kernel, kBlockThreads, 0);
+      const int bps = blocks_per_sm(kernel, kBlockThreads, 0);
       const int64_t cap = V == 1 ? int64_t{kBlockThreads} * kReduceK
                                  : int64_t{kBlockThreads} * kReduceK * V - V;
       a.nseg = ceil_div<int64_t>(g.S, cap);
@@ -168,12 +165,11 @@ void reduce_pass2(const Partials& parts, int64_t C, const Epilogue& epi) {
   int group = kWarpSize;
   while (group < kBlockThreads && group * 4 < parts.P) group <<= 1;
   const int64_t per_block = kBlockThreads / group;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const auto blocks = static_cast<unsigned>(ceil_div<int64_t>(C, per_block));
-  merge_partials_kernel<Op, Epilogue><<<blocks, kBlockThreads, 0, stream>>>(
-      reinterpret_cast<const typename Op::Partial*>(parts.buffer.const_data_ptr()), C, parts.P,
-      group, epi);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(merge_partials_kernel<Op, Epilogue>, blocks, kBlockThreads, 0, stream,
+                reinterpret_cast<const typename Op::Partial*>(parts.buffer.const_data_ptr()), C,
+                parts.P, group, epi);
 }
 
 }  // namespace cuda

@@ -99,8 +99,7 @@ __device__ __forceinline__ void push_group(typename Op::Thread& s,
 
 template <typename Partial>
 __device__ __forceinline__ Partial* shared_partials() {
-  extern __shared__ __align__(16) unsigned char fusedbn_smem[];
-  return reinterpret_cast<Partial*>(fusedbn_smem);
+  return reinterpret_cast<Partial*>(dynamic_shared_memory());
 }
 
 // ---- planes ------------------------------------------------------------------------------
@@ -141,7 +140,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
   }
 
-  __shared__ __align__(16) unsigned char warp_buf[kBlockThreads / kWarpSize * sizeof(Partial)];
+  FUSEDBN_SHARED_ARRAY(16, unsigned char, warp_buf, kBlockThreads / kWarpSize * sizeof(Partial));
   Partial* warp_parts = reinterpret_cast<Partial*>(warp_buf);
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   Partial p = warp_reduce<Op>(Op::finish(st));
@@ -339,7 +338,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     merge_partials_kernel(const typename Op::Partial* partials, int64_t C, int64_t P, int group,
                           const Epilogue epi) {
   using Partial = typename Op::Partial;
-  __shared__ __align__(16) unsigned char buf[kBlockThreads / kWarpSize * sizeof(Partial)];
+  FUSEDBN_SHARED_ARRAY(16, unsigned char, buf, kBlockThreads / kWarpSize * sizeof(Partial));
   Partial* warp_parts = reinterpret_cast<Partial*>(buf);
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int t = threadIdx.x % group;

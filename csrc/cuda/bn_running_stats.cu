@@ -9,9 +9,6 @@
 // needs no synchronization either. Running statistics of any floating dtype and stride are read
 // and written in place through ChannelPtr.
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <utility>
 
@@ -50,7 +47,7 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
                                   num_batches_tracked);
   const int64_t C = mean.size(0);
   if (count == 0 || C == 0) return;  // an empty batch leaves the statistics untouched
-  const c10::cuda::CUDAGuard guard(mean.device());
+  const DeviceGuard guard(mean.device());
   at::Tensor batches;  // keeps a converted num_batches_tracked alive until the launch
   const int64_t* batches_i64 = nullptr;
   const double* batches_f64 = nullptr;
@@ -64,10 +61,9 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
   }
   const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
   const auto blocks = static_cast<unsigned>(ceil_div<int64_t>(C, kBlockThreads));
-  update_running_stats_kernel<<<blocks, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      channel_ptr(running_mean), channel_ptr(running_var), channel_ptr(mean), channel_ptr(var), C,
-      unbias, momentum.value_or(0.0), batches_i64, batches_f64);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(update_running_stats_kernel, blocks, kBlockThreads, 0, current_stream(),
+                channel_ptr(running_mean), channel_ptr(running_var), channel_ptr(mean),
+                channel_ptr(var), C, unbias, momentum.value_or(0.0), batches_i64, batches_f64);
 }
 
 }  // namespace cuda

@@ -13,9 +13,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <tuple>
 
@@ -70,7 +67,7 @@ __global__ void elemt_coeffs_kernel(ChannelPtr weight, const acc_t* mean, const 
 std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input) {
   constexpr const char* op = "batch_stats";
   check_input(input, op);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   Geometry g;
   const at::Tensor x = canonicalize(input, g);
   const auto stat_opts = input.options().dtype(acc_dtype(input.scalar_type()));
@@ -102,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output
   check_input(input, op);
   check_grad_output(grad_output, input, op);
   check_stat_tensor(mean, "mean", input, op);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   Geometry g;
   const at::Tensor x = canonicalize(input, g);
   const auto stat_opts = input.options().dtype(acc_dtype(input.scalar_type()));
@@ -134,7 +131,7 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
                           const at::Tensor& sum_dy_xmu, int64_t count) {
   constexpr const char* op = "backward_elemt";
   check_backward_elemt_args(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, op);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   Geometry g;
   const at::Tensor x = canonicalize(input, g);
   check_sync_count(count, g, op);
@@ -149,11 +146,11 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
   AT_DISPATCH_FLOATING_TYPES(coeffs.scalar_type(), "fusedbn_backward_elemt", [&] {
     using acc_t = scalar_t;
     const auto blocks = static_cast<unsigned>(ceil_div<int64_t>(g.C, kBlockThreads));
-    elemt_coeffs_kernel<acc_t><<<blocks, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        channel_ptr(weight), mean_c.const_data_ptr<acc_t>(), invstd_c.const_data_ptr<acc_t>(),
-        sum_dy_c.const_data_ptr<acc_t>(), sum_dy_xmu_c.const_data_ptr<acc_t>(),
-        acc_t(1) / static_cast<acc_t>(count), coeffs.mutable_data_ptr<acc_t>(), g.C);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(elemt_coeffs_kernel<acc_t>, blocks, kBlockThreads, 0, current_stream(),
+                  channel_ptr(weight), mean_c.const_data_ptr<acc_t>(),
+                  invstd_c.const_data_ptr<acc_t>(), sum_dy_c.const_data_ptr<acc_t>(),
+                  sum_dy_xmu_c.const_data_ptr<acc_t>(), acc_t(1) / static_cast<acc_t>(count),
+                  coeffs.mutable_data_ptr<acc_t>(), g.C);
   });
   channel_grad(dy, x, grad_input, g, coeffs);
   return grad_input;

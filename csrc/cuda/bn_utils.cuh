@@ -1,6 +1,6 @@
-// Small pieces shared by every fusedbn CUDA file: the SM count (cached per device), aligned vector
-// loads, the choice of vector width and index type, occupancy-based grid sizing, and ChannelPtr, a
-// type-tagged pointer to a per-channel tensor.
+// Small pieces shared by every fusedbn CUDA file: aligned vector loads, the choice of vector width
+// and index type, and ChannelPtr, a type-tagged pointer to a per-channel tensor. The runtime seam
+// (launches, SM count, occupancy, stream, guard) is launch.cuh.
 //
 // ChannelPtr is how the per-channel kernels (C threads: statistics epilogues, eval parameters,
 // running statistics) read and write weight/bias/running statistics/grad_weight of either the
@@ -11,16 +11,15 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <c10/util/Optional.h>
-#include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <type_traits>
+
+#include "launch.cuh"
 
 namespace fusedbn {
 namespace cuda {
@@ -31,31 +30,6 @@ constexpr int kBlockThreads = 256;  // every bandwidth-bound kernel runs 256-thr
 template <typename T>
 constexpr T ceil_div(T a, T b) {
   return (a + b - 1) / b;
-}
-
-// Streaming multiprocessors of `device`, queried once per device.
-inline int sm_count(int device) {
-  constexpr int kCached = 256;
-  static std::atomic<int> cache[kCached] = {};
-  if (device >= 0 && device < kCached) {
-    int n = cache[device].load(std::memory_order_relaxed);
-    if (n > 0) return n;
-  }
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  n = std::max(n, 1);
-  if (device >= 0 && device < kCached) cache[device].store(n, std::memory_order_relaxed);
-  return n;
-}
-
-// Resident blocks per SM of `kernel` (at least 1). Callers cache it in a function-local static
-// per kernel instantiation.
-template <typename Kernel>
-int blocks_per_sm(Kernel kernel, int threads, size_t smem) {
-  int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &n, reinterpret_cast<const void*>(kernel), threads, smem));
-  return std::max(n, 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -73,11 +47,17 @@ struct alignas(sizeof(T) * V) Vec {
 
 template <typename T, int V>
 __device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
+#if defined(FUSEDBN_EMU)
+  ::fusedbn_emu::check_vector_access(p, sizeof(Vec<T, V>), alignof(Vec<T, V>), "load_vec");
+#endif
   return *reinterpret_cast<const Vec<T, V>*>(p);
 }
 
 template <typename T, int V>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
+#if defined(FUSEDBN_EMU)
+  ::fusedbn_emu::check_vector_access(p, sizeof(Vec<T, V>), alignof(Vec<T, V>), "store_vec");
+#endif
   *reinterpret_cast<Vec<T, V>*>(p) = v;
 }
 
@@ -97,7 +77,10 @@ inline bool aligned_to(const void* p, int bytes) {
 // Tensors of at most 2^30 elements use 32-bit index math; larger ones 64-bit. The headroom
 // covers the kernels' intermediate values: a position plus a step (< 2 * numel) and indices a
 // grid-stride step past the end.
-inline bool fits_int32(int64_t numel) { return numel <= (int64_t{1} << 30); }
+// index64_forced(): a test seam of the emulated build (launch.cuh); always false on the GPU.
+inline bool fits_int32(int64_t numel) {
+  return numel <= (int64_t{1} << 30) && !index64_forced();
+}
 
 template <typename T>
 struct TypeTag {

@@ -1,0 +1,50 @@
+// The Python module of the emulated op library (built by tests/emu_testing.py): the emulator's
+// configuration and counters, and the deliberately broken kernels of broken_kernels.cu. Loading
+// it registers the emulated CUDA ops as torch.ops.fusedbn_emu.* on the CPU key.
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+#include "emu_runtime.h"
+
+namespace fusedbn_emu {
+std::vector<float> run_broken_kernel(const std::string& name);  // broken_kernels.cpp
+std::vector<std::string> broken_kernel_names();
+at::Tensor run_tensor_kernel(const std::string& name, const at::Tensor& x);
+}  // namespace fusedbn_emu
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace fusedbn_emu;
+  m.doc() = "fusedbn's CUDA kernels compiled for the CPU emulation of CUDA (tests only)";
+  m.def("set_sm_count", [](int n) {
+    TORCH_CHECK(n >= 1, "fusedbn_emu: the SM count must be positive, got ", n);
+    config().sm_count = n;
+  });
+  m.def("set_blocks_per_sm", [](int n) {
+    TORCH_CHECK(n >= 0, "fusedbn_emu: blocks per SM must be >= 0 (0: the occupancy model), got ",
+                n);
+    config().blocks_per_sm = n;
+  });
+  m.def("set_force_index64", [](bool on) { config().force_index64 = on; });
+  m.def("set_seed", [](uint64_t seed) { set_seed(seed); });
+  m.def("config", [] {
+    const Config& c = config();
+    return pybind11::dict(pybind11::arg("sm_count") = c.sm_count,
+                          pybind11::arg("blocks_per_sm") = c.blocks_per_sm,
+                          pybind11::arg("force_index64") = c.force_index64);
+  });
+  m.def("stats", [] {
+    const Stats& s = stats();
+    return pybind11::dict(pybind11::arg("launches") = s.launches,
+                          pybind11::arg("blocks") = s.blocks,
+                          pybind11::arg("threads") = s.threads);
+  });
+  m.def("reset_stats", [] { stats() = Stats{}; });
+  m.def("run_broken_kernel", &run_broken_kernel, pybind11::arg("name"),
+        "Launches one of the deliberately broken kernels; raises the emulator's error.");
+  m.def("broken_kernel_names", &broken_kernel_names);
+  m.def("run_tensor_kernel", &run_tensor_kernel, pybind11::arg("name"), pybind11::arg("x"),
+        "Runs one of the element-wise kernels of broken_kernels.cpp over x as an emulated op "
+        "would (poisoned allocations, guarded input).");
+}

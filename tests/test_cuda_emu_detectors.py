@@ -1,0 +1,158 @@
+"""The detectors of the CUDA emulation, each proven by a deliberately broken kernel
+(csrc/cuda/emu/broken_kernels.cpp): the test asserts the specific error the emulator raises (or,
+for the poison and ordering checks, the values the kernel produces); correct kernels run clean.
+"""
+import math
+import re
+
+import pytest
+import torch
+
+import fusedbn  # noqa: F401
+from emu_testing import emu_config, emu_module, emu_ops, require_emu
+
+
+@pytest.fixture(scope="module")
+def emu():
+    require_emu()
+    return emu_module()
+
+
+# name -> the error it must raise (a regular expression over the message)
+BROKEN = {
+    "write_race": r"shared-memory race: thread \(\d+, 0, 0\) writes 's' \+ \d+ that thread "
+                  r"\(\d+, 0, 0\) wrote since the last __syncthreads",
+    "missing_barrier": r"shared-memory race: thread \(\d+, 0, 0\) (writes|reads) 's' \+ \d+ that "
+                       r"thread \(\d+, 0, 0\) (read|wrote) since the last __syncthreads",
+    "divergent_barrier": r"divergent barrier: thread .* waits at __syncthreads "
+                         r"\(csrc/cuda/emu/broken_kernels.cpp:\d+\) but thread .* waits at "
+                         r"__syncthreads \(csrc/cuda/emu/broken_kernels.cpp:\d+\)",
+    "shfl_mask_missing_caller": r"__shfl_down_sync at .*: thread \((1[6-9]|2\d|3[01]), 0, 0\) "
+                                r"\(lane \d+\) calls it with mask 0x0000ffff, which does not name "
+                                r"the calling lane",
+    "shfl_mask_exited_lane": r"__shfl_down_sync .* with mask 0xffffffff .*: lane (1[6-9]|2\d|3[01]) "
+                             r"named in the mask has exited",
+    "shfl_mask_disagree": r"named in the mask calls it with mask 0x(ffff0000|ffffffff) \(the "
+                          r"lanes of a shuffle must agree on the mask\)",
+    "static_overrun": r"thread \(64, 0, 0\): shared-memory overrun: write of 4 bytes at 's' \+ 256 "
+                      r"\(the array has 256 bytes\), outside every shared array",
+    "static_overrun_indexed": r"thread \(64, 0, 0\): undefined behaviour: index 64 out of bounds "
+                              r"for type 'float \[64\]'",
+    "dynamic_overrun": r"shared-memory overrun: read of 4 bytes at dynamic shared memory \+ 128 "
+                       r"\(the launch has 128 bytes\)",
+    "misaligned_vector": r"misaligned vector access: load_vec of 16 bytes at 0x[0-9a-f]+, which is "
+                         r"not 16-byte aligned",
+    "misaligned_ubsan": r"undefined behaviour: misaligned address 0x[0-9a-f]+ for type "
+                        r"'const struct Vec', which requires 16-byte alignment",
+    "index_overflow": r"undefined behaviour: signed integer overflow in an addition at "
+                      r"csrc/cuda/emu/broken_kernels.cpp:\d+",
+    "grid_y_too_large": r"grid \(1, 65536, 1\).*invalid configuration argument: grid dimensions "
+                        r"exceed \(2\^31 - 1, 65535, 65535\)",
+    "too_many_threads": r"block \(32, 33, 1\).*more than 1024 threads per block",
+    "block_z_too_large": r"block \(1, 1, 65\).*block dimensions exceed \(1024, 1024, 64\)",
+    "zero_grid": r"a zero grid or block dimension",
+    "static_shared_too_large": r"static shared memory: 's' \(65536 bytes\) brings the kernel's "
+                               r"static shared memory to 65536 bytes, more than CUDA's 48 KB",
+    "dynamic_shared_without_opt_in": r"65536 bytes of dynamic shared memory: too much dynamic "
+                                     r"shared memory: more than 48 KB needs "
+                                     r"set_max_dynamic_shared_memory",
+    "dynamic_shared_over_opt_in": r"98304 bytes of dynamic shared memory: too much dynamic shared "
+                                  r"memory: more than the 65536 bytes the kernel opted in to",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+@pytest.mark.parametrize("seed", [1, 2])
+def test_broken_kernel_is_caught(emu, name, seed):
+    with emu_config(seed=seed):
+        with pytest.raises(RuntimeError, match=BROKEN[name]) as info:
+            emu.run_broken_kernel(name)
+    assert "fusedbn_emu: " in str(info.value)
+
+
+def test_every_broken_kernel_has_a_test(emu):
+    controls = {"block_sum_ok", "dynamic_shared_with_opt_in_ok", "partial_warp",
+                "uninitialized_shared", "order_dependent"}
+    assert set(emu.broken_kernel_names()) == set(BROKEN) | controls
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_correct_block_reduction_runs_clean(emu, seed):
+    with emu_config(seed=seed):
+        assert emu.run_broken_kernel("block_sum_ok") == [sum(range(256))]
+
+
+def test_opt_in_dynamic_shared_memory_runs(emu):
+    assert emu.run_broken_kernel("dynamic_shared_with_opt_in_ok") == [3.0] * 32
+
+
+def test_partial_warp_reads_poison(emu):
+    # 48 threads, shfl_down by 8: lanes 8..15 of the 16-lane second warp read lanes 16..23, which
+    # do not exist -> poison (NaN); every other lane reads its neighbour 8 up (or itself past 32).
+    out = emu.run_broken_kernel("partial_warp")
+    for t, v in enumerate(out):
+        lane, warp = t % 32, t // 32
+        if warp == 1 and lane >= 8:
+            assert math.isnan(v), (t, v)
+        elif lane + 8 < 32:
+            assert v == t + 8, (t, v)
+        else:
+            assert v == t, (t, v)
+
+
+def test_uninitialized_shared_memory_reads_nan(emu):
+    assert all(math.isnan(v) for v in emu.run_broken_kernel("uninitialized_shared"))
+
+
+def test_seeds_expose_order_dependence(emu):
+    """A kernel whose result depends on the order of its threads gives different results under
+    different seeds -- what the two-seed comparison of the op tests relies on."""
+    results = set()
+    for seed in range(1, 6):
+        with emu_config(seed=seed):
+            results.add(emu.run_broken_kernel("order_dependent")[0])
+    assert len(results) > 1
+
+
+def test_unknown_broken_kernel(emu):
+    with pytest.raises(RuntimeError, match="no broken kernel named 'nope'"):
+        emu.run_broken_kernel("nope")
+
+
+# ---- the op wrapper: fresh outputs poisoned, inputs guarded ---------------------------------
+
+def test_fresh_output_is_poisoned(emu):
+    """A kernel that writes every other element leaves NaN in the others (fresh allocations of an
+    emulated op are 0xff bytes)."""
+    out = emu.run_tensor_kernel("unwritten_output", torch.zeros(100))
+    assert (out[0::2] == 1).all()
+    assert torch.isnan(out[1::2]).all()
+
+
+def test_read_past_a_tensor_reads_nan(emu):
+    out = emu.run_tensor_kernel("read_past_end", torch.arange(50, dtype=torch.float32))
+    torch.testing.assert_close(out[:-1], torch.arange(1, 50, dtype=torch.float32))
+    assert torch.isnan(out[-1])
+
+
+def test_write_past_a_tensor_is_caught(emu):
+    with pytest.raises(RuntimeError, match="a kernel wrote past the end of a 400-byte allocation"):
+        emu.run_tensor_kernel("write_past_end", torch.zeros(100))
+
+
+def test_write_to_a_read_only_input_is_caught(emu):
+    x = torch.zeros(8)
+    with pytest.raises(RuntimeError, match="wrote to its argument 0, which it may only read"):
+        emu.run_tensor_kernel("write_input", x)
+    assert (x == 0).all()
+
+
+def test_op_may_not_write_its_inputs(emu):
+    """update_running_stats writes its first two arguments in place (declared); the values reach
+    the caller's tensors through the guarded copies."""
+    ops = emu_ops()
+    rm, rv = torch.zeros(3), torch.ones(3)
+    mean, var = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, 6.0])
+    ops.update_running_stats(rm, rv, mean, var, 5, 0.5, None)
+    torch.testing.assert_close(rm, mean * 0.5)
+    torch.testing.assert_close(rv, 0.5 + 0.5 * var * 5 / 4)
