@@ -413,7 +413,6 @@ def test_index64_kernels(layout, shape, pair):
 DEFECT = "issue 13 defect, fixed on branch cudanum"
 
 
-@pytest.mark.xfail(strict=True, reason=DEFECT)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout,shape", [("contiguous", (4, 8, 5, 5)),      # packed
                                           ("contiguous", (8, 4, 14, 14)),    # packed
@@ -426,9 +425,16 @@ def test_large_mean_statistics(dtype, layout, shape, shift, scale):
     check_forward_train(x, *params(shape[1], dtype))
 
 
-@pytest.mark.xfail(strict=True, reason=DEFECT)
-@pytest.mark.parametrize("layout,shape", [("contiguous", (4, 3, 7, 7)), ("contiguous", (8, 3)),
-                                          ("channels_last", (4, 8, 5, 5)),
+# The CPU op's channels-last / (N, C) rows give such a channel mean NaN (its lane Welford takes
+# inf - inf), where torch and the emulated CUDA op give +-Inf: a CPU defect (csrc/cpu/), not
+# the emulation's; tests/test_cuda_emu_numerics.py checks these layouts against torch.
+CPU_INF_DEFECT = pytest.mark.xfail(strict=True, reason="CPU op: mean NaN, not +-Inf, on rows")
+
+
+@pytest.mark.parametrize("layout,shape", [("contiguous", (4, 3, 7, 7)),
+                                          pytest.param("contiguous", (8, 3), marks=CPU_INF_DEFECT),
+                                          pytest.param("channels_last", (4, 8, 5, 5),
+                                                       marks=CPU_INF_DEFECT),
                                           ("contiguous", (2, 3, 17, 19))])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_infinite_channel(layout, shape, sign):
