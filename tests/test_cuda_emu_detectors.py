@@ -30,8 +30,8 @@ BROKEN = {
     "shfl_mask_missing_caller": r"__shfl_down_sync at .*: thread \((1[6-9]|2\d|3[01]), 0, 0\) "
                                 r"\(lane \d+\) calls it with mask 0x0000ffff, which does not name "
                                 r"the calling lane",
-    "shfl_mask_exited_lane": r"__shfl_down_sync .* with mask 0xffffffff .*: lane (1[6-9]|2\d|3[01]) "
-                             r"named in the mask has exited",
+    "shfl_mask_exited_lane": r"__shfl_down_sync .* with mask 0xffffffff .*: "
+                             r"lane (1[6-9]|2\d|3[01]) named in the mask has exited",
     "shfl_mask_disagree": r"named in the mask calls it with mask 0x(ffff0000|ffffffff) \(the "
                           r"lanes of a shuffle must agree on the mask\)",
     "static_overrun": r"thread \(64, 0, 0\): shared-memory overrun: write of 4 bytes at 's' \+ 256 "

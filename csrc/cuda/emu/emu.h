@@ -45,12 +45,16 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
+// Accepted and not checked: GCC keeps no value-carrying attribute on function templates (a
+// section attribute is dropped, patchable_function_entry does not compile), so the emulator
+// cannot learn a kernel's bound; on the GPU a launch above it fails the launch check.
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__ __restrict
 // Static shared memory is declared with FUSEDBN_SHARED_ARRAY (csrc/cuda/launch.cuh), dynamic
 // shared memory is reached with dynamic_shared_memory(): the emulator gives every block its own.
-#define __shared__ static_assert(false, "fusedbn emu: declare shared memory with FUSEDBN_SHARED_ARRAY")
+#define __shared__ \
+  static_assert(false, "fusedbn emu: declare shared memory with FUSEDBN_SHARED_ARRAY")
 
 struct dim3 {
   unsigned x, y, z;
@@ -126,7 +130,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaS
              &ctx);
 }
 
-// ---- the op wrapper of the emulated op library ---------------------------------------------------
+// ---- the op wrapper of the emulated op library ------------------------------------------------
 // Every op call runs inside an OpScope: fresh CPU allocations are filled with 0xff bytes (NaN) and
 // surrounded by poisoned guard zones (checked when the op returns and when they are freed); the
 // tensor arguments are copied into such allocations (same sizes, strides and storage offset, the
@@ -202,7 +206,8 @@ struct OpWrap<R (*)(A...), f, mutating> {
 
 #define __syncthreads() ::fusedbn_emu::syncthreads(__FILE__, __LINE__)
 #define __syncwarp(mask) \
-  ((void)::fusedbn_emu::shfl_bits(::fusedbn_emu::ShflKind::kSyncWarp, __FILE__, __LINE__, (mask), 0, 0, 32))
+  ((void)::fusedbn_emu::shfl_bits(::fusedbn_emu::ShflKind::kSyncWarp, __FILE__, __LINE__, \
+                                  (mask), 0, 0, 32))
 #define __shfl_sync(mask, ...) \
   ::fusedbn_emu::shfl(::fusedbn_emu::ShflKind::kIdx, __FILE__, __LINE__, (mask), __VA_ARGS__)
 #define __shfl_up_sync(mask, ...) \

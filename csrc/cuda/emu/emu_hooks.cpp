@@ -190,7 +190,9 @@ FUSEDBN_EMU_NO_INSTRUMENT void __ubsan_handle_out_of_bounds(void* data, uintptr_
 }
 
 #define FUSEDBN_EMU_UB(name, what, ...) \
-  FUSEDBN_EMU_NO_INSTRUMENT void __ubsan_handle_##name(void* data, ##__VA_ARGS__) { report(data, what); }
+  FUSEDBN_EMU_NO_INSTRUMENT void __ubsan_handle_##name(void* data, ##__VA_ARGS__) { \
+    report(data, what);                                                              \
+  }
 FUSEDBN_EMU_UB(add_overflow, "signed integer overflow in an addition", uintptr_t, uintptr_t)
 FUSEDBN_EMU_UB(sub_overflow, "signed integer overflow in a subtraction", uintptr_t, uintptr_t)
 FUSEDBN_EMU_UB(mul_overflow, "signed integer overflow in a multiplication", uintptr_t, uintptr_t)

@@ -575,7 +575,7 @@ void run_launch(const void* kernel, dim3 grid, dim3 block, size_t smem, size_t p
   }
 }
 
-// ---- device-side entry points --------------------------------------------------------------------
+// ---- device-side entry points ------------------------------------------------------------------
 
 static Fiber& current(const char* what) {
   if (g_cur == nullptr) throw_error(std::string(what) + " called outside a kernel");
