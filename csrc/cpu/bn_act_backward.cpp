@@ -169,15 +169,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> act_backward(
     p.act = act;
     p.slope = static_cast<acc_t>(negative_slope);
     const int64_t C = g.C;
-    std::vector<acc_t> wv(C), is(C);
-    read_channel_values<acc_t>(w, C, acc_t(1), wv.data());
-    read_channel_values<acc_t>(invstd, C, acc_t(0), is.data());
+    using red_t = red_type<scalar_t>;  // the coefficients (float64 for float32), rounded once
+    std::vector<red_t> wv(C), is(C);
+    read_channel_values<red_t>(w, C, red_t(1), wv.data());
+    read_channel_values<red_t>(invstd, C, red_t(0), is.data());
     p.k0.resize(C);
     p.k1.resize(C);
     p.k2.resize(C);
     if (src == ActSource::kInput && act != Act::kIdentity) {  // k = (mean, invstd * w, b)
       read_channel_values<acc_t>(mean, C, acc_t(0), p.k0.data());
-      for (int64_t c = 0; c < C; ++c) p.k1[c] = is[c] * wv[c];
+      for (int64_t c = 0; c < C; ++c) p.k1[c] = static_cast<acc_t>(is[c] * wv[c]);
       read_channel_values<acc_t>(b, C, acc_t(0), p.k2.data());
       grad_from_input(p);
     } else if (src == ActSource::kMask) {
@@ -190,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> act_backward(
       }
       if (need_bn) {  // k = (b, 1 / (w * invstd))
         read_channel_values<acc_t>(b, C, acc_t(0), p.k0.data());
-        for (int64_t c = 0; c < C; ++c) p.k1[c] = acc_t(1) / (wv[c] * is[c]);
+        for (int64_t c = 0; c < C; ++c) p.k1[c] = static_cast<acc_t>(red_t(1) / (wv[c] * is[c]));
         recover(p, xc.mutable_data_ptr<scalar_t>());
       }
     }

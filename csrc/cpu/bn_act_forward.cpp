@@ -18,13 +18,16 @@
 namespace fusedbn::cpu {
 namespace {
 
-// y = act((x - k0) * k1 + k2 [+ r])   (inputs: x [, r])
-template <typename acc_t, Act A, bool kRes>
+// y = act((x - k0) * k1 + k2 [+ r])   (inputs: x [, r]); float32: ((x - k0) - k3) * k1 + k2, the
+// mean as k0 + k3 (see kSplitMean).
+template <typename acc_t, Act A, bool kRes, bool kSplit>
 struct ActNormalizeOp {
   acc_t slope;
   template <typename V>
   V operator()(const V* in, const V* k) const {
-    V z = (in[0] - k[0]) * k[1] + k[2];
+    V xm = in[0] - k[0];
+    if constexpr (kSplit) xm = xm - k[3];
+    V z = xm * k[1] + k[2];
     if constexpr (kRes) z = z + in[1];
     return ActFn<A>::f(z, V(slope));
   }
@@ -41,6 +44,7 @@ struct ForwardArgs {
   Act act;
   acc_t slope;
   std::vector<acc_t> mean, scale, shift;  // per-channel coefficients of the normalize pass
+  std::vector<acc_t> mean_lo;             // mean's rounding error (see kSplitMean)
 };
 
 template <int NIn, typename T>
@@ -57,14 +61,15 @@ template <typename scalar_t, Act A, bool kRes>
 void apply_act_all(ForwardArgs<scalar_t>& a) {
   using acc_t = acc_type<scalar_t>;
   constexpr int NIn = kRes ? 2 : 1;
-  const ActNormalizeOp<acc_t, A, kRes> op{a.slope};
-  const std::array<const acc_t*, 3> k{a.mean.data(), a.scale.data(), a.shift.data()};
+  const ActNormalizeOp<acc_t, A, kRes, kSplitMean<scalar_t>> op{a.slope};
+  const std::array<const acc_t*, 4> k{a.mean.data(), a.scale.data(), a.shift.data(),
+                                      a.mean_lo.data()};
   const bool relu = A == Act::kRelu;
   if (a.mask != nullptr) {
-    apply_all<NIn, 3, scalar_t>(inputs<NIn>(a.x, a.r), a.y, a.g, k, op,
+    apply_all<NIn, 4, scalar_t>(inputs<NIn>(a.x, a.r), a.y, a.g, k, op,
                                 [&](int64_t e0, int64_t e1) { pack_mask(a.y, a.mask, e0, e1, relu); });
   } else {
-    apply_all<NIn, 3, scalar_t>(inputs<NIn>(a.x, a.r), a.y, a.g, k, op, NoEpilogue{});
+    apply_all<NIn, 4, scalar_t>(inputs<NIn>(a.x, a.r), a.y, a.g, k, op, NoEpilogue{});
   }
 }
 
@@ -74,7 +79,7 @@ template <typename scalar_t, Act A, bool kRes, typename Stats>
 void apply_act_per_channel(ForwardArgs<scalar_t>& a, const Stats& stats) {
   using acc_t = acc_type<scalar_t>;
   constexpr int NIn = kRes ? 2 : 1;
-  const ActNormalizeOp<acc_t, A, kRes> op{a.slope};
+  const ActNormalizeOp<acc_t, A, kRes, kSplitMean<scalar_t>> op{a.slope};
   const Geometry& g = a.g;
   const bool relu = A == Act::kRelu;
   auto down8 = [](int64_t e) { return e & ~int64_t{7}; };
@@ -83,8 +88,9 @@ void apply_act_per_channel(ForwardArgs<scalar_t>& a, const Stats& stats) {
       stats(c);
       for (int64_t n = 0; n < g.N; ++n) {
         const int64_t off = (n * g.C + c) * g.S;
-        apply_run<NIn, 3, scalar_t>(inputs<NIn>(a.x + off, a.r == nullptr ? nullptr : a.r + off),
-                                    a.y + off, g.S, {a.mean[c], a.scale[c], a.shift[c]}, op);
+        apply_run<NIn, 4, scalar_t>(inputs<NIn>(a.x + off, a.r == nullptr ? nullptr : a.r + off),
+                                    a.y + off, g.S,
+                                    {a.mean[c], a.scale[c], a.shift[c], a.mean_lo[c]}, op);
         // The mask bytes that lie wholly inside this plane (the plane's values are in L1).
         const int64_t b0 = down8(off + 7), b1 = down8(off + g.S);
         if (a.mask != nullptr && b0 < b1) pack_mask(a.y, a.mask, b0, b1, relu);
@@ -109,27 +115,33 @@ void act_forward_train_impl(ForwardArgs<scalar_t>& a, const at::Tensor& weight,
                             const at::Tensor& bias, double eps, at::Tensor& mean_t,
                             at::Tensor& invstd_t, at::Tensor& var_t) {
   using acc_t = acc_type<scalar_t>;
+  using red_t = red_type<scalar_t>;  // statistics and coefficients (float64 for float32)
   const Geometry& g = a.g;
   acc_t* mean = mean_t.mutable_data_ptr<acc_t>();
   acc_t* invstd = invstd_t.mutable_data_ptr<acc_t>();
   acc_t* var = var_t.mutable_data_ptr<acc_t>();
-  std::vector<acc_t> w(g.C);
+  std::vector<red_t> w(g.C);
   a.mean.resize(g.C);
+  a.mean_lo.resize(g.C);
   a.scale.resize(g.C);
   a.shift.resize(g.C);
-  read_channel_values<acc_t>(weight, g.C, acc_t(1), w.data());
+  read_channel_values<red_t>(weight, g.C, red_t(1), w.data());
   read_channel_values<acc_t>(bias, g.C, acc_t(0), a.shift.data());
-  const acc_t eps_a = static_cast<acc_t>(eps);
-  auto finish_channel = [&](int64_t c, const WelfordState<acc_t>& st) {
-    mean[c] = a.mean[c] = st.n > 0 ? st.mean : acc_t(0);
-    var[c] = welford_var(st);
-    invstd[c] = acc_t(1) / std::sqrt(var[c] + eps_a);
-    a.scale[c] = invstd[c] * w[c];
+  const red_t eps_r = static_cast<red_t>(eps);
+  auto finish_channel = [&](int64_t c, const WelfordState<red_t>& st) {
+    const red_t m = st.n > 0 ? st.mean : red_t(0);
+    const red_t v = welford_var(st);
+    const red_t is = red_t(1) / std::sqrt(v + eps_r);
+    split_mean(m, a.mean[c], a.mean_lo[c]);
+    mean[c] = a.mean[c];
+    var[c] = static_cast<acc_t>(v);
+    invstd[c] = static_cast<acc_t>(is);
+    a.scale[c] = static_cast<acc_t>(is * w[c]);
   };
   const bool per_channel =
       g.layout == Layout::kContiguous && use_per_channel_path(g);
   if (!per_channel) {
-    std::vector<WelfordState<acc_t>> st(g.C);
+    std::vector<WelfordState<red_t>> st(g.C);
     if (g.layout == Layout::kChannelsLast) {
       cl_stats(a.x, g, st.data());
     } else {
@@ -161,17 +173,19 @@ void act_forward_eval_impl(ForwardArgs<scalar_t>& a, const at::Tensor& weight,
                            const at::Tensor& bias, const at::Tensor& running_mean,
                            const at::Tensor& running_var, double eps) {
   using acc_t = acc_type<scalar_t>;
+  using red_t = red_type<scalar_t>;
   const int64_t C = a.g.C;
-  std::vector<acc_t> w(C);
+  std::vector<red_t> w(C), var(C);
   a.mean.resize(C);
+  a.mean_lo.assign(C, acc_t(0));  // the running mean is a value of its buffer's dtype
   a.scale.resize(C);
   a.shift.resize(C);
-  read_channel_values<acc_t>(weight, C, acc_t(1), w.data());
+  read_channel_values<red_t>(weight, C, red_t(1), w.data());
   read_channel_values<acc_t>(bias, C, acc_t(0), a.shift.data());
   read_channel_values<acc_t>(running_mean, C, acc_t(0), a.mean.data());
-  read_channel_values<acc_t>(running_var, C, acc_t(1), a.scale.data());
+  read_channel_values<red_t>(running_var, C, red_t(1), var.data());
   for (int64_t c = 0; c < C; ++c)
-    a.scale[c] = w[c] / std::sqrt(a.scale[c] + static_cast<acc_t>(eps));
+    a.scale[c] = static_cast<acc_t>(w[c] / std::sqrt(var[c] + static_cast<red_t>(eps)));
   dispatch_act(a.act, [&](auto act_tag) {
     constexpr Act A = decltype(act_tag)::value;
     if (a.r != nullptr) {

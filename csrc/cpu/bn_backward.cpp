@@ -21,18 +21,23 @@ void backward_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt,
                    const at::Tensor& weight, const at::Tensor& mean_t, const at::Tensor& invstd_t,
                    bool train, bool need_dx, bool need_sums, at::Tensor& dw_t, at::Tensor& db_t,
                    bool need_dw, bool need_db) {
-  using acc_t = acc_type<scalar_t>;
+  using red_t = red_type<scalar_t>;  // the sums and the coefficients (float64 for float32)
   const int64_t C = g.C;
   const scalar_t* dy = dyt.const_data_ptr<scalar_t>();
   const scalar_t* x = xt.const_data_ptr<scalar_t>();
   scalar_t* dx = need_dx ? dxt.mutable_data_ptr<scalar_t>() : nullptr;
-  std::vector<acc_t> w(C), mean(C), invstd(C), sum_dy(C, acc_t(0)), sum_dyx(C, acc_t(0));
-  read_channel_values<acc_t>(weight, C, acc_t(1), w.data());
-  read_channel_values<acc_t>(mean_t, C, acc_t(0), mean.data());
-  read_channel_values<acc_t>(invstd_t, C, acc_t(0), invstd.data());
-  const acc_t inv_m = g.rows() > 0 ? acc_t(1) / static_cast<acc_t>(g.rows()) : acc_t(0);
+  std::vector<red_t> w(C), mean(C), invstd(C), sum_dy(C, red_t(0)), sum_dyx(C, red_t(0));
+  read_channel_values<red_t>(weight, C, red_t(1), w.data());
+  read_channel_values<red_t>(mean_t, C, red_t(0), mean.data());
+  read_channel_values<red_t>(invstd_t, C, red_t(0), invstd.data());
+  const red_t inv_m = g.rows() > 0 ? red_t(1) / static_cast<red_t>(g.rows()) : red_t(0);
   GradConstants<scalar_t> k(C);
   auto constants = [&](int64_t c) {
+    // The sums rounded to acc_t, as backward_reduce returns them to the synchronized path, so
+    // that one rank reproduces this op bit for bit (bn_sync.cpp); one rounding of a float64 sum
+    // costs no more than the rounding of the coefficients it makes.
+    sum_dy[c] = static_cast<red_t>(static_cast<acc_type<scalar_t>>(sum_dy[c]));
+    sum_dyx[c] = static_cast<red_t>(static_cast<acc_type<scalar_t>>(sum_dyx[c]));
     k.set(c, w[c], invstd[c], mean[c], sum_dy[c], sum_dyx[c], inv_m);
   };
 
@@ -56,17 +61,20 @@ void backward_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt,
     for (int64_t c = 0; c < C; ++c) constants(c);
     if (need_dx) grad_input_all(dy, x, dx, g, k, train);
   }
+  // dweight and dbias in red_t (the product of two float32 values is exact in float64), rounded
+  // once into the parameters' dtype.
+  const auto red = c10::CppTypeToScalarType<red_t>::value;
   if (need_dw) {
-    at::Tensor dw_acc = at::empty({C}, dw_t.options().dtype(acc_dtype(xt.scalar_type())));
-    acc_t* p = dw_acc.mutable_data_ptr<acc_t>();
+    at::Tensor dw_red = at::empty({C}, dw_t.options().dtype(red));
+    red_t* p = dw_red.mutable_data_ptr<red_t>();
     for (int64_t c = 0; c < C; ++c) p[c] = sum_dyx[c] * invstd[c];
-    dw_t.copy_(dw_acc);
+    dw_t.copy_(dw_red);
   }
   if (need_db) {
-    at::Tensor db_acc = at::empty({C}, db_t.options().dtype(acc_dtype(xt.scalar_type())));
-    acc_t* p = db_acc.mutable_data_ptr<acc_t>();
+    at::Tensor db_red = at::empty({C}, db_t.options().dtype(red));
+    red_t* p = db_red.mutable_data_ptr<red_t>();
     for (int64_t c = 0; c < C; ++c) p[c] = sum_dy[c];
-    db_t.copy_(db_acc);
+    db_t.copy_(db_red);
   }
 }
 

@@ -18,12 +18,20 @@
 namespace fusedbn::cpu {
 namespace {
 
-// Per-channel constants of y = (x - mean) * scale + bias.
+// Per-channel constants of y = (x - mean) * scale + bias, computed in the reductions' type red_t
+// (float64 for float32 input) and rounded once into the elementwise pass's type acc_t.
 template <typename acc_t>
 struct NormalizeConstants {
   std::vector<acc_t> mean, scale, bias, shift;  // shift = bias - mean * scale
-  explicit NormalizeConstants(int64_t C) : mean(C), scale(C), bias(C), shift(C) {}
-  void finish(int64_t c) { shift[c] = bias[c] - mean[c] * scale[c]; }
+  std::vector<acc_t> mean_lo;                   // mean's rounding error (see kSplitMean)
+  explicit NormalizeConstants(int64_t C) : mean(C), scale(C), bias(C), shift(C), mean_lo(C) {}
+  template <typename red_t>
+  void set(int64_t c, red_t mean_c, red_t scale_c, red_t bias_c) {
+    split_mean(mean_c, mean[c], mean_lo[c]);
+    scale[c] = static_cast<acc_t>(scale_c);
+    bias[c] = static_cast<acc_t>(bias_c);
+    shift[c] = static_cast<acc_t>(bias_c - mean_c * scale_c);
+  }
 };
 
 // float32/float64: (x - mean) * scale + bias -- subtracting first keeps the result exact for data
@@ -36,6 +44,10 @@ struct SubMulAdd {
   template <typename V>
   V operator()(const V* in, const V* k) const { return (in[0] - k[0]) * k[1] + k[2]; }
 };
+struct SplitSubMulAdd {  // the mean as hi k[0] + lo k[3]
+  template <typename V>
+  V operator()(const V* in, const V* k) const { return ((in[0] - k[0]) - k[3]) * k[1] + k[2]; }
+};
 struct MulAdd {
   template <typename V>
   V operator()(const V* in, const V* k) const { return at::vec::fmadd(in[0], k[0], k[1]); }
@@ -46,6 +58,9 @@ inline void normalize_run(const scalar_t* x, scalar_t* y, int64_t len, int64_t c
                           const NormalizeConstants<acc_type<scalar_t>>& k) {
   if constexpr (kNormalizeByFma<scalar_t>) {
     apply_run<1, 2, scalar_t>({x}, y, len, {k.scale[c], k.shift[c]}, MulAdd{});
+  } else if constexpr (kSplitMean<scalar_t>) {
+    apply_run<1, 4, scalar_t>({x}, y, len, {k.mean[c], k.scale[c], k.bias[c], k.mean_lo[c]},
+                              SplitSubMulAdd{});
   } else {
     apply_run<1, 3, scalar_t>({x}, y, len, {k.mean[c], k.scale[c], k.bias[c]}, SubMulAdd{});
   }
@@ -56,6 +71,10 @@ inline void normalize_row(const scalar_t* x, scalar_t* y, int64_t C,
                           const NormalizeConstants<acc_type<scalar_t>>& k) {
   if constexpr (kNormalizeByFma<scalar_t>) {
     apply_row<1, 2, scalar_t>({x}, y, C, {k.scale.data(), k.shift.data()}, MulAdd{});
+  } else if constexpr (kSplitMean<scalar_t>) {
+    apply_row<1, 4, scalar_t>(
+        {x}, y, C, {k.mean.data(), k.scale.data(), k.bias.data(), k.mean_lo.data()},
+        SplitSubMulAdd{});
   } else {
     apply_row<1, 3, scalar_t>({x}, y, C, {k.mean.data(), k.scale.data(), k.bias.data()},
                               SubMulAdd{});
@@ -85,22 +104,25 @@ void forward_train_impl(const at::Tensor& xt, at::Tensor& yt, const Geometry& g,
                         const at::Tensor& weight, const at::Tensor& bias, double eps,
                         at::Tensor& mean_t, at::Tensor& invstd_t, at::Tensor& var_t) {
   using acc_t = acc_type<scalar_t>;
+  using red_t = red_type<scalar_t>;
   const scalar_t* x = xt.const_data_ptr<scalar_t>();
   scalar_t* y = yt.mutable_data_ptr<scalar_t>();
   acc_t* mean = mean_t.mutable_data_ptr<acc_t>();
   acc_t* invstd = invstd_t.mutable_data_ptr<acc_t>();
   acc_t* var = var_t.mutable_data_ptr<acc_t>();
-  std::vector<acc_t> w(g.C);
+  std::vector<red_t> w(g.C), b(g.C);
   NormalizeConstants<acc_t> k(g.C);
-  read_channel_values<acc_t>(weight, g.C, acc_t(1), w.data());
-  read_channel_values<acc_t>(bias, g.C, acc_t(0), k.bias.data());
-  const acc_t eps_a = static_cast<acc_t>(eps);
-  auto finish_channel = [&](int64_t c, const WelfordState<acc_t>& st) {
-    mean[c] = k.mean[c] = st.n > 0 ? st.mean : acc_t(0);
-    var[c] = welford_var(st);
-    invstd[c] = acc_t(1) / std::sqrt(var[c] + eps_a);
-    k.scale[c] = invstd[c] * w[c];
-    k.finish(c);
+  read_channel_values<red_t>(weight, g.C, red_t(1), w.data());
+  read_channel_values<red_t>(bias, g.C, red_t(0), b.data());
+  const red_t eps_r = static_cast<red_t>(eps);
+  auto finish_channel = [&](int64_t c, const WelfordState<red_t>& st) {
+    const red_t m = st.n > 0 ? st.mean : red_t(0);
+    const red_t v = welford_var(st);
+    const red_t is = red_t(1) / std::sqrt(v + eps_r);
+    mean[c] = static_cast<acc_t>(m);
+    var[c] = static_cast<acc_t>(v);
+    invstd[c] = static_cast<acc_t>(is);
+    k.set(c, m, is * w[c], b[c]);
   };
 
   if (g.layout == Layout::kContiguous && use_per_channel_path(g)) {
@@ -123,7 +145,7 @@ void forward_train_impl(const at::Tensor& xt, at::Tensor& yt, const Geometry& g,
     });
     return;
   }
-  std::vector<WelfordState<acc_t>> st(g.C);
+  std::vector<WelfordState<red_t>> st(g.C);
   batch_states(x, g, st.data());
   for (int64_t c = 0; c < g.C; ++c) finish_channel(c, st[c]);
   normalize_all(x, y, g, k);
@@ -134,16 +156,15 @@ void forward_eval_impl(const at::Tensor& xt, at::Tensor& yt, const Geometry& g,
                        const at::Tensor& weight, const at::Tensor& bias,
                        const at::Tensor& running_mean, const at::Tensor& running_var, double eps) {
   using acc_t = acc_type<scalar_t>;
-  std::vector<acc_t> w(g.C), var(g.C);
+  using red_t = red_type<scalar_t>;
+  std::vector<red_t> w(g.C), b(g.C), m(g.C), var(g.C);
   NormalizeConstants<acc_t> k(g.C);
-  read_channel_values<acc_t>(weight, g.C, acc_t(1), w.data());
-  read_channel_values<acc_t>(bias, g.C, acc_t(0), k.bias.data());
-  read_channel_values<acc_t>(running_mean, g.C, acc_t(0), k.mean.data());
-  read_channel_values<acc_t>(running_var, g.C, acc_t(1), var.data());
-  for (int64_t c = 0; c < g.C; ++c) {
-    k.scale[c] = w[c] / std::sqrt(var[c] + static_cast<acc_t>(eps));
-    k.finish(c);
-  }
+  read_channel_values<red_t>(weight, g.C, red_t(1), w.data());
+  read_channel_values<red_t>(bias, g.C, red_t(0), b.data());
+  read_channel_values<red_t>(running_mean, g.C, red_t(0), m.data());
+  read_channel_values<red_t>(running_var, g.C, red_t(1), var.data());
+  for (int64_t c = 0; c < g.C; ++c)
+    k.set(c, m[c], w[c] / std::sqrt(var[c] + static_cast<red_t>(eps)), b[c]);
   normalize_all(xt.const_data_ptr<scalar_t>(), yt.mutable_data_ptr<scalar_t>(), g, k);
 }
 

@@ -21,13 +21,14 @@ template <typename scalar_t>
 void batch_stats_impl(const at::Tensor& xt, const Geometry& g, at::Tensor& mean_t,
                       at::Tensor& var_t) {
   using acc_t = acc_type<scalar_t>;
-  std::vector<WelfordState<acc_t>> st(g.C);
+  using red_t = red_type<scalar_t>;
+  std::vector<WelfordState<red_t>> st(g.C);
   batch_states(xt.const_data_ptr<scalar_t>(), g, st.data());
   acc_t* mean = mean_t.mutable_data_ptr<acc_t>();
   acc_t* var = var_t.mutable_data_ptr<acc_t>();
   for (int64_t c = 0; c < g.C; ++c) {
-    mean[c] = st[c].n > 0 ? st[c].mean : acc_t(0);
-    var[c] = welford_var(st[c]);
+    mean[c] = static_cast<acc_t>(st[c].n > 0 ? st[c].mean : red_t(0));
+    var[c] = static_cast<acc_t>(welford_var(st[c]));
   }
 }
 
@@ -35,10 +36,17 @@ template <typename scalar_t>
 void backward_reduce_impl(const at::Tensor& dyt, const at::Tensor& xt, const Geometry& g,
                           const at::Tensor& mean_t, at::Tensor& sum_dy_t, at::Tensor& sum_dyx_t) {
   using acc_t = acc_type<scalar_t>;
-  std::vector<acc_t> mean(g.C);
-  read_channel_values<acc_t>(mean_t, g.C, acc_t(0), mean.data());
+  using red_t = red_type<scalar_t>;
+  std::vector<red_t> mean(g.C), sum_dy(g.C), sum_dyx(g.C);
+  read_channel_values<red_t>(mean_t, g.C, red_t(0), mean.data());
   grad_sums(dyt.const_data_ptr<scalar_t>(), xt.const_data_ptr<scalar_t>(), g, mean.data(),
-            sum_dy_t.mutable_data_ptr<acc_t>(), sum_dyx_t.mutable_data_ptr<acc_t>());
+            sum_dy.data(), sum_dyx.data());
+  acc_t* out_dy = sum_dy_t.mutable_data_ptr<acc_t>();
+  acc_t* out_dyx = sum_dyx_t.mutable_data_ptr<acc_t>();
+  for (int64_t c = 0; c < g.C; ++c) {
+    out_dy[c] = static_cast<acc_t>(sum_dy[c]);
+    out_dyx[c] = static_cast<acc_t>(sum_dyx[c]);
+  }
 }
 
 template <typename scalar_t>
@@ -46,15 +54,15 @@ void backward_elemt_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor
                          const Geometry& g, const at::Tensor& weight, const at::Tensor& mean_t,
                          const at::Tensor& invstd_t, const at::Tensor& sum_dy_t,
                          const at::Tensor& sum_dyx_t, int64_t count) {
-  using acc_t = acc_type<scalar_t>;
+  using red_t = red_type<scalar_t>;
   const int64_t C = g.C;
-  std::vector<acc_t> w(C), mean(C), invstd(C), sum_dy(C), sum_dyx(C);
-  read_channel_values<acc_t>(weight, C, acc_t(1), w.data());
-  read_channel_values<acc_t>(mean_t, C, acc_t(0), mean.data());
-  read_channel_values<acc_t>(invstd_t, C, acc_t(0), invstd.data());
-  read_channel_values<acc_t>(sum_dy_t, C, acc_t(0), sum_dy.data());
-  read_channel_values<acc_t>(sum_dyx_t, C, acc_t(0), sum_dyx.data());
-  const acc_t inv_m = count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
+  std::vector<red_t> w(C), mean(C), invstd(C), sum_dy(C), sum_dyx(C);
+  read_channel_values<red_t>(weight, C, red_t(1), w.data());
+  read_channel_values<red_t>(mean_t, C, red_t(0), mean.data());
+  read_channel_values<red_t>(invstd_t, C, red_t(0), invstd.data());
+  read_channel_values<red_t>(sum_dy_t, C, red_t(0), sum_dy.data());
+  read_channel_values<red_t>(sum_dyx_t, C, red_t(0), sum_dyx.data());
+  const red_t inv_m = count > 0 ? red_t(1) / static_cast<red_t>(count) : red_t(0);
   GradConstants<scalar_t> k(C);
   for (int64_t c = 0; c < C; ++c)
     k.set(c, w[c], invstd[c], mean[c], sum_dy[c], sum_dyx[c], inv_m);

@@ -26,9 +26,9 @@ constexpr int64_t kTwoPassMaxPlane = 1024;
 
 // The shifted state of values [begin, end) of channel c of a (N, C, S) tensor: one chunk.
 template <typename scalar_t>
-WelfordState<acc_type<scalar_t>> nchw_chunk_state(const scalar_t* x, const Geometry& g, int64_t c,
+WelfordState<red_type<scalar_t>> nchw_chunk_state(const scalar_t* x, const Geometry& g, int64_t c,
                                                   int64_t begin, int64_t end,
-                                                  acc_type<scalar_t> shift) {
+                                                  red_type<scalar_t> shift) {
   if (g.S < kTwoPassMaxPlane) return nchw_two_pass_state(x, g.C, g.S, c, begin, end, shift);
   LaneWelford<scalar_t> lw(shift);
   for_each_run(g.C, g.S, c, begin, end,
@@ -39,8 +39,8 @@ WelfordState<acc_type<scalar_t>> nchw_chunk_state(const scalar_t* x, const Geome
 // Batch state (unshifted mean, m2, n) of channel c of a (N, C, S) tensor, computed by the calling
 // thread alone (the per-channel fused path).
 template <typename scalar_t>
-WelfordState<acc_type<scalar_t>> nchw_channel_state(const scalar_t* x, const Geometry& g, int64_t c) {
-  using acc_t = acc_type<scalar_t>;
+WelfordState<red_type<scalar_t>> nchw_channel_state(const scalar_t* x, const Geometry& g, int64_t c) {
+  using acc_t = red_type<scalar_t>;
   const int64_t M = g.rows();
   if (M == 0) return {};
   const acc_t shift = static_cast<acc_t>(x[c * g.S]);
@@ -55,8 +55,8 @@ WelfordState<acc_type<scalar_t>> nchw_channel_state(const scalar_t* x, const Geo
 
 // All channels of a (N, C, S) tensor, the chunks of every channel spread over the threads.
 template <typename scalar_t>
-void nchw_stats_split(const scalar_t* x, const Geometry& g, WelfordState<acc_type<scalar_t>>* out) {
-  using acc_t = acc_type<scalar_t>;
+void nchw_stats_split(const scalar_t* x, const Geometry& g, WelfordState<red_type<scalar_t>>* out) {
+  using acc_t = red_type<scalar_t>;
   const int64_t M = g.rows();
   const int64_t nchunks = num_chunks(M, kChunk);
   std::vector<WelfordState<acc_t>> states(g.C * nchunks);
@@ -103,7 +103,7 @@ constexpr int64_t kStreamMinChannels = 64;
 // Asks for the NV vectors' worth of values at p, kPrefetchRows rows further down.
 template <int NV, typename scalar_t>
 inline void prefetch_block_ahead(const scalar_t* p, int64_t C) {
-  constexpr int64_t kBytes = NV * VecIO<scalar_t>::AVec::size() * sizeof(scalar_t);
+  constexpr int64_t kBytes = NV * RedIO<scalar_t>::AVec::size() * sizeof(scalar_t);
   const char* q = reinterpret_cast<const char*>(p + kPrefetchRows * C);
   for (int64_t b = 0; b < kBytes; b += 64) __builtin_prefetch(q + b);
 }
@@ -120,10 +120,10 @@ inline void load_block(const acc_t* p, at::vec::Vectorized<acc_t>* acc) {
 // chunk's first row chunk_r0; prefetches stay inside the chunk, below chunk_r1).
 template <int NV, typename scalar_t>
 inline void cl_block_welford(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
-                             int64_t chunk_r0, int64_t chunk_r1, const acc_type<scalar_t>* shift,
-                             const acc_type<scalar_t>* rn, acc_type<scalar_t>* mean,
-                             acc_type<scalar_t>* m2) {
-  using IO = VecIO<scalar_t>;
+                             int64_t chunk_r0, int64_t chunk_r1, const red_type<scalar_t>* shift,
+                             const red_type<scalar_t>* rn, red_type<scalar_t>* mean,
+                             red_type<scalar_t>* m2) {
+  using IO = RedIO<scalar_t>;
   using AVec = typename IO::AVec;
   constexpr int64_t L = AVec::size();
   static_assert(NV % IO::kVecs == 0, "a block is whole units");
@@ -145,38 +145,55 @@ inline void cl_block_welford(const scalar_t* x, int64_t C, int64_t c, int64_t r0
   }
 }
 
+// Rows that the streamed walks (cl_rows_welford, cl_rows_sums) take together: a unit of channels
+// goes down kStreamRows rows with its state in registers before the next unit, so that the state
+// goes through L1 once per kStreamRows rows (with float64 states for float32 input, loading and
+// storing them once per row cost channels-last float32 forwards ~1.2x the time of the float32
+// states; the kStreamRows row streams are still read in memory order).
+constexpr int64_t kStreamRows = 4;
+
 // Welford over rows [r0, r1) of a channels-last (R, C) tensor, every channel's shifted state in
-// mean[0..C), m2[0..C): whole rows in memory order (see kStreamMinChannels); the updates of
-// cl_block_welford.
+// mean[0..C), m2[0..C): whole rows in memory order (see kStreamMinChannels), kStreamRows at a time;
+// the updates of cl_block_welford, in the same order per channel.
 template <typename scalar_t>
 inline void cl_rows_welford(const scalar_t* x, int64_t C, int64_t r0, int64_t r1,
-                            const acc_type<scalar_t>* shift, const acc_type<scalar_t>* rn,
-                            acc_type<scalar_t>* mean, acc_type<scalar_t>* m2) {
-  using IO = VecIO<scalar_t>;
+                            const red_type<scalar_t>* shift, const red_type<scalar_t>* rn,
+                            red_type<scalar_t>* mean, red_type<scalar_t>* m2) {
+  using IO = RedIO<scalar_t>;
   using AVec = typename IO::AVec;
   using acc_t = typename IO::acc_t;
   constexpr int64_t L = AVec::size();
   const int64_t Cv = C - C % IO::kUnit;
-  for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* p = x + r * C;
-    const acc_t rs = rn[r - r0];
-    const AVec rv(rs);
+  for (int64_t rg = r0; rg < r1; rg += kStreamRows) {
+    const int64_t nr = std::min(kStreamRows, r1 - rg);
+    AVec rv[kStreamRows];
+    for (int64_t i = 0; i < nr; ++i) rv[i] = AVec(rn[rg + i - r0]);
+    const scalar_t* p = x + rg * C;
     for (int64_t c = 0; c < Cv; c += IO::kUnit) {
-      AVec v[IO::kVecs];
-      IO::load(p + c, v);
+      AVec m[IO::kVecs], q[IO::kVecs], sh[IO::kVecs];
       for (int j = 0; j < IO::kVecs; ++j) {
         const int64_t o = c + j * L;
-        AVec m = AVec::loadu(mean + o), q = AVec::loadu(m2 + o);
-        LaneWelford<scalar_t>::update(m, q, v[j] - AVec::loadu(shift + o), rv);
-        m.store(mean + o);
-        q.store(m2 + o);
+        m[j] = AVec::loadu(mean + o);
+        q[j] = AVec::loadu(m2 + o);
+        sh[j] = AVec::loadu(shift + o);
+      }
+      for (int64_t i = 0; i < nr; ++i) {
+        AVec v[IO::kVecs];
+        IO::load(p + i * C + c, v);
+        for (int j = 0; j < IO::kVecs; ++j) LaneWelford<scalar_t>::update(m[j], q[j], v[j] - sh[j], rv[i]);
+      }
+      for (int j = 0; j < IO::kVecs; ++j) {
+        m[j].store(mean + c + j * L);
+        q[j].store(m2 + c + j * L);
       }
     }
     for (int64_t c = Cv; c < C; ++c) {  // the scalar updates of cl_stats
-      const acc_t v = static_cast<acc_t>(p[c]) - shift[c];
-      const acc_t d = v - mean[c];
-      mean[c] = d * rs + mean[c];
-      m2[c] = d * (v - mean[c]) + m2[c];
+      for (int64_t i = 0; i < nr; ++i) {
+        const acc_t v = static_cast<acc_t>(p[i * C + c]) - shift[c];
+        const acc_t d = v - mean[c];
+        mean[c] = d * rn[rg + i - r0] + mean[c];
+        m2[c] = d * (v - mean[c]) + m2[c];
+      }
     }
   }
 }
@@ -188,8 +205,8 @@ inline void cl_rows_welford(const scalar_t* x, int64_t C, int64_t r0, int64_t r1
 // registers before the next block takes the same group (a row's block of 4 vectors is whole cache
 // lines, so the blocks together read every line once).
 template <typename scalar_t>
-void cl_stats(const scalar_t* x, const Geometry& g, WelfordState<acc_type<scalar_t>>* out) {
-  using IO = VecIO<scalar_t>;
+void cl_stats(const scalar_t* x, const Geometry& g, WelfordState<red_type<scalar_t>>* out) {
+  using IO = RedIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   constexpr int kBlockVecs = 4;
   constexpr int64_t kBlock = kBlockVecs * IO::AVec::size();
@@ -275,7 +292,7 @@ void cl_stats(const scalar_t* x, const Geometry& g, WelfordState<acc_type<scalar
 
 // Batch states of every channel of the canonical input, split over the threads (any layout).
 template <typename scalar_t>
-void batch_states(const scalar_t* x, const Geometry& g, WelfordState<acc_type<scalar_t>>* out) {
+void batch_states(const scalar_t* x, const Geometry& g, WelfordState<red_type<scalar_t>>* out) {
   if (g.layout == Layout::kChannelsLast) {
     cl_stats(x, g, out);
   } else {
@@ -288,9 +305,9 @@ void batch_states(const scalar_t* x, const Geometry& g, WelfordState<acc_type<sc
 // (sum dy, sum dy * (x - mean_c)) of channel c of a (N, C, S) tensor, by the calling thread.
 template <typename scalar_t>
 void nchw_channel_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g, int64_t c,
-                       acc_type<scalar_t> mean_c, acc_type<scalar_t>& sum_dy,
-                       acc_type<scalar_t>& sum_dyx) {
-  using acc_t = acc_type<scalar_t>;
+                       red_type<scalar_t> mean_c, red_type<scalar_t>& sum_dy,
+                       red_type<scalar_t>& sum_dyx) {
+  using acc_t = red_type<scalar_t>;
   const int64_t M = g.rows();
   const int64_t nchunks = num_chunks(M, kChunk);
   sum_dy = sum_dyx = acc_t(0);
@@ -308,9 +325,9 @@ void nchw_channel_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
 // The same for all channels, the chunks of every channel spread over the threads.
 template <typename scalar_t>
 void nchw_sums_split(const scalar_t* dy, const scalar_t* x, const Geometry& g,
-                     const acc_type<scalar_t>* mean, acc_type<scalar_t>* sum_dy,
-                     acc_type<scalar_t>* sum_dyx) {
-  using acc_t = acc_type<scalar_t>;
+                     const red_type<scalar_t>* mean, red_type<scalar_t>* sum_dy,
+                     red_type<scalar_t>* sum_dyx) {
+  using acc_t = red_type<scalar_t>;
   const int64_t M = g.rows();
   const int64_t nchunks = num_chunks(M, kChunk);
   std::vector<acc_t> a(g.C * nchunks), b(g.C * nchunks);
@@ -336,9 +353,9 @@ void nchw_sums_split(const scalar_t* dy, const scalar_t* x, const Geometry& g,
 // sb[c..] from one group of rows to the next.
 template <int NV, typename scalar_t>
 inline void cl_block_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c, int64_t r0,
-                          int64_t r1, int64_t chunk_r1, const acc_type<scalar_t>* mean,
-                          acc_type<scalar_t>* sa, acc_type<scalar_t>* sb) {
-  using IO = VecIO<scalar_t>;
+                          int64_t r1, int64_t chunk_r1, const red_type<scalar_t>* mean,
+                          red_type<scalar_t>* sa, red_type<scalar_t>* sb) {
+  using IO = RedIO<scalar_t>;
   using AVec = typename IO::AVec;
   constexpr int64_t L = AVec::size();
   static_assert(NV % IO::kVecs == 0, "a block is whole units");
@@ -371,34 +388,49 @@ inline void cl_block_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int6
 }
 
 // Sums of dy and dy * (x - mean) over rows [r0, r1) of a channels-last (R, C) tensor, added to
-// sa[0..C), sb[0..C): whole rows in memory order, the sums going through L1 (see
-// kStreamMinChannels).
+// sa[0..C), sb[0..C): whole rows in memory order, kStreamRows at a time, the sums going through
+// L1 once per group (see kStreamMinChannels, kStreamRows).
 template <typename scalar_t>
 inline void cl_rows_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t r0, int64_t r1,
-                         const acc_type<scalar_t>* mean, acc_type<scalar_t>* sa,
-                         acc_type<scalar_t>* sb) {
-  using IO = VecIO<scalar_t>;
+                         const red_type<scalar_t>* mean, red_type<scalar_t>* sa,
+                         red_type<scalar_t>* sb) {
+  using IO = RedIO<scalar_t>;
   using AVec = typename IO::AVec;
   using acc_t = typename IO::acc_t;
   constexpr int64_t L = AVec::size();
   const int64_t Cv = C - C % IO::kUnit;
-  for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* gp = dy + r * C;
-    const scalar_t* xp = x + r * C;
+  for (int64_t rg = r0; rg < r1; rg += kStreamRows) {
+    const int64_t nr = std::min(kStreamRows, r1 - rg);
+    const scalar_t* gp = dy + rg * C;
+    const scalar_t* xp = x + rg * C;
     for (int64_t c = 0; c < Cv; c += IO::kUnit) {
-      AVec gv[IO::kVecs], xv[IO::kVecs];
-      IO::load(gp + c, gv);
-      IO::load(xp + c, xv);
+      AVec a[IO::kVecs], b[IO::kVecs], mv[IO::kVecs];
       for (int j = 0; j < IO::kVecs; ++j) {
         const int64_t o = c + j * L;
-        (AVec::loadu(sa + o) + gv[j]).store(sa + o);
-        at::vec::fmadd(gv[j], xv[j] - AVec::loadu(mean + o), AVec::loadu(sb + o)).store(sb + o);
+        a[j] = AVec::loadu(sa + o);
+        b[j] = AVec::loadu(sb + o);
+        mv[j] = AVec::loadu(mean + o);
+      }
+      for (int64_t i = 0; i < nr; ++i) {
+        AVec gv[IO::kVecs], xv[IO::kVecs];
+        IO::load(gp + i * C + c, gv);
+        IO::load(xp + i * C + c, xv);
+        for (int j = 0; j < IO::kVecs; ++j) {
+          a[j] = a[j] + gv[j];
+          b[j] = at::vec::fmadd(gv[j], xv[j] - mv[j], b[j]);
+        }
+      }
+      for (int j = 0; j < IO::kVecs; ++j) {
+        a[j].store(sa + c + j * L);
+        b[j].store(sb + c + j * L);
       }
     }
     for (int64_t c = Cv; c < C; ++c) {
-      const acc_t gc = static_cast<acc_t>(gp[c]);
-      sa[c] += gc;
-      sb[c] += gc * (static_cast<acc_t>(xp[c]) - mean[c]);
+      for (int64_t i = 0; i < nr; ++i) {
+        const acc_t gc = static_cast<acc_t>(gp[i * C + c]);
+        sa[c] += gc;
+        sb[c] += gc * (static_cast<acc_t>(xp[i * C + c]) - mean[c]);
+      }
     }
   }
 }
@@ -407,9 +439,9 @@ inline void cl_rows_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64
 // rows streamed (cl_rows_sums) when they are wide, else blocks of channels as cl_stats.
 template <typename scalar_t>
 void cl_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
-             const acc_type<scalar_t>* mean, acc_type<scalar_t>* sum_dy,
-             acc_type<scalar_t>* sum_dyx) {
-  using IO = VecIO<scalar_t>;
+             const red_type<scalar_t>* mean, red_type<scalar_t>* sum_dy,
+             red_type<scalar_t>* sum_dyx) {
+  using IO = RedIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   constexpr int kBlockVecs = 4;
   constexpr int64_t kBlock = kBlockVecs * IO::AVec::size();
@@ -472,8 +504,8 @@ void cl_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
 // (sum dy, sum dy * (x - mean)) of every channel of the canonical input (any layout).
 template <typename scalar_t>
 void grad_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
-               const acc_type<scalar_t>* mean, acc_type<scalar_t>* sum_dy,
-               acc_type<scalar_t>* sum_dyx) {
+               const red_type<scalar_t>* mean, red_type<scalar_t>* sum_dy,
+               red_type<scalar_t>* sum_dyx) {
   if (g.layout == Layout::kChannelsLast) {
     cl_sums(dy, x, g, mean, sum_dy, sum_dyx);
   } else {

@@ -24,6 +24,7 @@ struct TrainGradOp {
   template <typename V>
   V operator()(const V* in, const V* k) const { return (in[0] - k[0]) * k[1] - (in[1] - k[2]) * k[3]; }
 };
+
 struct TrainGradFmaOp {
   template <typename V>
   V operator()(const V* in, const V* k) const {
@@ -40,22 +41,27 @@ struct EvalGradOp {
 template <typename scalar_t>
 constexpr bool kGradByFma = c10::is_reduced_floating_point_v<scalar_t>;
 
-// Per-channel coefficients of the maps above.
+// Per-channel coefficients of the maps above: computed in the reductions' type red_t (float64 for
+// float32 input, from the float64 sums) and rounded once into the elementwise pass's type acc_t.
 template <typename scalar_t>
 struct GradConstants {
   using acc_t = acc_type<scalar_t>;
+  using red_t = red_type<scalar_t>;
   std::vector<acc_t> mean_dy, a, mean, ak, neg_ak, c0;
   explicit GradConstants(int64_t C) : mean_dy(C), a(C), mean(C), ak(C), neg_ak(C), c0(C) {}
 
   // inv_m = 1 / M (0 when there are no values).
-  void set(int64_t c, acc_t w, acc_t invstd, acc_t mean_c, acc_t sum_dy, acc_t sum_dyx,
-           acc_t inv_m) {
-    a[c] = w * invstd;
-    mean_dy[c] = sum_dy * inv_m;
-    mean[c] = mean_c;
-    ak[c] = a[c] * invstd * invstd * sum_dyx * inv_m;
-    neg_ak[c] = -ak[c];
-    c0[c] = mean[c] * ak[c] - mean_dy[c] * a[c];
+  void set(int64_t c, red_t w, red_t invstd, red_t mean_c, red_t sum_dy, red_t sum_dyx,
+           red_t inv_m) {
+    const red_t a_c = w * invstd;
+    const red_t mean_dy_c = sum_dy * inv_m;
+    const red_t ak_c = a_c * invstd * invstd * sum_dyx * inv_m;
+    a[c] = static_cast<acc_t>(a_c);
+    mean_dy[c] = static_cast<acc_t>(mean_dy_c);
+    mean[c] = static_cast<acc_t>(mean_c);  // (the saved mean: already in acc_t)
+    ak[c] = static_cast<acc_t>(ak_c);
+    neg_ak[c] = static_cast<acc_t>(-ak_c);
+    c0[c] = static_cast<acc_t>(mean_c * ak_c - mean_dy_c * a_c);
   }
 };
 

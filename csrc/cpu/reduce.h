@@ -11,6 +11,9 @@
 // into chunks of kChunk values whose states are merged pairwise (tree_merge), which keeps rounding
 // error growth logarithmic in the channel size and makes the result independent of the number of
 // threads.
+//
+// Everything here accumulates in the reductions' type red_type<scalar_t> (vec_io.h RedIO): float64
+// for float32 input, as torch's CPU kernels do, float32 for half/bfloat16, float64 for float64.
 #pragma once
 
 #include "vec_io.h"
@@ -33,7 +36,7 @@ void tree_merge_states(WelfordState<acc_t>* states, int64_t n) {
 
 template <typename scalar_t>
 struct LaneWelford {
-  using IO = VecIO<scalar_t>;
+  using IO = RedIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using AVec = typename IO::AVec;
   static constexpr int kAcc = 4;                     // accumulation vectors per step
@@ -221,10 +224,10 @@ acc_t squared_deviation_sum(const acc_t* v, int64_t n, acc_t center_s) {
 // planes nor conversions. The runs are walked here, not through a callback, so that the
 // accumulators stay in registers from one short run to the next.
 template <typename scalar_t>
-acc_type<scalar_t> nchw_gather_shifted_sum(const scalar_t* x, int64_t C, int64_t S, int64_t c,
-                                           int64_t begin, int64_t end, acc_type<scalar_t> shift_s,
-                                           acc_type<scalar_t>* gather) {
-  using IO = VecIO<scalar_t>;
+red_type<scalar_t> nchw_gather_shifted_sum(const scalar_t* x, int64_t C, int64_t S, int64_t c,
+                                           int64_t begin, int64_t end, red_type<scalar_t> shift_s,
+                                           red_type<scalar_t>* gather) {
+  using IO = RedIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using AVec = typename IO::AVec;
   constexpr int K = IO::kVecs;
@@ -297,19 +300,19 @@ acc_type<scalar_t> nchw_gather_shifted_sum(const scalar_t* x, int64_t C, int64_t
 // the mean, then the squared deviations from it. For small planes, where Welford's lockstep lanes
 // would leave much of every plane to a scalar tail: here a plane is whole vectors plus one masked
 // vector, with no per-plane reduction or division. The first pass gathers the shifted values into
-// a buffer of the thread's (the accumulation type: float32 for the half types) and the second
+// a buffer of the thread's (the reductions' type: float64 for float32, float32 for the half types) and the second
 // runs over that, contiguous: measured hot on 32x512x7x7, the second pass over the planes cost as
 // much as the first (bfloat16: 10% -> 3% of the profile; float32: forward 0.86x the time).
 template <typename scalar_t>
-WelfordState<acc_type<scalar_t>> nchw_two_pass_state(const scalar_t* x, int64_t C, int64_t S,
+WelfordState<red_type<scalar_t>> nchw_two_pass_state(const scalar_t* x, int64_t C, int64_t S,
                                                      int64_t c, int64_t begin, int64_t end,
-                                                     acc_type<scalar_t> shift) {
-  using acc_t = acc_type<scalar_t>;
+                                                     red_type<scalar_t> shift) {
+  using acc_t = red_type<scalar_t>;
   if (begin >= end) return {};
   const int64_t n = end - begin;
   thread_local std::vector<acc_t> buf;
-  if (static_cast<int64_t>(buf.size()) < n + VecIO<scalar_t>::kUnit)
-    buf.resize(n + VecIO<scalar_t>::kUnit);
+  if (static_cast<int64_t>(buf.size()) < n + RedIO<scalar_t>::kUnit)
+    buf.resize(n + RedIO<scalar_t>::kUnit);
   const acc_t mean =
       nchw_gather_shifted_sum(x, C, S, c, begin, end, shift, buf.data()) / static_cast<acc_t>(n);
   return {mean, squared_deviation_sum(buf.data(), n, mean), n};
@@ -321,9 +324,9 @@ WelfordState<acc_type<scalar_t>> nchw_two_pass_state(const scalar_t* x, int64_t 
 // nothing).
 template <typename scalar_t>
 void nchw_chunk_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t S, int64_t c,
-                     int64_t begin, int64_t end, acc_type<scalar_t> mean_s,
-                     acc_type<scalar_t>& out_dy, acc_type<scalar_t>& out_dyx) {
-  using IO = VecIO<scalar_t>;
+                     int64_t begin, int64_t end, red_type<scalar_t> mean_s,
+                     red_type<scalar_t>& out_dy, red_type<scalar_t>& out_dyx) {
+  using IO = RedIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using AVec = typename IO::AVec;
   constexpr int K = IO::kVecs;

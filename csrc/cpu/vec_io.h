@@ -64,6 +64,56 @@ struct VecIO<scalar_t, std::enable_if_t<c10::is_reduced_floating_point_v<scalar_
 template <typename scalar_t>
 using acc_type = typename VecIO<scalar_t>::acc_t;
 
+// The reductions' view of the input (statistics, backward sums): the same units, accumulated as
+// exactly as torch's CPU kernels do (at::acc_type<scalar_t, /*is_cuda=*/false>): float32 input in
+// float64 -- a unit of 2 * 4 floats widened to two double vectors (as half/bfloat16 widen to two
+// float vectors) --, half/bfloat16 in float32, float64 in float64. The elementwise passes keep
+// VecIO's compute type, with per-channel coefficients computed in red_type and rounded once.
+template <typename scalar_t, typename Enable = void>
+struct RedIO : VecIO<scalar_t> {};
+
+template <>
+struct RedIO<float> {
+  using acc_t = double;
+  using AVec = Vectorized<double>;
+  static constexpr int kVecs = 2;
+  static constexpr int64_t kUnit = 2 * AVec::size();
+  static inline void load(const float* p, AVec* v) {
+#if defined(CPU_CAPABILITY_AVX2)
+    static_assert(AVec::size() == 4, "an AVX2 double vector holds 4 values");
+    v[0] = _mm256_cvtps_pd(_mm_loadu_ps(p));
+    v[1] = _mm256_cvtps_pd(_mm_loadu_ps(p + 4));
+#else
+    for (int j = 0; j < kVecs; ++j) {
+      double b[AVec::size()];
+      for (int l = 0; l < AVec::size(); ++l) b[l] = static_cast<double>(p[j * AVec::size() + l]);
+      v[j] = AVec::loadu(b);
+    }
+#endif
+  }
+  static inline void load_partial(const float* p, int64_t n, AVec* v) {
+    alignas(32) float buf[kUnit] = {};
+    for (int64_t i = 0; i < n; ++i) buf[i] = p[i];
+    load(buf, v);
+  }
+};
+
+template <typename scalar_t>
+using red_type = typename RedIO<scalar_t>::acc_t;
+
+// Where the reductions are wider than the elementwise passes (float32 input), the passes subtract
+// the float64 mean in two steps: (x - hi) - lo with hi = float(mean), lo = float(mean - hi). The
+// first is exact for x near the mean, so a large mean costs the outputs nothing (one float32 mean
+// alone would shift every output of a channel with |mean| / std = 1e6 by up to 0.03).
+template <typename scalar_t>
+constexpr bool kSplitMean = !std::is_same_v<acc_type<scalar_t>, red_type<scalar_t>>;
+
+template <typename acc_t, typename red_t>
+inline void split_mean(red_t mean, acc_t& hi, acc_t& lo) {
+  hi = static_cast<acc_t>(mean);
+  lo = static_cast<acc_t>(mean - static_cast<red_t>(hi));
+}
+
 // Per-channel parameters and statistics come as float32 or the input's dtype; the kernels read them
 // once, as the accumulation type, into a small host array (C values, negligible next to the data).
 template <typename acc_t>
