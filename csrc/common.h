@@ -247,7 +247,19 @@ inline void check_update_running_stats_args(const at::Tensor& running_mean,
   TORCH_CHECK(nbt.numel() == 1 && nbt.device() == mean.device(), "fusedbn.", op,
               ": num_batches_tracked must be a one-element tensor on ", mean.device(), ", got ",
               nbt.sizes(), " on ", nbt.device());
-  // (Its value is checked where reading it is free: the CPU backend refuses <= 0.)
+  // (Its value is not checked: reading it would synchronize on CUDA. Below 1 it counts as 1, on
+  // every backend: cumulative_average_factor.)
+}
+
+// The cumulative-average factor 1 / num_batches_tracked of momentum=None. A count below 1 (0 or
+// negative, from a hand-edited state_dict; NaN) counts as 1, the first batch: factor 1, the
+// running statistics become the batch's (where torch divides by zero or weights by a negative
+// factor). Host and device code.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline double cumulative_average_factor(double num_batches_tracked) {
+  return num_batches_tracked >= 1.0 ? 1.0 / num_batches_tracked : 1.0;
 }
 
 

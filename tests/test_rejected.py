@@ -313,3 +313,34 @@ def test_compiled_integer_input_is_not_counted():
         step(torch.ones(4, C, 5, 5, dtype=torch.int64))
     _assert_untouched(m, before)
 
+
+# ---- a num_batches_tracked below 1 with momentum=None: a defined result on every device --------
+
+@pytest.mark.parametrize("batches", [0, -3, 0.5], ids=["zero", "negative", "half"])
+def test_update_with_count_below_one_counts_as_one(device, batches):
+    """update_running_stats with momentum=None reads num_batches_tracked on the device (no host
+    synchronization, so it cannot raise on CUDA): a count below 1 counts as 1 -- factor 1, the
+    running statistics become the batch's mean and unbiased variance -- on the CPU and CUDA alike
+    (instead of CUDA's former inf/NaN and the CPU's former raise)."""
+    rm = torch.randn(C, device=device)
+    rv = torch.rand(C, device=device) + 0.5
+    mean = torch.randn(C, device=device)
+    var = torch.rand(C, device=device)
+    count = 10
+    nbt = torch.tensor(batches, device=device,
+                       dtype=torch.float64 if isinstance(batches, float) else torch.int64)
+    torch.ops.fusedbn.update_running_stats(rm, rv, mean, var, count, None, nbt)
+    torch.testing.assert_close(rm, mean, rtol=0, atol=0)
+    torch.testing.assert_close(rv, var * count / (count - 1), rtol=1e-6, atol=0)
+
+
+def test_module_with_negative_counter_takes_the_batch_statistics(device):
+    """A module whose state_dict says num_batches_tracked = -1 (hand-edited): its next
+    momentum=None step counts to 0 and, counting that as 1, takes the batch's statistics."""
+    m = fusedbn.FusedBatchNorm2d(C, momentum=None, device=device)
+    m.num_batches_tracked.fill_(-1)
+    x = _x(4, C, 5, 5).to(device)
+    m(x)
+    assert int(m.num_batches_tracked) == 0
+    torch.testing.assert_close(m.running_mean, x.mean((0, 2, 3)))
+    torch.testing.assert_close(m.running_var, x.var((0, 2, 3), unbiased=True))

@@ -1,6 +1,7 @@
 // CPU running-statistics update:
 //   running = (1 - f) * running + f * batch,   batch variance made unbiased by count / (count - 1),
-// with f = momentum, or f = 1 / num_batches_tracked (cumulative average) when momentum is None.
+// with f = momentum, or f = 1 / max(num_batches_tracked, 1) (cumulative average) when momentum is
+// None.
 // C values only: computed in float64 and rounded once into the buffers' own dtype.
 #include "kernels.h"
 #include "vec_io.h"
@@ -15,7 +16,6 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
                           const at::Tensor& mean, const at::Tensor& var, int64_t count,
                           c10::optional<double> momentum,
                           const c10::optional<at::Tensor>& num_batches_tracked) {
-  constexpr const char* op = "update_running_stats";
   check_update_running_stats_args(running_mean, running_var, mean, var, count, momentum,
                                   num_batches_tracked);
   const int64_t C = mean.size(0);
@@ -23,10 +23,10 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
   if (momentum.has_value()) {
     factor = *momentum;
   } else {
-    const double batches = num_batches_tracked->item<double>();  // a CPU tensor: no device round trip
-    TORCH_CHECK(batches > 0, "fusedbn.", op,
-                ": num_batches_tracked must be positive when momentum is None, got ", batches);
-    factor = 1.0 / batches;
+    // A CPU tensor: no device round trip. Below 1 (0 or negative from a hand-edited state_dict,
+    // NaN) counts as 1, the first batch: the running statistics become the batch's, as on CUDA
+    // (csrc/cuda/bn_running_stats.cu), where the kernel cannot raise without a synchronization.
+    factor = cumulative_average_factor(num_batches_tracked->item<double>());
   }
   if (count == 0) return;  // an empty batch leaves the statistics untouched, as torch does
 

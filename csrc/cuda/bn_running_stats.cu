@@ -4,7 +4,9 @@
 // computed in float64 and rounded once into the buffers' own dtype, as the CPU backend does
 // (csrc/cpu/bn_running_stats.cpp, whose checks and wording this file follows). f = momentum, or,
 // when momentum is None, f = 1 / num_batches_tracked read by the kernel itself: no .item(), no
-// host synchronization, so a training step stays capturable in a CUDA graph. count == 0 (an empty
+// host synchronization, so a training step stays capturable in a CUDA graph. A count below 1
+// (0, negative, NaN), which the kernel cannot refuse without a synchronization, counts as 1 on
+// every backend (common.h, cumulative_average_factor): the running statistics become the batch's. count == 0 (an empty
 // batch) leaves the statistics untouched, as torch does; count is a host value, so deciding that
 // needs no synchronization either. Running statistics of any floating dtype and stride are read
 // and written in place through ChannelPtr.
@@ -28,8 +30,9 @@ __global__ void update_running_stats_kernel(ChannelPtr running_mean, ChannelPtr 
                                             const double* batches_f64) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  const double f = batches_i64 != nullptr   ? 1.0 / static_cast<double>(*batches_i64)
-                   : batches_f64 != nullptr ? 1.0 / *batches_f64
+  const double f = batches_i64 != nullptr   ? cumulative_average_factor(
+                                                  static_cast<double>(*batches_i64))
+                   : batches_f64 != nullptr ? cumulative_average_factor(*batches_f64)
                                             : momentum;
   const double rm = running_mean.load<double>(c, 0.0);
   const double rv = running_var.load<double>(c, 0.0);
