@@ -409,7 +409,7 @@ def test_index64_kernels(layout, shape, pair):
         R.assert_bitwise_equal(a, c, "output %d, 64-bit vs 32-bit index kernels" % i)
 
 
-# ---- the two numerics defects of issue 13 (fixed: tests/test_cuda_emu_numerics.py) ---------------------------
+# ---- the two numerics defects of issue 13 (fixed; more in test_cuda_emu_numerics.py) ------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout,shape", [("contiguous", (4, 8, 5, 5)),      # packed
