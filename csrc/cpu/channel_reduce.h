@@ -29,7 +29,7 @@ template <typename scalar_t>
 WelfordState<red_type<scalar_t>> nchw_chunk_state(const scalar_t* x, const Geometry& g, int64_t c,
                                                   int64_t begin, int64_t end,
                                                   red_type<scalar_t> shift) {
-  if (g.S < kTwoPassMaxPlane) return nchw_two_pass_state(x, g.C, g.S, c, begin, end, shift);
+  if (g.S < kTwoPassMaxPlane) return nchw_moments_state(x, g.C, g.S, c, begin, end, shift);
   LaneWelford<scalar_t> lw(shift);
   for_each_run(g.C, g.S, c, begin, end,
                [&](int64_t off, int64_t len) { lw.push_run(x + off, len); });

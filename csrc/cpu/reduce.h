@@ -4,7 +4,7 @@
 // chains are in flight), all lanes in lockstep so that one reciprocal 1/n serves 4 vectors; the
 // last < 4 vectors of a run (and a short run, cut by a chunk boundary) are reduced by an exact
 // two-pass over the run (still in L1) and merged with Chan's formula. Small NCHW planes (7x7,
-// 14x14) take nchw_two_pass_state instead, an exact two-pass per chunk. Values are shifted by a
+// 14x14) take nchw_moments_state instead, one pass of sums around a center per chunk. Values are shifted by a
 // per-channel constant (the channel's first value) before accumulation: Welford is exact under a
 // shift, and the shifted values are small, so a float32 mean of data like 1e4 +- 1e-2 does not
 // absorb its own updates. Lanes are merged with Chan's formula in a fixed order; a channel is cut
@@ -194,55 +194,50 @@ inline bool is_small_plane(int64_t S) {
   return S * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchMaxPlaneBytes;
 }
 
-// Sum of (v[i] - center)^2 over n contiguous float values: four accumulators, a masked last vector.
-template <typename acc_t>
-acc_t squared_deviation_sum(const acc_t* v, int64_t n, acc_t center_s) {
-  using AVec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t L = AVec::size();
-  const AVec center(center_s), zero(acc_t(0));
-  AVec a[4] = {zero, zero, zero, zero};
-  int64_t i = 0;
-  for (; i + 4 * L <= n; i += 4 * L) {
-    for (int j = 0; j < 4; ++j) {
-      const AVec d = AVec::loadu(v + i + j * L) - center;
-      a[j] = at::vec::fmadd(d, d, a[j]);
-    }
-  }
-  for (int j = 0; i < n; i += L, ++j) {
-    const AVec d = AVec::set(zero, AVec::loadu(v + i) - center, std::min<int64_t>(L, n - i));
-    a[j] = at::vec::fmadd(d, d, a[j]);
-  }
-  acc_t lanes[4 * L];
-  for (int j = 0; j < 4; ++j) a[j].store(lanes + j * L);
-  tree_sum(lanes, 4 * L);
-  return lanes[0];
-}
-
-// The first pass of nchw_two_pass_state: the sum over values [begin, end) of channel c of a
-// (N, C, S) tensor of the shifted values x - shift, which are also written one after the other to
-// gather (room for end - begin values plus one unit), so that the second pass needs neither the
-// planes nor conversions. The runs are walked here, not through a callback, so that the
-// accumulators stay in registers from one short run to the next.
+// The shifted state of values [begin, end) of channel c of a (N, C, S) tensor, for small planes
+// (where Welford's lockstep lanes would leave much of every plane to a scalar tail), in ONE pass:
+// the sums of d and d^2, d = (x - shift) - center, from which mean = center + sum d / n and
+// m2 = sum d^2 - (sum d)^2 / n. A plane is whole units plus one masked unit, with no per-plane
+// reduction or division; the runs are walked here, not through a callback, so that the sums stay
+// in registers from one short run to the next.
+//
+// The center is the mean of the chunk's first run (one plane, or what of it lies in the chunk):
+// a run of r values at distance D from the chunk's mean puts r * D^2 into m2, so D^2 <= m2 / r
+// and the cancellation in m2 costs at most a factor 1 + n / r (the number of planes, a few hundred
+// at most here) times the sums' own rounding -- typically a factor of about 1. In float64 (float32
+// input: differences and squares of float32 values are exact there) that is far below a float32
+// rounding; in float32 (half/bfloat16 input) far below a bfloat16 one. It replaced an exact
+// two-pass over a gathered copy of the chunk, whose second pass (and, with float64 sums, a copy
+// twice the input's size) cost more than the arithmetic saved.
 template <typename scalar_t>
-red_type<scalar_t> nchw_gather_shifted_sum(const scalar_t* x, int64_t C, int64_t S, int64_t c,
-                                           int64_t begin, int64_t end, red_type<scalar_t> shift_s,
-                                           red_type<scalar_t>* gather) {
+WelfordState<red_type<scalar_t>> nchw_moments_state(const scalar_t* x, int64_t C, int64_t S,
+                                                    int64_t c, int64_t begin, int64_t end,
+                                                    red_type<scalar_t> shift_s) {
   using IO = RedIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using AVec = typename IO::AVec;
   constexpr int K = IO::kVecs;
   constexpr int64_t L = AVec::size();
-  const AVec shift(shift_s), zero(acc_t(0));
-  AVec a0[K], a1[K], t[K];
-  for (int j = 0; j < K; ++j) a0[j] = a1[j] = t[j] = zero;
-  const bool prefetch = is_small_plane<scalar_t>(S);
+  if (begin >= end) return {};
   int64_t n = begin / S, s = begin % S;
+  acc_t center_s = 0;  // in shifted coordinates
+  {
+    const scalar_t* p = x + (n * C + c) * S + s;
+    const int64_t len = std::min(S - s, end - begin);
+    acc_t sum = 0;
+    for (int64_t i = 0; i < len; ++i) sum += static_cast<acc_t>(p[i]) - shift_s;
+    center_s = sum / static_cast<acc_t>(len);
+  }
+  const acc_t pivot_s = shift_s + center_s;  // d = x - pivot
+  const AVec pivot(pivot_s), zero(acc_t(0));
+  AVec a0[K], a1[K], q0[K], q1[K];
+  for (int j = 0; j < K; ++j) a0[j] = a1[j] = q0[j] = q1[j] = zero;
+  const bool prefetch = is_small_plane<scalar_t>(S);
   for (int64_t done = begin; done < end; s = 0, ++n) {
     const int64_t len = std::min(S - s, end - done);
     const scalar_t* p = x + (n * C + c) * S + s;
     if (prefetch && (n + kPrefetchPlanes) * S < end)
       prefetch_plane(x + ((n + kPrefetchPlanes) * C + c) * S, S);
-    acc_t* gp = gather + (done - begin);
     done += len;
     int64_t i = 0;
     for (; i + 2 * IO::kUnit <= len; i += 2 * IO::kUnit) {
@@ -250,72 +245,55 @@ red_type<scalar_t> nchw_gather_shifted_sum(const scalar_t* x, int64_t C, int64_t
       IO::load(p + i, v0);
       IO::load(p + i + IO::kUnit, v1);
       for (int j = 0; j < K; ++j) {
-        v0[j] = v0[j] - shift;
-        v1[j] = v1[j] - shift;
-        v0[j].store(gp + i + j * L);
-        v1[j].store(gp + i + IO::kUnit + j * L);
-        a0[j] = a0[j] + v0[j];
-        a1[j] = a1[j] + v1[j];
+        const AVec d0 = v0[j] - pivot, d1 = v1[j] - pivot;
+        a0[j] = a0[j] + d0;
+        a1[j] = a1[j] + d1;
+        q0[j] = at::vec::fmadd(d0, d0, q0[j]);
+        q1[j] = at::vec::fmadd(d1, d1, q1[j]);
       }
     }
     if (i + IO::kUnit <= len) {
       AVec v[K];
       IO::load(p + i, v);
       for (int j = 0; j < K; ++j) {
-        v[j] = v[j] - shift;
-        v[j].store(gp + i + j * L);
-        a0[j] = a0[j] + v[j];
+        const AVec d = v[j] - pivot;
+        a0[j] = a0[j] + d;
+        q0[j] = at::vec::fmadd(d, d, q0[j]);
       }
       i += IO::kUnit;
     }
     const int64_t rem = len - i;
     if (rem > 0 && rem <= IO::kUnit / 4) {  // a few values: one lane each (no copied load)
       for (; i < len; ++i) {
-        const acc_t v = static_cast<acc_t>(p[i]) - shift_s;
-        gp[i] = v;
-        t[0] = t[0] + AVec::set(zero, AVec(v), 1);
+        const AVec d = AVec::set(zero, AVec(static_cast<acc_t>(p[i]) - pivot_s), 1);
+        a1[0] = a1[0] + d;
+        q1[0] = at::vec::fmadd(d, d, q1[0]);
       }
     } else if (rem > 0) {  // the missing lanes of the last unit contribute nothing
       AVec v[K];
       IO::load_partial(p + i, rem, v);
       for (int j = 0; j < K; ++j) {
-        v[j] = v[j] - shift;
-        v[j].store(gp + i + j * L);  // lanes past the run: overwritten by the next one
         const int64_t nj = std::clamp<int64_t>(rem - j * L, 0, L);
-        if (nj > 0) t[j] = t[j] + AVec::set(zero, v[j], nj);
+        if (nj == 0) continue;
+        const AVec d = AVec::set(zero, v[j] - pivot, nj);
+        a1[j] = a1[j] + d;
+        q1[j] = at::vec::fmadd(d, d, q1[j]);
       }
     }
   }
-  acc_t lanes[3 * K * L];
+  acc_t sa[2 * K * L], sq[2 * K * L];
   for (int j = 0; j < K; ++j) {
-    a0[j].store(lanes + j * L);
-    a1[j].store(lanes + (K + j) * L);
-    t[j].store(lanes + (2 * K + j) * L);
+    a0[j].store(sa + j * L);
+    a1[j].store(sa + (K + j) * L);
+    q0[j].store(sq + j * L);
+    q1[j].store(sq + (K + j) * L);
   }
-  tree_sum(lanes, 3 * K * L);
-  return lanes[0];
-}
-
-// The shifted state of values [begin, end) of channel c of a (N, C, S) tensor by an exact two-pass:
-// the mean, then the squared deviations from it. For small planes, where Welford's lockstep lanes
-// would leave much of every plane to a scalar tail: here a plane is whole vectors plus one masked
-// vector, with no per-plane reduction or division. The first pass gathers the shifted values into
-// a buffer of the thread's (the reductions' type: float64 for float32, float32 for the half types) and the second
-// runs over that, contiguous: measured hot on 32x512x7x7, the second pass over the planes cost as
-// much as the first (bfloat16: 10% -> 3% of the profile; float32: forward 0.86x the time).
-template <typename scalar_t>
-WelfordState<red_type<scalar_t>> nchw_two_pass_state(const scalar_t* x, int64_t C, int64_t S,
-                                                     int64_t c, int64_t begin, int64_t end,
-                                                     red_type<scalar_t> shift) {
-  using acc_t = red_type<scalar_t>;
-  if (begin >= end) return {};
-  const int64_t n = end - begin;
-  thread_local std::vector<acc_t> buf;
-  if (static_cast<int64_t>(buf.size()) < n + RedIO<scalar_t>::kUnit)
-    buf.resize(n + RedIO<scalar_t>::kUnit);
-  const acc_t mean =
-      nchw_gather_shifted_sum(x, C, S, c, begin, end, shift, buf.data()) / static_cast<acc_t>(n);
-  return {mean, squared_deviation_sum(buf.data(), n, mean), n};
+  tree_sum(sa, 2 * K * L);
+  tree_sum(sq, 2 * K * L);
+  const int64_t count = end - begin;
+  const acc_t md = sa[0] / static_cast<acc_t>(count);
+  const acc_t m2 = sq[0] - sa[0] * md;
+  return {center_s + md, m2 < acc_t(0) ? acc_t(0) : m2, count};  // (NaN stays NaN)
 }
 
 // Sums of dy and of dy * (x - mean) over values [begin, end) of channel c of a (N, C, S) tensor
