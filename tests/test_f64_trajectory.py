@@ -221,14 +221,15 @@ def _report(kind, runs):
 
 
 # The ResNet run, on the CPU kernels of cpuf64 56b941e (float64 accumulation of float32): 44 of
-# its 3390 quantities -- nearly all batch-norm weight/bias gradients, a few conv weight gradients
-# -- are 2.0-3.3x torch NCHW's error against float64 (median relative error over the run 5.4e-7,
-# torch's 5.8e-7). A single layer's dx/dweight/output are at or below torch's error, so the excess
-# builds up through the chain of backwards; cause not isolated (a candidate: the backward rounds
-# sum dy and sum dy * x_hat to float32 before grad_input, where torch keeps them in float64).
+# its 3390 quantities -- nearly all batch-norm weight/bias gradients -- are 2.0-3.3x torch NCHW's
+# error against float64. Not a loss of precision as far as measured: of the 1876 quantities above
+# the floor, torch's error is > 2x fusedbn's in 250 and fusedbn's > 2x torch's in these 44 (median
+# ratio fusedbn/torch 0.86; a single layer's dx/dweight/output are at or below torch's), i.e. the
+# tail of two runs' independent rounding noise, which a per-quantity, per-step 2x rule over
+# thousands of quantities does not tolerate. Kept strict (no looser bound) until decided.
 _RESNET_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "cpuf64 56b941e: 44 of 3390 ResNet-trajectory quantities (batch-norm weight/bias gradients) "
-    "are 2.0-3.3x torch NCHW's float64 error; see the comment above"))
+    "44 of 3390 ResNet-trajectory quantities are 2.0-3.3x torch NCHW's float64 error, while "
+    "torch's is > 2x fusedbn's in 250: rounding-noise tail of the per-quantity 2x rule (see above)"))
 
 
 @pytest.mark.parametrize("kind,ours", [
