@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import act_ops
+from . import act_ops, ops
 from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d
 
 _MODULE_ACTS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "silu",
@@ -92,11 +92,17 @@ class _FusedBatchNormActMixin:
         if residual is not None and not self._fusable_residual(input, residual):
             z = super().forward(input) + residual  # broadcasting / promotion as torch does it
             return apply_activation(z, self.activation, self.negative_slope)
-        running_mean, running_var, use_batch_stats, momentum, counter = self._batch_norm_args(input)
-        # (the op advances the counter once the batch has passed its checks)
-        return act_ops.batch_norm_act(
-            input, running_mean, running_var, self.weight, self.bias, residual, use_batch_stats,
-            momentum, self.eps, self.activation, self.negative_slope, self.memory_saving, counter)
+        try:
+            running_mean, running_var, use_batch_stats, momentum, counter = (
+                self._batch_norm_args(input))
+            # (the op advances the counter once the batch has passed its checks)
+            return act_ops.batch_norm_act(
+                input, running_mean, running_var, self.weight, self.bias, residual,
+                use_batch_stats, momentum, self.eps, self.activation, self.negative_slope,
+                self.memory_saving, counter)
+        except (RuntimeError, TypeError, ValueError) as e:
+            ops.name_entry_point(e, type(self).__name__)  # one prefix: the module's name
+            raise
 
     def extra_repr(self):
         s = super().extra_repr() + f", activation={self.activation}"

@@ -258,6 +258,22 @@ def test_one_prefix_per_module(device):
         m(torch.ones(4, 3, dtype=torch.int32, device=device))
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_one_prefix_per_act_module(device, residual):
+    """The fused BN + activation modules name themselves too, whichever op refused the call."""
+    x = torch.randn(4, 3, 2, 2, device=device)
+    r = torch.randn(4, 3, 2, 2, device=device) if residual else None
+    for training in (True, False):
+        m = fusedbn.FusedBatchNormAct2d(3, activation="relu", device=device,
+                                        dtype=torch.float64).train(training)
+        with pytest.raises(TypeError, match=r"^FusedBatchNormAct2d: \w+ must be"):
+            m(x, residual=r)
+        m = fusedbn.FusedBatchNormAct2d(3, activation="relu", device=device).train(training)
+        with pytest.raises(TypeError, match=r"^FusedBatchNormAct2d: input must be float32, "
+                                            r"float64, float16 or bfloat16, got int64"):
+            m(x.long(), residual=None if r is None else r.long())
+
+
 def test_torch_wording_kept(device):
     """Where torch has a message, fusedbn's module gives torch's (no prefix of its own)."""
     x = torch.randn(4, 3, 2, 2, device=device)
