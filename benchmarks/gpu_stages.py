@@ -345,11 +345,12 @@ def sanitizers_estimate(ctx):
 def bench_chunks(ctx):
     """[(name, benchmark arguments, number of cases)] in priority order."""
     if ctx.dry_run:
+        contiguous = bench_layouts().split(",")[0]  # every contiguous input: nc and nchw
         args = ["--device", "cpu", "--providers", "fusedbn,torch", "--modes", "fwd",
-                "--dtypes", "float32", "--layouts", "nchw", "--shapes", "quick", "--repeats",
+                "--dtypes", "float32", "--layouts", contiguous, "--shapes", "quick", "--repeats",
                 "3", "--warmup", "1", "--threads", "2", "--load-threshold", "0",
                 "--quiet-wait", "0", "--flush-mb", "8"]
-        return [("dry_run_quick_fwd", args, count_cases("quick", "float32", "fwd", "nchw"))]
+        return [("dry_run_quick_fwd", args, count_cases("quick", "float32", "fwd", contiguous))]
     common = ["--device", "cuda", "--providers", "fusedbn,cudnn,torch_native,compile",
               "--layouts", bench_layouts(), "--check", "--warmup", "5", "--min-time",
               "0.1", "--min-repeats", "20", "--max-repeats", "200"]

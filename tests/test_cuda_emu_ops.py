@@ -353,7 +353,10 @@ def test_empty(shape, dtype):
     cpu = CPU.forward_train(x, w, b, EPS)
     for e, c in zip(emu, cpu):
         assert e.shape == c.shape and e.dtype == c.dtype
-        assert torch.equal(e, c)
+        # invstd = 1/sqrt(eps): the CPU op computes it in float64 and rounds (issue 12), CUDA in
+        # float32, so the two may differ by the last bit; everything else is bit for bit.
+        assert torch.equal(e, c) or torch.allclose(
+            e, c, rtol=torch.finfo(torch.float32).eps, atol=0)
     emu = run_emu("forward_eval", x, w, b, torch.zeros(C), torch.ones(C), EPS)
     assert emu.shape == x.shape
     mean, invstd = cpu[1], cpu[2]
