@@ -184,7 +184,9 @@ def assert_rule(name, emu, cpu, ref):
     bad = err_e > bound
     if bad.any():
         i = int(((err_e - bound) / bound).argmax())
-        if emu.dtype == torch.float32:
+        # (Not for a gross error -- 10% of max(1, |ref|) or more: that is a bug, not rounding.)
+        gross = bool((err_e > 0.1 * r[fin].abs().clamp(min=1)).any())
+        if emu.dtype == torch.float32 and not gross:
             # Since issue 12 the CPU op accumulates float32 input in float64 and splits the mean
             # in its normalize pass; CUDA keeps float32 accumulation (as torch's CUDA kernels do),
             # so "2x the CPU op's error" asks float32 sums for float64 accuracy. Such a case is
