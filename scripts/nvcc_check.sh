@@ -18,6 +18,8 @@
 #   NVCC_CHECK_WERROR=1   count a file with warnings as failed
 #   NVCC_CHECK_EXTRA_FLAGS  more nvcc flags, split on spaces
 #
+# Arguments: .cu files to check (default: every csrc/**/*.cu).
+#
 # Exit status: 0 when every file compiled (or when there is no .cu file at all), 1 otherwise.
 set -euo pipefail
 
@@ -28,7 +30,11 @@ PYTHON="${PYTHON:-python3}"
 JOBS="${MAX_JOBS:-2}"
 ARCH="${NVCC_CHECK_ARCH:-90}"
 
-mapfile -t FILES < <(find csrc -name '*.cu' -type f 2>/dev/null | LC_ALL=C sort)
+if [ "$#" -gt 0 ]; then
+  FILES=("$@")
+else
+  mapfile -t FILES < <(find csrc -name '*.cu' -type f 2>/dev/null | LC_ALL=C sort)
+fi
 if [ "${#FILES[@]}" -eq 0 ]; then
   echo "nvcc_check: no .cu files under csrc/; nothing compiled"
   exit 0
