@@ -36,6 +36,10 @@ EMU_CFLAGS = [
     "-Wno-unknown-pragmas",
 ]
 
+# The linker script drops the table of patchable function entries that __launch_bounds__ leaves
+# (csrc/cuda/emu/emu.ld says why).
+EMU_LDFLAGS = ["-Wl,-T," + os.path.join(ROOT, "csrc", "cuda", "emu", "emu.ld")]
+
 _lock = threading.Lock()
 _module = None
 
@@ -107,6 +111,7 @@ def emu_module():
                 extra_include_paths=[os.path.join(ROOT, "csrc"),
                                      os.path.join(ROOT, "csrc", "cuda")],
                 extra_cflags=EMU_CFLAGS,
+                extra_ldflags=EMU_LDFLAGS,
                 build_directory=BUILD_DIR,
                 verbose=os.environ.get("FUSEDBN_EMU_VERBOSE", "") == "1",
             )

@@ -51,6 +51,9 @@ BROKEN = {
     "too_many_threads": r"block \(32, 33, 1\).*more than 1024 threads per block",
     "block_z_too_large": r"block \(1, 1, 65\).*block dimensions exceed \(1024, 1024, 64\)",
     "zero_grid": r"a zero grid or block dimension",
+    "launch_bounds_exceeded": r"launch of .*bounded_kernel.* with grid \(1, 1, 1\), block \(256, 1, "
+                              r"1\).*too many resources requested for launch: 256 threads per "
+                              r"block, more than the kernel's __launch_bounds__\(128\)",
     "static_shared_too_large": r"static shared memory: 's' \(65536 bytes\) brings the kernel's "
                                r"static shared memory to 65536 bytes, more than CUDA's 48 KB",
     "dynamic_shared_without_opt_in": r"65536 bytes of dynamic shared memory: too much dynamic "
@@ -72,7 +75,8 @@ def test_broken_kernel_is_caught(emu, name, seed):
 
 def test_every_broken_kernel_has_a_test(emu):
     controls = {"block_sum_ok", "dynamic_shared_with_opt_in_ok", "partial_warp",
-                "uninitialized_shared", "order_dependent"}
+                "uninitialized_shared", "order_dependent", "launch_bounds_ok",
+                "launch_bounds_read"}
     assert set(emu.broken_kernel_names()) == set(BROKEN) | controls
 
 
@@ -80,6 +84,16 @@ def test_every_broken_kernel_has_a_test(emu):
 def test_correct_block_reduction_runs_clean(emu, seed):
     with emu_config(seed=seed):
         assert emu.run_broken_kernel("block_sum_ok") == [sum(range(256))]
+
+
+def test_launch_within_bounds_runs(emu):
+    assert emu.run_broken_kernel("launch_bounds_ok") == [2.0 * t for t in range(128)]
+
+
+def test_launch_bounds_are_read(emu):
+    """The emulator reads __launch_bounds__ from the compiled kernel: none (0), a test kernel's 128,
+    and kBlockThreads (256) of a reduction kernel of the real sources."""
+    assert emu.run_broken_kernel("launch_bounds_read") == [0.0, 128.0, 256.0]
 
 
 def test_opt_in_dynamic_shared_memory_runs(emu):

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "../bn_reduce_kernels.cuh"
 #include "../bn_utils.cuh"
 #include "../launch.cuh"
 #include "emu_runtime.h"
@@ -148,6 +149,15 @@ __global__ void dynamic_shared_kernel(float* out) {
   out[threadIdx.x] = s[threadIdx.x];
 }
 
+// Declares at most 128 threads per block (a constexpr bound in a function template, as fusedbn's
+// kernels declare kBlockThreads); launched with 256 it must fail, with 128 it runs.
+constexpr int kSmallBound = 128;
+template <int V>
+__global__ void __launch_bounds__(kSmallBound, 2) bounded_kernel(float* out) {
+  const unsigned t = threadIdx.y * blockDim.x + threadIdx.x;
+  out[t] = static_cast<float>(V * t);
+}
+
 __global__ void noop_kernel(float* out) {
   if (threadIdx.x == 0 && blockIdx.x == 0) out[0] = 1.0f;
 }
@@ -228,6 +238,30 @@ const std::map<std::string, Runner>& runners() {
          launch_kernel(block_sum_kernel, 1, 256, 0, current_stream(), in.data(), out.data(),
                        256);
          return out;
+       }},
+      {"launch_bounds_exceeded",
+       [] {
+         std::vector<float> out(256);
+         launch_kernel(bounded_kernel<2>, 1, 256, 0, current_stream(), out.data());
+         return out;
+       }},
+      {"launch_bounds_ok",
+       [] {
+         std::vector<float> out(128);
+         launch_kernel(bounded_kernel<2>, 1, dim3(64, 2), 0, current_stream(), out.data());
+         return out;
+       }},
+      // The bounds the emulator reads: a kernel without one (0), the test kernel (128), and
+      // fusedbn's reduction kernel of the real sources (kBlockThreads).
+      {"launch_bounds_read",
+       [] {
+         return std::vector<float>{
+             static_cast<float>(::fusedbn_emu::launch_bound(
+                 reinterpret_cast<const void*>(noop_kernel))),
+             static_cast<float>(::fusedbn_emu::launch_bound(
+                 reinterpret_cast<const void*>(bounded_kernel<3>))),
+             static_cast<float>(::fusedbn_emu::launch_bound(reinterpret_cast<const void*>(
+                 reduce_planes_kernel<WelfordOp<float>, 4, int32_t>)))};
        }},
       {"write_race",
        [] {

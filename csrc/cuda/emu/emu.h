@@ -18,9 +18,9 @@
 //    every access of the instrumented sources (-fsanitize=thread instrumentation, whose callbacks
 //    emu_runtime.cpp provides) is checked against the red zones and, per byte, against the
 //    accesses of other threads since the last barrier (race detector);
-//  * CUDA's launch limits are checked: grid and block dimensions, 1024 threads, static and
-//    dynamic shared memory (48 KB, dynamic up to 227 KB after set_max_dynamic_shared_memory),
-//    kernel parameters (32764 bytes);
+//  * CUDA's launch limits are checked: grid and block dimensions, 1024 threads, the kernel's own
+//    __launch_bounds__, static and dynamic shared memory (48 KB, dynamic up to 227 KB after
+//    set_max_dynamic_shared_memory), kernel parameters (32764 bytes);
 //  * SM count, occupancy (resident blocks per SM), the seed and forcing the 64-bit index kernels
 //    are set by the tests (tests/emu_testing.py).
 // Errors are raised as c10::Error ("fusedbn_emu: ...") by the launch that saw them.
@@ -45,10 +45,17 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
-// Accepted and not checked: GCC keeps no value-carrying attribute on function templates (a
-// section attribute is dropped, patchable_function_entry does not compile), so the emulator
-// cannot learn a kernel's bound; on the GPU a launch above it fails the launch check.
-#define __launch_bounds__(...)
+// __launch_bounds__(max_threads[, min_blocks]): the bound is carried into the compiled kernel as
+// max_threads single-byte NOPs at its entry (patchable_function_entry, the one value-carrying
+// function attribute GCC keeps on function templates; a section attribute is dropped there), and
+// run_launch counts them (launch_bound(), x86-64 and AArch64) to fail a launch of more threads
+// per block, as the GPU does ("too many resources requested for launch"). "+ 0" makes GCC fold a
+// constexpr bound such as kBlockThreads (it fails on the bare name); emu.ld drops the table of
+// patch areas GCC also emits (it breaks the link of a kernel instantiated in two objects). The
+// NOPs cost nothing next to a fiber switch. The min-blocks argument only guides register
+// allocation on the GPU: not modelled.
+#define __launch_bounds__(max_threads, ...) \
+  __attribute__((patchable_function_entry((max_threads) + 0, 0)))
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__ __restrict
 // Static shared memory is declared with FUSEDBN_SHARED_ARRAY (csrc/cuda/launch.cuh), dynamic
@@ -78,6 +85,8 @@ int sm_count();
 int blocks_per_sm(const void* kernel, int threads, size_t smem);
 bool index64_forced();
 void set_max_dynamic_shared_memory(const void* kernel, int bytes);
+// The max_threads of the kernel's __launch_bounds__, or 0 when it declares none.
+int launch_bound(const void* kernel);
 
 // ---- device side -------------------------------------------------------------------------------
 void syncthreads(const char* file, int line);

@@ -117,6 +117,24 @@ static size_t dyn_limit(const void* kernel) {
   return it == dyn_optin().end() ? kStaticSharedLimit : static_cast<size_t>(it->second);
 }
 
+int launch_bound(const void* kernel) {
+  // Counts the NOPs __launch_bounds__ puts at the entry (emu.h). GCC never starts a function's
+  // own code with a NOP.
+  const unsigned char* p = static_cast<const unsigned char*>(kernel);
+  int n = 0;
+#if defined(__x86_64__)
+  static const unsigned char kEndbr64[4] = {0xf3, 0x0f, 0x1e, 0xfa};  // -fcf-protection
+  if (std::memcmp(p, kEndbr64, sizeof(kEndbr64)) == 0) p += sizeof(kEndbr64);
+  while (n <= 1024 && p[n] == 0x90) ++n;
+#elif defined(__aarch64__)
+  static const unsigned char kBtiC[4] = {0x5f, 0x24, 0x03, 0xd5};  // -mbranch-protection
+  static const unsigned char kNop[4] = {0x1f, 0x20, 0x03, 0xd5};
+  if (std::memcmp(p, kBtiC, sizeof(kBtiC)) == 0) p += sizeof(kBtiC);
+  while (n <= 1024 && std::memcmp(p + 4 * n, kNop, sizeof(kNop)) == 0) ++n;
+#endif
+  return n;  // elsewhere 0: not checked
+}
+
 int blocks_per_sm(const void* kernel, int threads, size_t smem) {
   (void)kernel;
   if (config().blocks_per_sm > 0) return config().blocks_per_sm;
@@ -518,6 +536,12 @@ void run_launch(const void* kernel, dim3 grid, dim3 block, size_t smem, size_t p
   if (block.x > 1024 || block.y > 1024 || block.z > 64)
     bad("invalid configuration argument: block dimensions exceed (1024, 1024, 64)");
   if (threads > 1024) bad("invalid configuration argument: more than 1024 threads per block");
+  const int bound = launch_bound(kernel);
+  if (bound > 0 && threads > static_cast<uint64_t>(bound)) {
+    bad("too many resources requested for launch: " + std::to_string(threads) +
+        " threads per block, more than the kernel's __launch_bounds__(" + std::to_string(bound) +
+        ")");
+  }
   if (grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u)
     bad("invalid configuration argument: grid dimensions exceed (2^31 - 1, 65535, 65535)");
   const size_t dmax = dyn_limit(kernel);
