@@ -9,6 +9,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <string>
 
 namespace fusedbn {
 
@@ -102,6 +103,14 @@ inline at::Tensor canonicalize(const at::Tensor& input, Geometry& g) {
   return input.contiguous();
 }
 
+// The dtypes a per-channel tensor may have for an input of dtype `input`, for error messages:
+// "float16 (the input's dtype) or float32", or "float32 (the input's dtype)" for float32 input.
+inline std::string channel_dtypes_allowed(c10::ScalarType input) {
+  std::string s = std::string(dtype_name(input)) + " (the input's dtype)";
+  if (input != at::kFloat) s += " or float32";
+  return s;
+}
+
 // A per-channel tensor argument (weight, bias, running statistics): shape (C,), floating dtype
 // equal to the input's or float32, same device as the input.
 inline void check_channel_tensor(const at::Tensor& t, const char* name, const at::Tensor& input,
@@ -111,8 +120,9 @@ inline void check_channel_tensor(const at::Tensor& t, const char* name, const at
               " must have shape (", C, ",) to match the ", C, " channels of input (dim 1), got ",
               t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type() || t.scalar_type() == at::kFloat,
-                   "fusedbn.", op, ": ", name, " must be ", dtype_name(input.scalar_type()),
-                   " (the input's dtype) or float32, got ", dtype_name(t.scalar_type()));
+                   "fusedbn.", op, ": ", name, " must be ",
+                   channel_dtypes_allowed(input.scalar_type()), ", got ",
+                   dtype_name(t.scalar_type()));
   TORCH_CHECK(t.device() == input.device(), "fusedbn.", op, ": ", name,
               " must be on the input's device ", input.device(), ", got ", t.device());
 }

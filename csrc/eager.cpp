@@ -106,8 +106,8 @@ void check_running_stats(const at::Tensor& input, const at::Tensor& running_mean
                                                                            running_mean},
                                 {"running_var", running_var}}) {
     TORCH_CHECK_TYPE(t.scalar_type() == dtype || t.scalar_type() == at::kFloat,
-                     "fusedbn.batch_norm: ", name, " must be ", dtype_name(dtype),
-                     " (the input's dtype) or float32, got ", dtype_name(t.scalar_type()));
+                     "fusedbn.batch_norm: ", name, " must be ", channel_dtypes_allowed(dtype),
+                     ", got ", dtype_name(t.scalar_type()));
     if (input.dim() >= 2) {
       const int64_t C = input.size(1);
       TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "fusedbn.batch_norm: ", name,
