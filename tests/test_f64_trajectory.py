@@ -5,27 +5,37 @@ Three networks, each trained for STEPS SGD steps on data with non-zero means:
   resnet   a ResNet-style CNN with 22 batch norms: a Conv3d + BatchNorm3d stem, then BatchNorm2d
            basic blocks (two of them with a 1x1 convolution + batch norm shortcut);
   mlp      an MLP with BatchNorm1d;
-  cl_cnn   a CNN in channels_last.
-Every float32 run -- torch NCHW, fusedbn (the model converted with convert_batchnorm), and for
-cl_cnn torch channels_last and fusedbn channels_last -- starts from the same float32 weights and
-sees the same batches; each follows its own trajectory. At every step each run is measured
-against a float64 copy given the same weights and buffers as that run at that step (the same
-network in float64, torch's nn.BatchNorm, same batch upcast): the loss, every parameter's
-gradient and every running buffer after the step's forward. For each quantity q:
+  cl_cnn   a small CNN, trained once in NCHW and once in channels_last.
+The trajectory is fusedbn's: the float32 model converted with convert_batchnorm, trained with
+SGD. At every step, before the step's forward, the references are given fusedbn's current weights
+and buffers and compute the same step on the same batch: torch's float32 NCHW model (nn.BatchNorm),
+the float64 model (nn.BatchNorm, the batch upcast) and, on the channels_last trajectory, torch's
+float32 channels_last model. Every error is thus of the same step from the same state. The
+quantities: the loss, every parameter's gradient and every running buffer after the step's
+forward. For each:
 
     err(run) = || q_run - q_float64 ||_2
     err(fusedbn) <= max(2 * err(torch NCHW), FLOOR_EPS * eps_float32 * || q_float64 ||_2)
 
--- within twice torch's own float32 NCHW error (for the channels_last runs too: torch's
+-- within twice torch's own float32 NCHW error (on the channels_last trajectory too: torch's
 channels_last CPU path accumulates in float32 and is no bar), with an absolute floor of a few
 float32 eps of the quantity's norm so that rounding-level noise does not decide. fusedbn
-channels_last must also beat torch channels_last: its total relative error over every quantity
-and step is smaller. num_batches_tracked must be equal.
+channels_last must also beat torch channels_last on the same values: its total relative error over
+every quantity and step is smaller. num_batches_tracked must be equal.
 
-A second test measures the statistics of single channels of 10^2 to 10^7 values with
-|mean|/std from 0 to 1e6 (running_mean/running_var after one step with momentum 1, and the
-output), under the same rule against torch NCHW.
+The same rule per batch norm: at every step of each trajectory, every batch norm is run alone
+(fusedbn, torch NCHW, on the channels_last trajectory torch channels_last, float64) from its state
+before the step, on the float32 input and output gradient it had in fusedbn's model: its output,
+grad input, grad weight, grad bias, running_mean and running_var. That is the exactness of
+fusedbn's kernels; the network-level rule also measures the float32 rounding of the rest of the
+network (convolutions, linear layers), which fusedbn's and torch's batch norms, rounding
+differently, send along different paths (see _RESNET_XFAIL).
+
+A last test measures the statistics of single channels of 10^2 to 10^7 values with |mean|/std from
+0 to 1e6 (running_mean/running_var after one step with momentum 1, and the output), under the same
+rule against torch NCHW.
 """
+import collections
 import copy
 
 import pytest
@@ -109,10 +119,6 @@ class SmallCNN(nn.Module):
         return self.fc(self.features(x).mean((2, 3)))
 
 
-def _num_bn(model):
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 def _batches(kind, steps):
     """The same batches for every run: non-zero, per-feature means (inputs 2..5 +- 1)."""
     g = torch.Generator().manual_seed(1234)
@@ -126,7 +132,25 @@ def _batches(kind, steps):
     return out
 
 
-# ---- one run: a float32 model, its float64 shadow each step --------------------------------------
+# ---- fusedbn's trajectory; the references given its state at every step -------------------------
+
+# steps: per step, {quantity: {run: value}}; layers: per step, {batch norm's name: (its state
+# before the step, its input, the gradient of its output)} in fusedbn's model.
+Trajectory = collections.namedtuple("Trajectory", "steps layers")
+
+
+def _bn_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _as(x, dtype, memory_format=None):
+    """x in dtype and memory_format (None: contiguous, NCHW)."""
+    return x.to(dtype).contiguous(memory_format=memory_format or torch.contiguous_format)
+
+
+def _cast_state(state, dtype):
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
 
 def _quantities(model, x, target):
     """Loss, then every parameter's gradient and every floating buffer after the forward, by
@@ -146,52 +170,170 @@ def _quantities(model, x, target):
     return q, counts
 
 
-def _run(model, shadow, batches, memory_format=None):
-    """Trains model (float32) with SGD; at every step, the float64 shadow gets model's weights
-    and buffers and computes the same step. Returns, per step, {quantity: (value, float64)} and
-    the num_batches_tracked values of both."""
+def _record_layers(model):
+    """Hooks on every batch norm of model: returns (record, handles); after a forward and
+    backward, record[name] = (state before the forward, input, gradient of the output)."""
+    record, handles = {}, []
+    for name in _bn_names(model):
+        def pre(bn, args, name=name):
+            state = {k: v.detach().clone() for k, v in bn.state_dict().items()}
+            record[name] = [state, args[0].detach().clone(), None]
+
+        def post(bn, args, y, name=name):
+            y.register_hook(lambda g: record[name].__setitem__(2, g.detach().clone()))
+
+        bn = model.get_submodule(name)
+        handles += [bn.register_forward_pre_hook(pre), bn.register_forward_hook(post)]
+    return record, handles
+
+
+def _trajectory(model, references, batches, memory_format=None):
+    """Trains model (fusedbn, float32) with SGD on batches (in memory_format). At every step,
+    before the step's forward, each reference (name: (module, memory format)) is given model's
+    weights and buffers, cast to its dtype, and computes the same step on the same batch."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    steps = []
+    steps, layers = [], []
     for x, target in batches:
-        shadow.load_state_dict({k: v.double() if v.is_floating_point() else v
-                                for k, v in model.state_dict().items()})
-        xin = x if memory_format is None else x.contiguous(memory_format=memory_format)
-        q32, c32 = _quantities(model, xin, target)
-        q64, c64 = _quantities(shadow, x.double(), target)
-        assert c32 == c64
-        steps.append({k: (q32[k], q64[k]) for k in q32})
+        state = model.state_dict()
+        values, counts = {}, {}
+        for name, (ref, fmt) in references.items():
+            dtype = next(ref.parameters()).dtype
+            ref.load_state_dict(_cast_state(state, dtype))
+            values[name], counts[name] = _quantities(ref, _as(x, dtype, fmt), target)
+        record, handles = _record_layers(model)
+        values["fusedbn"], counts["fusedbn"] = _quantities(model, _as(x, x.dtype, memory_format),
+                                                           target)
+        for h in handles:
+            h.remove()
+        assert all(c == counts["float64"] for c in counts.values()), counts
+        steps.append({q: {run: values[run][q] for run in values} for q in values["fusedbn"]})
+        layers.append({name: tuple(r) for name, r in record.items()})
         opt.step()
-    return steps
+    return Trajectory(steps, layers)
 
 
-def _runs(kind):
+def _base(kind):
     torch.manual_seed({"resnet": 1, "mlp": 2, "cl_cnn": 3}[kind])
     base = {"resnet": ResNetish, "mlp": mlp, "cl_cnn": SmallCNN}[kind]()
-    assert kind != "resnet" or _num_bn(base) >= 20
+    assert kind != "resnet" or len(_bn_names(base)) >= 20
     with torch.no_grad():  # batch norms not at their 1/0 initial values
         for m in base.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.weight.uniform_(0.6, 1.4)
                 m.bias.uniform_(-0.3, 0.3)
+    return base
+
+
+def _trajectories(kind, extra_references=None):
+    """fusedbn's trajectories of network `kind`: "fusedbn" (NCHW) and, for cl_cnn, "fusedbn_cl"
+    (channels_last, with torch channels_last, "torch_cl", as a further reference).
+    extra_references(base) may add references (name: (module, memory format)) to both."""
+    base = _base(kind)
     batches = _batches(kind, STEPS)
-    shadow = copy.deepcopy(base).double()
-    runs = {"torch": _run(copy.deepcopy(base), shadow, batches),
-            "fusedbn": _run(fusedbn.convert_batchnorm(copy.deepcopy(base)), shadow, batches)}
+    refs = {"torch": (copy.deepcopy(base), None), "float64": (copy.deepcopy(base).double(), None)}
+    refs.update(extra_references(base) if extra_references else {})
+    out = {"fusedbn": _trajectory(fusedbn.convert_batchnorm(copy.deepcopy(base)), refs, batches)}
     if kind == "cl_cnn":
         cl = torch.channels_last
-        runs["torch_cl"] = _run(copy.deepcopy(base).to(memory_format=cl), shadow, batches, cl)
-        runs["fusedbn_cl"] = _run(
-            fusedbn.convert_batchnorm(copy.deepcopy(base)).to(memory_format=cl), shadow, batches,
-            cl)
-    return runs
+        refs["torch_cl"] = (copy.deepcopy(base).to(memory_format=cl), cl)
+        out["fusedbn_cl"] = _trajectory(
+            fusedbn.convert_batchnorm(copy.deepcopy(base)).to(memory_format=cl), refs, batches, cl)
+    return base, out
 
 
-def _err(pair):
-    v, ref = pair
-    return float((v.double() - ref).norm()), float(ref.norm())
+# ---- single batch norms, from fusedbn's trajectory ----------------------------------------------
+
+def _layer_quantities(bn, x, grad_output):
+    x = x.detach().requires_grad_()
+    y = bn(x)
+    y.backward(grad_output)
+    return {"output": y.detach(), "grad input": x.grad, "grad weight": bn.weight.grad,
+            "grad bias": bn.bias.grad, "running_mean": bn.running_mean.clone(),
+            "running_var": bn.running_var.clone()}
 
 
-_RUNS = {}
+def _layer_steps(base, trajectory, memory_format=None):
+    """Every batch norm of every step of trajectory, run alone from its state before the step on
+    its float32 input and output gradient in fusedbn's model: per (step, batch norm),
+    {quantity: {run: value}}, runs fusedbn (in memory_format), torch NCHW, float64 and, when
+    memory_format is channels_last, torch_cl."""
+    runs = [("fusedbn", torch.float32, memory_format), ("torch", torch.float32, None),
+            ("float64", torch.float64, None)]
+    if memory_format is not None:
+        runs.append(("torch_cl", torch.float32, memory_format))
+    out = []
+    for step in trajectory.layers:
+        for name, (state, x, grad_output) in step.items():
+            values = {}
+            for run, dtype, fmt in runs:
+                bn = copy.deepcopy(base.get_submodule(name)).to(dtype)
+                bn.load_state_dict(_cast_state(state, dtype))
+                if run == "fusedbn":
+                    bn = fusedbn.convert_batchnorm(bn)
+                values[run] = _layer_quantities(bn, _as(x, dtype, fmt),
+                                                _as(grad_output, dtype, fmt))
+            out.append({name + " " + q: {run: values[run][q] for run in values}
+                        for q in values["fusedbn"]})
+    return out
+
+
+# ---- the rule ------------------------------------------------------------------------------------
+
+def _err(values, run):
+    """err(run) = || q_run - q_float64 ||_2 and || q_float64 ||_2 of one quantity."""
+    ref = values["float64"]
+    return float((values[run].double() - ref).norm()), float(ref.norm())
+
+
+def _out_of_bound(steps, ours="fusedbn"):
+    """The quantities of steps (a list of {quantity: {run: value}}) where err(ours) exceeds
+    max(RATIO * err(torch), the floor), as lines; and err(ours) / err(torch) of every quantity
+    above the floor."""
+    failures, ratios = [], []
+    for k, step in enumerate(steps):
+        for q, values in step.items():
+            e_ours, norm = _err(values, ours)
+            e_torch, _ = _err(values, "torch")
+            floor = FLOOR_EPS * EPS32 * norm
+            if e_ours > floor:
+                ratios.append(e_ours / max(e_torch, 1e-300))
+            if e_ours > max(RATIO * e_torch, floor):
+                failures.append("step %d %s: err %.3g (%.3g of its norm), torch NCHW %.3g, "
+                                "allowed %.3g" % (k, q, e_ours, e_ours / norm, e_torch,
+                                                  max(RATIO * e_torch, floor)))
+    return failures, ratios
+
+
+def _total_relative(steps, run):
+    return sum(e / max(n, 1e-300) for s in steps for e, n in (_err(v, run) for v in s.values()))
+
+
+def _report(title, steps, ratios):
+    """Relative errors of every run; distribution of err(fusedbn) / err(torch) above the floor
+    (printed with -s)."""
+    lines = []
+    for run in next(iter(steps[0].values())):
+        if run != "float64":
+            rel = torch.tensor([e / max(n, 1e-300) for s in steps for e, n in
+                                (_err(v, run) for v in s.values())])
+            lines.append("%s: %-8s relative error vs float64: median %.3g, max %.3g"
+                         % (title, run, float(rel.median()), float(rel.max())))
+    worst = max(_err(v, "fusedbn")[0] / max(EPS32 * _err(v, "fusedbn")[1], 1e-300)
+                for s in steps for v in s.values())
+    lines.append("%s: fusedbn's largest error: %.3g float32 eps of the quantity's norm (floor %d)"
+                 % (title, worst, FLOOR_EPS))
+    if not ratios:
+        lines.append("%s: no quantity of fusedbn above the floor" % title)
+    else:
+        r = torch.tensor(ratios)
+        lines.append("%s: err(fusedbn) / err(torch NCHW), %d of %d quantities above the floor: "
+                     "median %.3g, 90%% %.3g, 99%% %.3g, max %.3g" % (
+                         title, len(r), len(steps) * len(steps[0]), float(r.median()),
+                         float(r.quantile(0.9)), float(r.quantile(0.99)), float(r.max())))
+    print("\n" + "\n".join(lines))
+
+
+_CACHE = {}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -204,64 +346,74 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _cached_runs(kind):
-    if kind not in _RUNS:
-        _RUNS[kind] = _runs(kind)
-    return _RUNS[kind]
+def _cached(kind):
+    if kind not in _CACHE:
+        _CACHE[kind] = _trajectories(kind)
+    return _CACHE[kind]
 
 
-def _report(kind, runs):
-    """Median and max over steps and quantities of err / ||q||, per run (printed with -s)."""
-    lines = []
-    for name, steps in runs.items():
-        rel = torch.tensor([e / max(n, 1e-300) for s in steps for e, n in map(_err, s.values())])
-        lines.append("%s %-10s relative error vs float64: median %.3g, max %.3g" % (
-            kind, name, float(rel.median()), float(rel.max())))
-    print("\n" + "\n".join(lines))
+def _steps(kind, name, layers):
+    base, trajectories = _cached(kind)
+    if not layers:
+        return trajectories[name].steps
+    key = (kind, name, "layers")
+    if key not in _CACHE:
+        fmt = torch.channels_last if name == "fusedbn_cl" else None
+        _CACHE[key] = _layer_steps(base, trajectories[name], fmt)
+    return _CACHE[key]
 
 
-# The ResNet run, on the CPU kernels of cpuf64 56b941e (float64 accumulation of float32): 44 of
-# its 3390 quantities -- nearly all batch-norm weight/bias gradients -- are 2.0-3.3x torch NCHW's
-# error against float64. Not a loss of precision as far as measured: of the 1876 quantities above
-# the floor, torch's error is > 2x fusedbn's in 250 and fusedbn's > 2x torch's in these 44 (median
-# ratio fusedbn/torch 0.86; a single layer's dx/dweight/output are at or below torch's), i.e. the
-# tail of two runs' independent rounding noise, which a per-quantity, per-step 2x rule over
-# thousands of quantities does not tolerate. Kept strict (no looser bound) until decided.
+# The ResNet trajectory, on the CPU kernels of main 5fcaa68: 20 of its 3390 quantities -- batch-
+# norm weight/bias gradients -- are 2.03-2.84x torch NCHW's error on the same values; of the 1764
+# above the floor, err(fusedbn) / err(torch) has median 1.01, 90% 1.41, 99% 2.05. Not fusedbn's
+# kernels: run alone on their input and output gradient at every step
+# (test_layers_within_twice_torch), fusedbn's batch norms are within 1.4 float32 eps of every
+# quantity's norm (torch's up to 26 eps). And a batch norm computed in float64 and rounded to
+# float32 once -- as exact as a float32 batch norm can be -- fails the same rule in 13 quantities,
+# up to 2.98x (tests/trajectory_null.py). These small gradients' errors are the float32 rounding
+# of the rest of the network (the convolutions' forward and backward), which two float32 models
+# whose batch norms round differently accumulate along different paths; a per-quantity, per-step
+# 2x bound over thousands of quantities does not hold between two draws of that noise, whichever
+# batch norm is used. Kept strict (no looser bound) until the rule is decided.
 _RESNET_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "44 of 3390 ResNet-trajectory quantities are 2.0-3.3x torch NCHW's float64 error, while "
-    "torch's is > 2x fusedbn's in 250: rounding-noise tail of the per-quantity 2x rule (see above)"))
+    "20 of 3390 ResNet-trajectory quantities are 2.03-2.84x torch NCHW's float64 error on the "
+    "same values, a float64-exact batch norm's 13 (the convolutions' rounding noise, see above); "
+    "per batch norm, fusedbn passes"))
 
 
-@pytest.mark.parametrize("kind,ours", [
+@pytest.mark.parametrize("kind,name", [
     pytest.param("resnet", "fusedbn", marks=_RESNET_XFAIL), ("mlp", "fusedbn"),
     ("cl_cnn", "fusedbn"), ("cl_cnn", "fusedbn_cl")])
-def test_trajectory_within_twice_torch(kind, ours):
-    """At every step, every quantity of fusedbn's run is within 2x torch NCHW's error against
-    float64 (or the floor)."""
-    runs = _cached_runs(kind)
-    _report(kind, runs)
-    failures = []
-    for k, (mine, theirs) in enumerate(zip(runs[ours], runs["torch"])):
-        for q in mine:
-            e_ours, norm = _err(mine[q])
-            e_torch, _ = _err(theirs[q])
-            allowed = max(RATIO * e_torch, FLOOR_EPS * EPS32 * norm)
-            if e_ours > allowed:
-                failures.append("step %d %s: err %.3g (%.3g of its norm), torch NCHW %.3g, "
-                                "allowed %.3g" % (k, q, e_ours, e_ours / norm, e_torch, allowed))
+def test_trajectory_within_twice_torch(kind, name):
+    """At every step of fusedbn's trajectory, every quantity is within 2x the error of torch
+    NCHW given the same weights, buffers and batch, or the floor."""
+    steps = _steps(kind, name, layers=False)
+    failures, ratios = _out_of_bound(steps)
+    _report("%s %s" % (kind, name), steps, ratios)
     assert not failures, "%d of %d quantities out of bound:\n%s" % (
-        len(failures), len(runs[ours]) * len(runs[ours][0]), "\n".join(failures[:25]))
+        len(failures), len(steps) * len(steps[0]), "\n".join(failures[:25]))
 
 
-def test_channels_last_beats_torch_channels_last():
-    """fusedbn channels_last is closer to float64 than torch's own channels_last path over the
-    whole trajectory (total relative error over every quantity and step)."""
-    runs = _cached_runs("cl_cnn")
+@pytest.mark.parametrize("kind,name", [
+    ("resnet", "fusedbn"), ("mlp", "fusedbn"), ("cl_cnn", "fusedbn"), ("cl_cnn", "fusedbn_cl")])
+def test_layers_within_twice_torch(kind, name):
+    """At every step of fusedbn's trajectory, every batch norm run alone on its input and output
+    gradient: every quantity within 2x torch NCHW's error on the same values, or the floor."""
+    steps = _steps(kind, name, layers=True)
+    failures, ratios = _out_of_bound(steps)
+    _report("%s %s per layer" % (kind, name), steps, ratios)
+    assert not failures, "%d of %d quantities out of bound:\n%s" % (
+        len(failures), len(steps) * len(steps[0]), "\n".join(failures[:25]))
 
-    def total(name):
-        return sum(e / max(n, 1e-300) for s in runs[name] for e, n in map(_err, s.values()))
 
-    assert total("fusedbn_cl") < total("torch_cl"), (total("fusedbn_cl"), total("torch_cl"))
+@pytest.mark.parametrize("layers", [False, True], ids=["network", "per_layer"])
+def test_channels_last_beats_torch_channels_last(layers):
+    """On fusedbn's channels_last trajectory, fusedbn channels_last is closer to float64 than
+    torch's own channels_last path on the same values (total relative error over every quantity
+    and step), for the network and for its batch norms alone."""
+    steps = _steps("cl_cnn", "fusedbn_cl", layers)
+    ours, theirs = _total_relative(steps, "fusedbn"), _total_relative(steps, "torch_cl")
+    assert ours < theirs, (ours, theirs)
 
 
 # ---- single channels: 10^2 .. 10^7 values, |mean|/std 0 .. 1e6 ------------------------------------
