@@ -426,22 +426,11 @@ def test_large_mean_statistics(dtype, layout, shape, shift, scale):
     check_forward_train(x, *params(shape[1], dtype))
 
 
-# The CPU op's channels-last / (N, C) rows give such a channel mean NaN (its lane Welford takes
-# inf - inf), where torch and the emulated CUDA op give +-Inf: a CPU defect (csrc/cpu/), not
-# the emulation's; tests/test_cuda_emu_numerics.py checks these layouts against torch.
-CPU_INF_DEFECT = "CPU op: mean NaN, not +-Inf, on channels-last / (N, C) rows"
-
-
-def _inf_case(layout, shape, cpu_defect):
-    marks = [pytest.mark.xfail(strict=True, reason=CPU_INF_DEFECT)] if cpu_defect else []
-    return pytest.param(layout, shape, marks=marks,
-                        id="%s-%s" % (layout, "x".join(map(str, shape))))
-
-
-@pytest.mark.parametrize("layout,shape", [_inf_case("contiguous", (4, 3, 7, 7), False),
-                                          _inf_case("contiguous", (8, 3), True),
-                                          _inf_case("channels_last", (4, 8, 5, 5), True),
-                                          _inf_case("contiguous", (2, 3, 17, 19), False)])
+# (The CPU op gives such a channel +-Inf in every layout, as torch does: tests/
+# test_cpu_nonfinite.py; tests/test_cuda_emu_numerics.py checks the emulated op's against torch.)
+@pytest.mark.parametrize("layout,shape", [("contiguous", (4, 3, 7, 7)), ("contiguous", (8, 3)),
+                                          ("channels_last", (4, 8, 5, 5)),
+                                          ("contiguous", (2, 3, 17, 19))])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_infinite_channel(layout, shape, sign):
     x = make_input(shape, torch.float32, layout)
