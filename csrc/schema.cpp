@@ -50,6 +50,12 @@ FUSEDBN_TORCH_LIBRARY(FUSEDBN_OP_NAMESPACE, m) {
 
   // ---- the local pieces of synchronized (multi-process) batch norm; fusedbn/sync.py exchanges
   // their results between ranks with torch.distributed and merges them.
+  // Their per-channel statistics -- batch_stats' mean and var, backward_reduce's mean and sums,
+  // backward_elemt's mean, invstd and sums -- are in the accumulation type of the input's device
+  // and dtype, so that what one rank hands to the cross-rank merge is as exact as its reduction:
+  // on the CPU float64 for float32 and float64 input, float32 for float16/bfloat16; on CUDA
+  // float64 for float64 input, float32 otherwise. (Unlike forward_train's float32 statistics of
+  // float32 input on the CPU, which are the op's result, not a partial one.)
   // This rank's batch statistics: per-channel mean and biased variance (M2 / count, 0 for an empty
   // batch) of the N*S values of each channel; the count is known from the shape.
   m.def("batch_stats(Tensor input) -> (Tensor mean, Tensor var)");

@@ -32,22 +32,6 @@ FUSEDBN_HOST_DEVICE void welford_push(WelfordState<acc_t>& s, acc_t x) {
   s.m2 += delta * (x - s.mean);
 }
 
-// Chan et al.: merges b into a. Empty states are absorbed exactly (no 0/0).
-template <typename acc_t>
-FUSEDBN_HOST_DEVICE void welford_merge(WelfordState<acc_t>& a, const WelfordState<acc_t>& b) {
-  if (b.n == 0) return;
-  if (a.n == 0) {
-    a = b;
-    return;
-  }
-  const int64_t n = a.n + b.n;
-  const acc_t nb_over_n = static_cast<acc_t>(b.n) / static_cast<acc_t>(n);
-  const acc_t delta = b.mean - a.mean;
-  a.mean += delta * nb_over_n;
-  a.m2 += b.m2 + delta * delta * static_cast<acc_t>(a.n) * nb_over_n;
-  a.n = n;
-}
-
 // isfinite for the accumulation types, on the host and on the device.
 template <typename acc_t>
 FUSEDBN_HOST_DEVICE bool welford_isfinite(acc_t v) {
@@ -71,13 +55,12 @@ FUSEDBN_HOST_DEVICE acc_t welford_mean_update(acc_t mean_a, acc_t mean_b, acc_t 
                                  : mean_a * na_over_n + mean_b * nb_over_n;
 }
 
-// welford_merge for data that may hold +-Inf (welford_mean_update): the mean of the merged state
-// is +-Inf, not NaN, when one side's mean is +-Inf and the other's is finite. For finite means it
-// is welford_merge bit for bit. (The CUDA statistics merge with it; the CPU kernels still use
-// welford_merge.)
+// Chan et al.: merges b into a. Empty states are absorbed exactly (no 0/0). The mean goes through
+// welford_mean_update, so that a state whose mean is +-Inf (values holding +-Inf) merged with a
+// finite one keeps +-Inf, not NaN; for finite means it is the plain delta form. (Every backend
+// merges with it: the CPU's chunks and lanes, CUDA's warps, blocks and passes.)
 template <typename acc_t>
-FUSEDBN_HOST_DEVICE void welford_merge_nonfinite(WelfordState<acc_t>& a,
-                                                 const WelfordState<acc_t>& b) {
+FUSEDBN_HOST_DEVICE void welford_merge(WelfordState<acc_t>& a, const WelfordState<acc_t>& b) {
   if (b.n == 0) return;
   if (a.n == 0) {
     a = b;

@@ -12,7 +12,8 @@ n = nA + nB, mean = mean_A + d nB / n, M2 = M2_A + M2_B + d^2 nA nB / n, unrolle
 which is exact algebra (no approximation such as averaging variances), needs no pass over the data
 and lets a rank with n_r = 0 contribute exactly nothing. Counts travel as float64: exact up to 2^53.
 
-Backward: one all_reduce (sum) of [sum_dy[0..C), sum_dy_xmu[0..C)] in the accumulation dtype.
+Backward: one all_reduce (sum) of [sum_dy[0..C), sum_dy_xmu[0..C)] in the dtype backward_reduce
+gives them (the accumulation type of the input's device: float64 for float32 input on the CPU).
 
 Failure protocol: a rank whose input is invalid cannot contribute statistics, but its peers are
 already waiting in the all_gather. So it still joins the all_gather, with count -1 as a sentinel
@@ -69,7 +70,8 @@ def _collective(fn, what, group, *args):
 
 
 def _pack(count, mean, var):
-    """[n, mean[C], M2[C]] in float64 (M2 = var * n: batch_stats' var is M2 / n)."""
+    """[n, mean[C], M2[C]] in float64 (M2 = var * n: batch_stats' var is M2 / n; batch_stats gives
+    float64 for float32 input on the CPU, so nothing is rounded there)."""
     mean64, var64 = mean.to(torch.float64), var.to(torch.float64)
     n = torch.full((1,), float(count), dtype=torch.float64, device=mean.device)
     return torch.cat([n, mean64, var64 * count])

@@ -59,6 +59,16 @@ def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def sync_stat_dtype(input):
+    """The dtype of the synchronized pieces' statistics (batch_stats, backward_reduce,
+    backward_elemt; csrc/schema.cpp): the accumulation type of the input's device and dtype -- on
+    the CPU float64 for float32 and float64 input, float32 for float16/bfloat16; on CUDA float64
+    for float64 input, float32 otherwise."""
+    if input.device.type == "cpu" and input.dtype == torch.float32:
+        return torch.float64
+    return acc_dtype(input.dtype)
+
+
 # ---- fake kernels: shapes, dtypes and strides of the real ones, for torch.compile tracing ----------
 
 def _is_channels_last_dense(t):
@@ -131,14 +141,14 @@ def _update_running_stats_fake(running_mean, running_var, mean, var, count, mome
 def _batch_stats_fake(input):
     torch._check(input.dim() >= 2,
                  lambda: "fusedbn.batch_stats: input must have at least 2 dimensions")
-    stat = input.new_empty((input.shape[1],), dtype=acc_dtype(input.dtype))
+    stat = input.new_empty((input.shape[1],), dtype=sync_stat_dtype(input))
     return stat, stat.new_empty(stat.shape)
 
 
 @torch.library.register_fake("fusedbn::backward_reduce")
 def _backward_reduce_fake(grad_output, input, mean):
     _check_devices("backward_reduce", input, grad_output=grad_output, mean=mean)
-    stat = input.new_empty((input.shape[1],), dtype=acc_dtype(input.dtype))
+    stat = input.new_empty((input.shape[1],), dtype=sync_stat_dtype(input))
     return stat, stat.new_empty(stat.shape)
 
 

@@ -12,6 +12,9 @@ A training step of one layer, on every rank of the group (collectives: fusedbn/d
             (grad_input from the sums of the whole batch).
 With a sum loss, the outputs, the input gradients and the running statistics are those of one
 process running nn.BatchNorm on the concatenated batch, and the parameter gradients add up to its.
+The per-rank statistics and sums travel in the pieces' accumulation type (ops.sync_stat_dtype:
+float64 for float32 input on the CPU, as torch's CPU kernels accumulate it; float32 on CUDA), and
+the merge is float64, so that the exchange costs the statistics no precision.
 """
 import torch
 import torch.distributed as dist
@@ -22,7 +25,7 @@ from .convert import _recast
 from .functional import check_eps
 from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d,
                       _FusedBatchNormMixin)
-from .ops import _check_device_supported, _check_running_stats, acc_dtype
+from .ops import _check_device_supported, _check_running_stats, acc_dtype, sync_stat_dtype
 
 _ops = torch.ops.fusedbn
 
@@ -46,8 +49,10 @@ def _local_stats(input, weight, bias, running_mean, running_var, eps, num_featur
         _check_running_stats(input, running_mean, running_var)
     mean, var = _ops.batch_stats(input)  # checks the input's dtype
     # The kernels' own checks of weight and bias (shape, dtype, device), run on an empty slice of
-    # the input now rather than after the exchange.
-    _ops.forward_eval(input[:0], weight, bias, mean, var, eps)
+    # the input now rather than after the exchange (forward_eval takes float32 statistics or the
+    # input's dtype).
+    stat = mean.to(acc_dtype(input.dtype))
+    _ops.forward_eval(input[:0], weight, bias, stat, stat, eps)
     return _values_per_channel(input), mean, var
 
 
@@ -70,10 +75,20 @@ class SyncBatchNormFunction(torch.autograd.Function):
             raise ValueError(
                 "Expected more than 1 value per channel when training, got 1 value per channel "
                 f"over all ranks (input size on this rank {list(input.shape)})")
-        acc = acc_dtype(input.dtype)
-        mean, var = mean64.to(acc), var64.to(acc)
-        invstd = torch.rsqrt(var64 + eps).to(acc)
-        output = _ops.forward_eval(input, weight, bias, mean, var, eps)
+        invstd64 = torch.rsqrt(var64 + eps)
+        acc = acc_dtype(input.dtype)  # the statistics forward_eval takes
+        mean_eval, bias_eval = mean64.to(acc), bias
+        sync = sync_stat_dtype(input)  # those backward_reduce and backward_elemt take
+        if sync != acc:
+            # float32 input on the CPU: y = (x - m) s + b = (x - float32(m)) s + (b - lo s) with
+            # lo = m - float32(m), s = w invstd. forward_eval subtracts float32(m) exactly (for x
+            # near the mean), so the bias carries the mean's rounding error instead of the output
+            # (|mean| / std = 1e4: 3e-4 of the output's unit otherwise, 6x torch's own error).
+            scale64 = invstd64 if weight is None else weight.double() * invstd64
+            b64 = bias.double() if bias is not None else torch.zeros_like(mean64)
+            bias_eval = (b64 - (mean64 - mean_eval.double()) * scale64).to(acc)
+        output = _ops.forward_eval(input, weight, bias_eval, mean_eval, var64.to(acc), eps)
+        mean, invstd = mean64.to(sync), invstd64.to(sync)
         if running_mean is not None:
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)

@@ -50,6 +50,23 @@ CASES = {
 FAILURE_CASES = {2: ("bad_channels_rank1", "timeout_peer_skips"), 3: ("bad_channels_subgroup",)}
 STEPS = 3
 
+# float32 precision across ranks (the CPU only: issue 12's float64 accumulation), per world size:
+# name: per-rank batch sizes, layout. Channel c has |mean| / std = PRECISION_RATIOS[c] and the
+# samples drift by +-1 std from the first to the last of the batch, so that the ranks' means
+# differ and the merge's between-rank term n_r (mean_r - mean)^2 carries weight. Every result,
+# measured against float64 channel by channel (max |ours - ref| over the channel's values), must
+# be within 2x torch's own float32 NCHW error on the whole batch in one process (nn.BatchNorm2d)
+# plus a floor of 4 float32 roundings of the channel's magnitude (PRECISION_FLOOR_EPS * eps *
+# max|ref|; test_cpu_accumulation.py's rule, per channel).
+PRECISION_CASES = {
+    2: {"f32_large_mean": dict(sizes=(4, 4)),
+        "f32_large_mean_channels_last": dict(sizes=(3, 5), layout="channels_last")},
+    3: {"f32_large_mean_uneven": dict(sizes=(2, 5, 1))},
+}
+PRECISION_RATIOS = (0.0, 1e2, 1e4, 1e6)
+PRECISION_FLOOR_EPS = 4
+PRECISION_STEPS = 2
+
 
 def _dtype(name):
     return getattr(torch, name)
@@ -131,6 +148,68 @@ def _run_case(rank, device, spec, seed, world_group):
         bt.check_buffers(trio, what)
 
 
+def _precision_case(rank, spec, seed):
+    """One PRECISION_CASES entry on the CPU: {quantity at step: per channel (err_ours, err_torch,
+    floor)} over this rank's slice (output, grad_input) or the whole (the rest), and the
+    failures."""
+    import bn_testing as bt
+    import torch.distributed as dist
+    from torch import nn
+
+    import fusedbn
+
+    sizes, layout = spec["sizes"], spec.get("layout", "contiguous")
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    N, C, H, W = sum(sizes), len(PRECISION_RATIOS), 6, 5
+    view = (1, C, 1, 1)
+    torch.manual_seed(seed)  # the same modules and batches on every rank
+    base = bt.randomize_(nn.BatchNorm2d(C))  # float32: torch's own, on the whole batch (NCHW)
+    ours = fusedbn.FusedSyncBatchNorm(C)
+    ours.load_state_dict(base.state_dict())
+    ref = copy.deepcopy(base).double()
+    std = (0.5 + torch.rand(C, dtype=torch.float64)).view(view)
+    mean = torch.tensor(PRECISION_RATIOS, dtype=torch.float64).view(view) * std
+    drift = torch.linspace(-1, 1, N, dtype=torch.float64).view(N, 1, 1, 1) * std
+    eps32 = torch.finfo(torch.float32).eps
+    errors, failures = {}, []
+    for step in range(PRECISION_STEPS):
+        x = (mean + drift + std * torch.randn(N, C, H, W, dtype=torch.float64)).float()
+        dy = torch.randn(N, C, H, W, dtype=torch.float64).float()
+        mine = bt.in_layout(x[lo:hi].double(), torch.float32, layout, "cpu")
+        y, dx, dw, db = bt.forward_backward(ours, mine, dy[lo:hi].contiguous(
+            memory_format=torch.channels_last if layout == "channels_last" else
+            torch.contiguous_format))
+        ry, rdx, rdw, rdb = bt.forward_backward(ref, x.double(), dy.double())
+        ty, tdx, tdw, tdb = bt.forward_backward(base, x, dy)
+        dw, db = dw.double(), db.double()
+        dist.all_reduce(dw)  # each rank's share, added up (what DDP does)
+        dist.all_reduce(db)
+        quantities = [("output", y, ty[lo:hi], ry[lo:hi]),
+                      ("grad_input", dx, tdx[lo:hi], rdx[lo:hi]),
+                      ("grad_weight", dw, tdw, rdw), ("grad_bias", db, tdb, rdb),
+                      ("running_mean", ours.running_mean, base.running_mean, ref.running_mean),
+                      ("running_var", ours.running_var, base.running_var, ref.running_var)]
+        for name, o, t, r in quantities:
+            if r.numel() == 0:
+                continue
+            r = r.detach().double()
+
+            def per_channel(v):  # max over each channel's values
+                return v.transpose(0, 1).reshape(C, -1).amax(1) if v.dim() > 1 else v
+            e_o = per_channel((o.detach().double() - r).abs())
+            e_t = per_channel((t.detach().double() - r).abs())
+            floor = PRECISION_FLOOR_EPS * eps32 * per_channel(r.abs())
+            key = f"{name} (step {step})"
+            errors[key] = [e_o.tolist(), e_t.tolist(), floor.tolist()]
+            for c in range(C):
+                if not e_o[c] <= 2 * e_t[c] + floor[c]:
+                    failures.append(
+                        f"rank {rank}: {key}, channel {c} (|mean| / std = "
+                        f"{PRECISION_RATIOS[c]:g}): error {e_o[c]:.3g} > 2 x torch's "
+                        f"{e_t[c]:.3g} + floor {floor[c]:.3g}")
+    return {"ok": not failures, "failures": failures, "errors": errors}
+
+
 def _failure_bad_channels(rank, device, group, ranks, failing):
     """The (global) rank `failing` calls the layer with 5 channels instead of 4; every rank of
     `ranks` (those of `group`) records what it raised and how long it took."""
@@ -194,6 +273,13 @@ def run(rank, world, init_file, device, fusedbn_dir, out_dir):
     world_group["short_timeout"] = dist.new_group(
         list(range(world)), timeout=datetime.timedelta(seconds=3))
     results = {}
+    if device == "cpu":
+        for name, spec in PRECISION_CASES[world].items():
+            try:
+                results[name] = _precision_case(rank, spec, zlib.crc32(name.encode()))
+            except Exception:
+                results[name] = {"ok": False, "error": traceback.format_exc()}
+            dist.barrier()
     for name, spec in CASES[world].items():
         try:
             _run_case(rank, device, spec, zlib.crc32(name.encode()), world_group)

@@ -84,8 +84,8 @@ def torch_results(x32, dy32, w, b):
 def fusedbn_results(x32, dy32, w, b):
     y, mean, invstd, var = ops.forward_train(x32, w, b, EPS)
     dx, dw, db = ops.backward(dy32, x32, w, mean, invstd, True, [True, True, True])
-    s_mean, s_var = ops.batch_stats(x32)
-    sum_dy, sum_dyx = ops.backward_reduce(dy32, x32, mean)
+    s_mean, s_var = ops.batch_stats(x32)  # float64 (the sync ops' statistics on the CPU)
+    sum_dy, sum_dyx = ops.backward_reduce(dy32, x32, s_mean)
     return dict(mean=mean, var=var, invstd=invstd, y=y, dx=dx, dw=dw, db=db, sync_mean=s_mean,
                 sync_var=s_var, sum_dy=sum_dy, sum_dyx=sum_dyx)
 
@@ -193,7 +193,7 @@ def test_float32_bits_independent_of_thread_count(shape, layout):
             torch.set_num_threads(n)
             y, mean, invstd, var = ops.forward_train(x, w, b, EPS)
             grads = ops.backward(dy, x, w, mean, invstd, True, [True, True, True])
-            sync = ops.batch_stats(x) + ops.backward_reduce(dy, x, mean)
+            sync = ops.batch_stats(x) + ops.backward_reduce(dy, x, mean.double())
             act = ops.act_forward_train(x, w, b, None, EPS, 1, 0.0, False)
             runs.append((y, mean, invstd, var) + tuple(grads) + tuple(sync) + tuple(act[:4]))
     finally:

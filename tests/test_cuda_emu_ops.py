@@ -15,6 +15,7 @@ import fusedbn  # noqa: F401  (torch.ops.fusedbn)
 import emu_reference as R
 from bn_testing import DTYPE_PAIRS, dtype_pair_id, in_layout, random_values
 from emu_testing import emu_config, emu_ops, require_emu
+from fusedbn.ops import sync_stat_dtype
 
 CPU = torch.ops.fusedbn
 SEEDS = (1, 2)
@@ -237,14 +238,17 @@ def test_sync_ops(layout, shape, pair):
     dy = make_input(shape, dt, "contiguous")
     w, _ = params(shape[1], pair[1])
     emu_mean, emu_var = run_emu("batch_stats", x)
-    cpu_mean, cpu_var = CPU.batch_stats(x)
+    # The CPU sync ops' statistics are float64 for float32 input (the CPU's accumulation type,
+    # csrc/schema.cpp), CUDA's float32: compared in CUDA's dtype, i.e. as the CPU op rounds them.
+    cpu_mean, cpu_var = (t.to(emu_mean.dtype) for t in CPU.batch_stats(x))
     ref_mean, ref_var = R.batch_stats(x)
     R.assert_rule("mean", emu_mean, cpu_mean, ref_mean)
     R.assert_rule("var", emu_var, cpu_var, ref_var)
 
     mean = cpu_mean
+    sync = sync_stat_dtype(x)
     emu_s = run_emu("backward_reduce", dy, x, mean)
-    cpu_s = CPU.backward_reduce(dy, x, mean)
+    cpu_s = [t.to(mean.dtype) for t in CPU.backward_reduce(dy, x, mean.to(sync))]
     ref_s = R.backward_reduce(dy, x, mean)
     R.assert_rule("sum_dy", emu_s[0], cpu_s[0], ref_s[0])
     R.assert_rule("sum_dy_xmu", emu_s[1], cpu_s[1], ref_s[1])
@@ -252,7 +256,7 @@ def test_sync_ops(layout, shape, pair):
     invstd = (cpu_var + EPS).rsqrt()
     count = x.shape[0] * x[0, 0].numel() * 2  # as if a second rank held as many values
     emu_dx = run_emu("backward_elemt", dy, x, w, mean, invstd, cpu_s[0], cpu_s[1], count)
-    cpu_dx = CPU.backward_elemt(dy, x, w, mean, invstd, cpu_s[0], cpu_s[1], count)
+    cpu_dx = CPU.backward_elemt(dy, x, w, *(t.to(sync) for t in (mean, invstd, *cpu_s)), count)
     R.assert_rule("grad_input", emu_dx, cpu_dx,
                   R.backward_elemt(dy, x, w, mean, invstd, cpu_s[0], cpu_s[1], count))
 
@@ -365,7 +369,7 @@ def test_empty(shape, dtype):
     for e, c in zip(emu_b, cpu_b):
         assert e.shape == c.shape and torch.equal(e, c)
     for e, c in zip(run_emu("batch_stats", x), CPU.batch_stats(x)):
-        assert torch.equal(e, c)
+        assert torch.equal(e, c.to(e.dtype))  # (the CPU's are float64 for float32 input)
 
 
 # ---- grid sizing: SM count, occupancy, many blocks per channel, 64-bit indices -----------------
@@ -426,22 +430,11 @@ def test_large_mean_statistics(dtype, layout, shape, shift, scale):
     check_forward_train(x, *params(shape[1], dtype))
 
 
-# The CPU op's channels-last / (N, C) rows give such a channel mean NaN (its lane Welford takes
-# inf - inf), where torch and the emulated CUDA op give +-Inf: a CPU defect (csrc/cpu/), not
-# the emulation's; tests/test_cuda_emu_numerics.py checks these layouts against torch.
-CPU_INF_DEFECT = "CPU op: mean NaN, not +-Inf, on channels-last / (N, C) rows"
-
-
-def _inf_case(layout, shape, cpu_defect):
-    marks = [pytest.mark.xfail(strict=True, reason=CPU_INF_DEFECT)] if cpu_defect else []
-    return pytest.param(layout, shape, marks=marks,
-                        id="%s-%s" % (layout, "x".join(map(str, shape))))
-
-
-@pytest.mark.parametrize("layout,shape", [_inf_case("contiguous", (4, 3, 7, 7), False),
-                                          _inf_case("contiguous", (8, 3), True),
-                                          _inf_case("channels_last", (4, 8, 5, 5), True),
-                                          _inf_case("contiguous", (2, 3, 17, 19), False)])
+# (The CPU op gives such a channel +-Inf in every layout, as torch does: tests/
+# test_cpu_nonfinite.py; tests/test_cuda_emu_numerics.py checks the emulated op's against torch.)
+@pytest.mark.parametrize("layout,shape", [("contiguous", (4, 3, 7, 7)), ("contiguous", (8, 3)),
+                                          ("channels_last", (4, 8, 5, 5)),
+                                          ("contiguous", (2, 3, 17, 19))])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_infinite_channel(layout, shape, sign):
     x = make_input(shape, torch.float32, layout)
@@ -464,8 +457,11 @@ ERROR_CALLS = [
                                       torch.ones(3), 1, 0.1, None)),
     ("update_running_stats", lambda: (torch.zeros(3), torch.ones(3), torch.zeros(3),
                                       torch.ones(3), 4, None, None)),
-    ("backward_elemt", lambda: (torch.randn(4, 3), torch.randn(4, 3), None, torch.zeros(3),
-                                torch.ones(3), torch.zeros(3), torch.zeros(3), 2)),
+    # (float64: the sync ops' statistics are float64 on both backends; float32 input takes
+    # float64 ones on the CPU, float32 ones on CUDA)
+    ("backward_elemt", lambda: (torch.randn(4, 3).double(), torch.randn(4, 3).double(), None,
+                                torch.zeros(3).double(), torch.ones(3).double(),
+                                torch.zeros(3).double(), torch.zeros(3).double(), 2)),
     ("act_forward_train", lambda: (torch.randn(4, 3), None, None, None, EPS, 7, 0.0, False)),
     ("act_forward_train", lambda: (torch.randn(4, 3), None, None, None, EPS, 3, 0.0, True)),
 ]

@@ -33,9 +33,10 @@ void backward_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt,
   const red_t inv_m = g.rows() > 0 ? red_t(1) / static_cast<red_t>(g.rows()) : red_t(0);
   GradConstants<scalar_t> k(C);
   auto constants = [&](int64_t c) {
-    // The sums rounded to acc_t, as backward_reduce returns them to the synchronized path, so
-    // that one rank reproduces this op bit for bit (bn_sync.cpp); one rounding of a float64 sum
-    // costs no more than the rounding of the coefficients it makes.
+    // The sums rounded to acc_t (forward_train's dtype of the statistics), so that the
+    // synchronized pieces given the same rounded statistics reproduce this op bit for bit on one
+    // rank (bn_sync.cpp, tests/test_sync_ops.py); one rounding of a float64 sum costs no more than
+    // the rounding of the coefficients it makes.
     sum_dy[c] = static_cast<red_t>(static_cast<acc_type<scalar_t>>(sum_dy[c]));
     sum_dyx[c] = static_cast<red_t>(static_cast<acc_type<scalar_t>>(sum_dyx[c]));
     k.set(c, w[c], invstd[c], mean[c], sum_dy[c], sum_dyx[c], inv_m);

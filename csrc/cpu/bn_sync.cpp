@@ -6,8 +6,12 @@
 //                   reduction of backward (channel_reduce.h grad_sums);
 //   backward_elemt  dx from the global mean/invstd and the sums of all ranks: the dx pass of
 //                   backward (grad_input.h) with M = count, the values per channel over all ranks.
-// The results are bit-identical to the corresponding parts of forward_train and backward on the
-// same data (same reductions, same chunking, same formulas), so one rank reproduces them exactly.
+// The per-channel statistics these ops take and return are in the reductions' own type
+// (red_type, vec_io.h: float64 for float32 and float64 input, float32 for float16/bfloat16), not
+// rounded to forward_train's float32: the cross-rank merge (fusedbn/distributed.py, float64) and
+// the sums of every rank keep float64 accuracy for float32 input, as torch's CPU kernels have it.
+// Rounded to forward_train's dtype, the results are bit-identical to the corresponding parts of
+// forward_train and backward on the same data (same reductions, same chunking, same formulas).
 #include "channel_reduce.h"
 #include "grad_input.h"
 #include "kernels.h"
@@ -17,36 +21,49 @@
 namespace fusedbn::cpu {
 namespace {
 
+// The dtype of the sync ops' statistics for an input dtype: red_type's.
+c10::ScalarType sync_stat_dtype(c10::ScalarType input_dtype) {
+  return input_dtype == at::kHalf || input_dtype == at::kBFloat16 ? at::kFloat : at::kDouble;
+}
+
+// A per-channel statistic of the sync ops (mean, invstd, sum_dy, sum_dy_xmu): shape (C,), the
+// sync statistics' dtype, the input's device.
+void check_sync_stat(const at::Tensor& t, const char* name, const at::Tensor& input,
+                     const char* op) {
+  const int64_t C = input.size(1);
+  const c10::ScalarType want = sync_stat_dtype(input.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "fusedbn.", op, ": ", name, " must have shape (",
+              C, ",), got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == want, "fusedbn.", op, ": ", name, " must be ",
+                   dtype_name(want), " for ", dtype_name(input.scalar_type()),
+                   " input on the CPU (the synchronized ops' statistics are in the CPU's "
+                   "accumulation type), got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK(t.device() == input.device(), "fusedbn.", op, ": ", name,
+              " must be on the input's device ", input.device(), ", got ", t.device());
+}
+
 template <typename scalar_t>
 void batch_stats_impl(const at::Tensor& xt, const Geometry& g, at::Tensor& mean_t,
                       at::Tensor& var_t) {
-  using acc_t = acc_type<scalar_t>;
   using red_t = red_type<scalar_t>;
   std::vector<WelfordState<red_t>> st(g.C);
   batch_states(xt.const_data_ptr<scalar_t>(), g, st.data());
-  acc_t* mean = mean_t.mutable_data_ptr<acc_t>();
-  acc_t* var = var_t.mutable_data_ptr<acc_t>();
+  red_t* mean = mean_t.mutable_data_ptr<red_t>();
+  red_t* var = var_t.mutable_data_ptr<red_t>();
   for (int64_t c = 0; c < g.C; ++c) {
-    mean[c] = static_cast<acc_t>(st[c].n > 0 ? st[c].mean : red_t(0));
-    var[c] = static_cast<acc_t>(welford_var(st[c]));
+    mean[c] = st[c].n > 0 ? st[c].mean : red_t(0);
+    var[c] = welford_var(st[c]);
   }
 }
 
 template <typename scalar_t>
 void backward_reduce_impl(const at::Tensor& dyt, const at::Tensor& xt, const Geometry& g,
                           const at::Tensor& mean_t, at::Tensor& sum_dy_t, at::Tensor& sum_dyx_t) {
-  using acc_t = acc_type<scalar_t>;
   using red_t = red_type<scalar_t>;
-  std::vector<red_t> mean(g.C), sum_dy(g.C), sum_dyx(g.C);
+  std::vector<red_t> mean(g.C);
   read_channel_values<red_t>(mean_t, g.C, red_t(0), mean.data());
   grad_sums(dyt.const_data_ptr<scalar_t>(), xt.const_data_ptr<scalar_t>(), g, mean.data(),
-            sum_dy.data(), sum_dyx.data());
-  acc_t* out_dy = sum_dy_t.mutable_data_ptr<acc_t>();
-  acc_t* out_dyx = sum_dyx_t.mutable_data_ptr<acc_t>();
-  for (int64_t c = 0; c < g.C; ++c) {
-    out_dy[c] = static_cast<acc_t>(sum_dy[c]);
-    out_dyx[c] = static_cast<acc_t>(sum_dyx[c]);
-  }
+            sum_dy_t.mutable_data_ptr<red_t>(), sum_dyx_t.mutable_data_ptr<red_t>());
 }
 
 template <typename scalar_t>
@@ -77,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input) {
   check_input(input, op);
   Geometry g;
   const at::Tensor x = canonicalize(input, g);
-  const auto stat_opts = input.options().dtype(acc_dtype(input.scalar_type()));
+  const auto stat_opts = input.options().dtype(sync_stat_dtype(input.scalar_type()));
   at::Tensor mean = at::empty({g.C}, stat_opts);
   at::Tensor var = at::empty({g.C}, stat_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
@@ -92,11 +109,11 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output
   constexpr const char* op = "backward_reduce";
   check_input(input, op);
   check_grad_output(grad_output, input, op);
-  check_stat_tensor(mean, "mean", input, op);
+  check_sync_stat(mean, "mean", input, op);
   Geometry g;
   const at::Tensor x = canonicalize(input, g);
   const at::Tensor dy = match_layout(grad_output, x);
-  const auto stat_opts = input.options().dtype(acc_dtype(input.scalar_type()));
+  const auto stat_opts = input.options().dtype(sync_stat_dtype(input.scalar_type()));
   at::Tensor sum_dy = at::empty({g.C}, stat_opts);
   at::Tensor sum_dy_xmu = at::empty({g.C}, stat_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
@@ -111,7 +128,13 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
                           const at::Tensor& invstd, const at::Tensor& sum_dy,
                           const at::Tensor& sum_dy_xmu, int64_t count) {
   constexpr const char* op = "backward_elemt";
-  check_backward_elemt_args(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, op);
+  check_input(input, op);
+  check_grad_output(grad_output, input, op);
+  check_optional_channel_tensor(weight, "weight", input, op);
+  check_sync_stat(mean, "mean", input, op);
+  check_sync_stat(invstd, "invstd", input, op);
+  check_sync_stat(sum_dy, "sum_dy", input, op);
+  check_sync_stat(sum_dy_xmu, "sum_dy_xmu", input, op);
   Geometry g;
   const at::Tensor x = canonicalize(input, g);
   check_sync_count(count, g, op);

@@ -4,6 +4,8 @@
 // Every channel is cut into chunks of kChunk values in (n, s) order (channels-last: chunks of
 // rows), reduced independently and merged pairwise in chunk order. The chunking does not depend on
 // the number of threads, so the results are bit-identical run to run and whatever the threads.
+// A chunk's statistics that are not finite (values holding +-Inf or NaN) are rebuilt from a scan of
+// its values, and the merges keep a mean of +-Inf: torch's results (reduce.h, nonfinite_state).
 #pragma once
 
 #include "common.h"
@@ -24,16 +26,26 @@ namespace fusedbn::cpu {
 // scalar tail.
 constexpr int64_t kTwoPassMaxPlane = 1024;
 
-// The shifted state of values [begin, end) of channel c of a (N, C, S) tensor: one chunk.
+// The shifted state of values [begin, end) of channel c of a (N, C, S) tensor: one chunk (rebuilt
+// from a scan when it holds +-Inf or NaN, see nonfinite_state in reduce.h).
 template <typename scalar_t>
 WelfordState<red_type<scalar_t>> nchw_chunk_state(const scalar_t* x, const Geometry& g, int64_t c,
                                                   int64_t begin, int64_t end,
                                                   red_type<scalar_t> shift) {
-  if (g.S < kTwoPassMaxPlane) return nchw_moments_state(x, g.C, g.S, c, begin, end, shift);
-  LaneWelford<scalar_t> lw(shift);
+  WelfordState<red_type<scalar_t>> st;
+  if (g.S < kTwoPassMaxPlane) {
+    st = nchw_moments_state(x, g.C, g.S, c, begin, end, shift);
+  } else {
+    LaneWelford<scalar_t> lw(shift);
+    for_each_run(g.C, g.S, c, begin, end,
+                 [&](int64_t off, int64_t len) { lw.push_run(x + off, len); });
+    st = lw.finish();
+  }
+  if (state_is_finite(st)) return st;
+  NonFiniteScan scan;
   for_each_run(g.C, g.S, c, begin, end,
-               [&](int64_t off, int64_t len) { lw.push_run(x + off, len); });
-  return lw.finish();
+               [&](int64_t off, int64_t len) { scan.add(x + off, len); });
+  return nonfinite_state(scan, st);
 }
 
 // Batch state (unshifted mean, m2, n) of channel c of a (N, C, S) tensor, computed by the calling
@@ -43,7 +55,7 @@ WelfordState<red_type<scalar_t>> nchw_channel_state(const scalar_t* x, const Geo
   using acc_t = red_type<scalar_t>;
   const int64_t M = g.rows();
   if (M == 0) return {};
-  const acc_t shift = static_cast<acc_t>(x[c * g.S]);
+  const acc_t shift = finite_shift(static_cast<acc_t>(x[c * g.S]));
   const int64_t nchunks = num_chunks(M, kChunk);
   c10::SmallVector<WelfordState<acc_t>, 8> states(nchunks);
   for (int64_t k = 0; k < nchunks; ++k)
@@ -64,7 +76,7 @@ void nchw_stats_split(const scalar_t* x, const Geometry& g, WelfordState<red_typ
     for (int64_t w = begin; w < end; ++w) {
       const int64_t c = w / nchunks, k = w % nchunks;
       states[w] = nchw_chunk_state(x, g, c, k * kChunk, std::min(M, (k + 1) * kChunk),
-                                   static_cast<acc_t>(x[c * g.S]));
+                                   finite_shift(static_cast<acc_t>(x[c * g.S])));
     }
   });
   for (int64_t c = 0; c < g.C; ++c) {
@@ -72,7 +84,7 @@ void nchw_stats_split(const scalar_t* x, const Geometry& g, WelfordState<red_typ
     if (nchunks == 0) continue;
     tree_merge_states(states.data() + c * nchunks, nchunks);
     out[c] = states[c * nchunks];
-    out[c].mean += static_cast<acc_t>(x[c * g.S]);
+    out[c].mean += finite_shift(static_cast<acc_t>(x[c * g.S]));
   }
 }
 
@@ -198,6 +210,24 @@ inline void cl_rows_welford(const scalar_t* x, int64_t C, int64_t r0, int64_t r1
   }
 }
 
+// The shifted states of rows [r0, r1) of a channels-last (R, C) tensor (mean[0..C), m2[0..C),
+// computed assuming finite values) with those of the channels holding +-Inf or NaN rebuilt from a
+// scan of their values (nonfinite_state, reduce.h).
+template <typename scalar_t>
+void cl_nonfinite_states(const scalar_t* x, int64_t C, int64_t r0, int64_t r1,
+                         red_type<scalar_t>* mean, red_type<scalar_t>* m2) {
+  using acc_t = red_type<scalar_t>;
+  for (int64_t c = 0; c < C; ++c) {
+    const WelfordState<acc_t> fast{mean[c], m2[c], r1 - r0};
+    if (state_is_finite(fast)) continue;
+    NonFiniteScan scan;
+    scan.add(x + r0 * C + c, r1 - r0, C);
+    const WelfordState<acc_t> st = nonfinite_state(scan, fast);
+    mean[c] = st.mean;
+    m2[c] = st.m2;
+  }
+}
+
 // All channels of a channels-last (R, C) tensor: Welford along the rows with the channels in the
 // SIMD lanes (every channel has the same count, so one reciprocal per row serves all of them).
 // Rows are cut into chunks; within a chunk, wide rows are streamed whole (cl_rows_welford); narrow
@@ -216,7 +246,7 @@ void cl_stats(const scalar_t* x, const Geometry& g, WelfordState<red_type<scalar
   const int64_t rpc = rows_per_chunk(C);
   const int64_t nchunks = num_chunks(R, rpc);
   std::vector<acc_t> shift(C), rn(std::min(R, rpc));
-  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(x[c]);
+  for (int64_t c = 0; c < C; ++c) shift[c] = finite_shift(static_cast<acc_t>(x[c]));
   for (int64_t i = 0; i < static_cast<int64_t>(rn.size()); ++i)
     rn[i] = acc_t(1) / static_cast<acc_t>(i + 1);
   // Chunk k's shifted state of channel c: mean at [k*C + c], m2 likewise; its count is implied.
@@ -230,29 +260,32 @@ void cl_stats(const scalar_t* x, const Geometry& g, WelfordState<red_type<scalar
       std::fill(m2, m2 + C, acc_t(0));
       if (C >= kStreamMinChannels) {
         cl_rows_welford(x, C, r0, r1, shift.data(), rn.data(), mean, m2);
-        continue;
-      }
-      // Groups of rows, every block of channels over a group before the next group: the chunk is
-      // read nearly in memory order (each block alone would stride through it).
-      for (int64_t g0 = r0; g0 < r1; g0 += kGroupRows) {
-        const int64_t g1 = std::min(r1, g0 + kGroupRows);
-        int64_t c = 0;
-        for (; c + kBlock <= C; c += kBlock)
-          cl_block_welford<kBlockVecs>(x, C, c, g0, g1, r0, r1, shift.data(), rn.data(), mean, m2);
-        for (; c + IO::kUnit <= C; c += IO::kUnit)
-          cl_block_welford<IO::kVecs>(x, C, c, g0, g1, r0, r1, shift.data(), rn.data(), mean, m2);
-        for (; c < C; ++c) {  // fewer channels than a unit: scalar, the same updates
-          acc_t m = mean[c], q = m2[c];
-          for (int64_t r = g0; r < g1; ++r) {
-            const acc_t v = static_cast<acc_t>(x[r * C + c]) - shift[c];
-            const acc_t d = v - m;
-            m = d * rn[r - r0] + m;
-            q = d * (v - m) + q;
+      } else {
+        // Groups of rows, every block of channels over a group before the next group: the chunk
+        // is read nearly in memory order (each block alone would stride through it).
+        for (int64_t g0 = r0; g0 < r1; g0 += kGroupRows) {
+          const int64_t g1 = std::min(r1, g0 + kGroupRows);
+          int64_t c = 0;
+          for (; c + kBlock <= C; c += kBlock)
+            cl_block_welford<kBlockVecs>(x, C, c, g0, g1, r0, r1, shift.data(), rn.data(), mean,
+                                         m2);
+          for (; c + IO::kUnit <= C; c += IO::kUnit)
+            cl_block_welford<IO::kVecs>(x, C, c, g0, g1, r0, r1, shift.data(), rn.data(), mean,
+                                        m2);
+          for (; c < C; ++c) {  // fewer channels than a unit: scalar, the same updates
+            acc_t m = mean[c], q = m2[c];
+            for (int64_t r = g0; r < g1; ++r) {
+              const acc_t v = static_cast<acc_t>(x[r * C + c]) - shift[c];
+              const acc_t d = v - m;
+              m = d * rn[r - r0] + m;
+              q = d * (v - m) + q;
+            }
+            mean[c] = m;
+            m2[c] = q;
           }
-          mean[c] = m;
-          m2[c] = q;
         }
       }
+      if (!all_finite(mean, C) || !all_finite(m2, C)) cl_nonfinite_states(x, C, r0, r1, mean, m2);
     }
   });
   // Pairwise merge of the chunks (tree order, as tree_merge_states), all channels at once: the
@@ -268,21 +301,22 @@ void cl_stats(const scalar_t* x, const Geometry& g, WelfordState<red_type<scalar
       const int64_t na = count[i], nb = count[i + stride];
       const acc_t f = static_cast<acc_t>(nb) / static_cast<acc_t>(na + nb);
       const acc_t fa = static_cast<acc_t>(na) * f;
+      const acc_t f_a = static_cast<acc_t>(na) / static_cast<acc_t>(na + nb);  // na / n
       acc_t* ma = cmean.data() + i * C;
       acc_t* qa = cm2.data() + i * C;
       const acc_t* mb = cmean.data() + (i + stride) * C;
       const acc_t* qb = cm2.data() + (i + stride) * C;
       int64_t c = 0;
-      const AVec fv(f), fav(fa);
-      for (; c + L <= C; c += L) {
-        const AVec m = AVec::loadu(ma + c), d = AVec::loadu(mb + c) - m;
+      const AVec fv(f), fav(fa), f_av(f_a);
+      for (; c + L <= C; c += L) {  // welford_merge's formulas, +-Inf means kept (reduce.h)
+        const AVec m = AVec::loadu(ma + c), mbv = AVec::loadu(mb + c), d = mbv - m;
         (AVec::loadu(qa + c) + (AVec::loadu(qb + c) + d * d * fav)).store(qa + c);
-        (m + d * fv).store(ma + c);
+        vec_mean_update(m, mbv, d, f_av, fv).store(ma + c);
       }
       for (; c < C; ++c) {
         const acc_t d = mb[c] - ma[c];
         qa[c] += qb[c] + d * d * fa;
-        ma[c] += d * f;
+        ma[c] = welford_mean_update(ma[c], mb[c], d, f_a, f);
       }
       count[i] = na + nb;
     }

@@ -20,6 +20,7 @@
 #include "welford.h"
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 namespace fusedbn::cpu {
@@ -32,6 +33,95 @@ template <typename acc_t>
 void tree_merge_states(WelfordState<acc_t>* states, int64_t n) {
   for (int64_t stride = 1; stride < n; stride *= 2)
     for (int64_t i = 0; i + stride < n; i += 2 * stride) welford_merge(states[i], states[i + stride]);
+}
+
+// ---- non-finite values ---------------------------------------------------------------------
+// The fast reductions below assume finite values: a +-Inf makes Welford's next delta inf - inf, a
+// pivot or shift of +-Inf makes every difference non-finite, so their state of a chunk holding
+// +-Inf or NaN has a NaN mean or m2 (never a finite one: an infinite value's square or delta
+// reaches m2). Every chunk's state is therefore checked (a test per chunk and channel, nothing per
+// value), and one that is not finite is rebuilt from a scan of the chunk's values
+// (nonfinite_state): mean +Inf / -Inf when its non-finite values are infinities of one sign, NaN
+// otherwise, and m2 NaN -- torch's mean and variance ((inf - inf)^2) of such a channel. The chunks
+// are then merged with welford_merge, whose mean update keeps +-Inf (welford.h). Finite data never
+// takes these paths: its results are unchanged bit for bit.
+
+// The channel's shift (its first value): 0 when that is not finite, so that x - shift stays
+// finite for the channel's finite values and a shift of +-Inf never reaches the mean.
+template <typename acc_t>
+inline acc_t finite_shift(acc_t first) {
+  return welford_isfinite(first) ? first : acc_t(0);
+}
+
+template <typename acc_t>
+inline bool state_is_finite(const WelfordState<acc_t>& s) {
+  return welford_isfinite(s.mean) && welford_isfinite(s.m2);
+}
+
+// True when every value of a[0..n) is finite: x * 0 + s stays 0 for finite x, NaN otherwise (one
+// vector operation per L values, for the channel-wide checks of the channels-last chunks).
+template <typename acc_t>
+inline bool all_finite(const acc_t* a, int64_t n) {
+  using AVec = Vectorized<acc_t>;
+  constexpr int64_t L = AVec::size();
+  const AVec zero(acc_t(0));
+  AVec s = zero;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) s = at::vec::fmadd(AVec::loadu(a + i), zero, s);
+  acc_t b[L];
+  s.store(b);
+  acc_t t = acc_t(0);
+  for (int64_t l = 0; l < L; ++l) t += b[l];
+  for (; i < n; ++i) t += a[i] * acc_t(0);
+  return t == acc_t(0);  // (false for NaN)
+}
+
+// Which non-finite values a scan met.
+struct NonFiniteScan {
+  bool pos_inf = false, neg_inf = false, nan = false;
+
+  // len values at p, p + stride, ...
+  template <typename scalar_t>
+  void add(const scalar_t* p, int64_t len, int64_t stride = 1) {
+    using acc_t = red_type<scalar_t>;
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t v = static_cast<acc_t>(p[i * stride]);
+      if (welford_isfinite(v)) continue;
+      if (v != v) {
+        nan = true;
+      } else if (v > acc_t(0)) {
+        pos_inf = true;
+      } else {
+        neg_inf = true;
+      }
+    }
+  }
+  bool any() const { return pos_inf || neg_inf || nan; }
+};
+
+// The state of n values whose fast state `fast` is not finite, from the scan of those values:
+// mean +-Inf for infinities of one sign (and no NaN), else NaN; m2 NaN. A scan that met no
+// non-finite value (finite values whose sums overflowed) keeps the fast state.
+template <typename acc_t>
+inline WelfordState<acc_t> nonfinite_state(const NonFiniteScan& scan,
+                                           const WelfordState<acc_t>& fast) {
+  if (!scan.any()) return fast;
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  const acc_t mean = scan.nan || (scan.pos_inf && scan.neg_inf) ? nan : scan.pos_inf ? inf : -inf;
+  return {mean, nan, fast.n};
+}
+
+// welford_mean_update on vectors: ma + d * fb where d = mb - ma is finite, ma * fa + mb * fb
+// elsewhere (fa = na / n, fb = nb / n).
+template <typename acc_t>
+inline Vectorized<acc_t> vec_mean_update(const Vectorized<acc_t>& ma, const Vectorized<acc_t>& mb,
+                                         const Vectorized<acc_t>& d, const Vectorized<acc_t>& fa,
+                                         const Vectorized<acc_t>& fb) {
+  using AVec = Vectorized<acc_t>;
+  const AVec delta_form = ma + d * fb;
+  const AVec finite = (d - d) == AVec(acc_t(0));  // all-ones lanes where d is finite
+  return AVec::blendv(ma * fa + mb * fb, delta_form, finite);
 }
 
 template <typename scalar_t>

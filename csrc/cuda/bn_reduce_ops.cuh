@@ -141,7 +141,7 @@ struct WelfordOp {
   }
   __device__ __forceinline__ static Partial empty() { return Partial{}; }
   __device__ __forceinline__ static void merge(Partial& a, const Partial& b) {
-    fusedbn::welford_merge_nonfinite(a, b);
+    fusedbn::welford_merge(a, b);
   }
   __device__ __forceinline__ static Partial shfl_down(const Partial& p, int delta) {
     Partial r;

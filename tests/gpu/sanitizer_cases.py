@@ -167,7 +167,11 @@ def sync_case(shape, dtype, layout):
         sum_dy, sum_dy_xmu = ops.backward_reduce(dy, x, mean)
         M = x.numel() // x.shape[1]
         dx = ops.backward_elemt(dy, x, w, mean, invstd, sum_dy, sum_dy_xmu, 3 * M)
-        return {"mean": mean, "var": var, "sum_dy": sum_dy, "sum_dy_xmu": sum_dy_xmu, "dx": dx}
+        # The statistics in float32 for float32 input (the CPU's are float64: its accumulation
+        # type, csrc/schema.cpp), so that CUDA's compare with the CPU's as they round them.
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        return {"mean": mean.to(acc), "var": var.to(acc), "sum_dy": sum_dy.to(acc),
+                "sum_dy_xmu": sum_dy_xmu.to(acc), "dx": dx}
     return fn
 
 
