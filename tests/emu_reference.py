@@ -8,7 +8,6 @@ eps(dtype) the machine epsilon of the output's dtype. Non-finite values must mat
 pattern (NaN where it has NaN, the same infinities); masks and integer outputs must be equal.
 """
 import numpy as np
-import pytest
 import torch
 
 LD = np.longdouble
@@ -184,19 +183,6 @@ def assert_rule(name, emu, cpu, ref):
     bad = err_e > bound
     if bad.any():
         i = int(((err_e - bound) / bound).argmax())
-        # (Not for a gross error -- 10% of max(1, |ref|) or more: that is a bug, not rounding.)
-        gross = bool((err_e > 0.1 * r[fin].abs().clamp(min=1)).any())
-        if emu.dtype == torch.float32 and not gross:
-            # Since issue 12 the CPU op accumulates float32 input in float64 and splits the mean
-            # in its normalize pass; CUDA keeps float32 accumulation (as torch's CUDA kernels do),
-            # so "2x the CPU op's error" asks float32 sums for float64 accuracy. Such a case is
-            # reported as an expected failure with its numbers (issue 13 stays open on it) instead
-            # of passing silently; float64, float16 and bfloat16 outputs stay strict.
-            pytest.xfail(
-                "%s: float32 CUDA accumulation vs the CPU op's float64: error %.3g, bound %.3g "
-                "(2 x the CPU op's max error %.3g + 2 eps max(1, |ref|))" % (
-                    name, float(err_e[i]), float(bound[i]),
-                    float(err_c.max()) if err_c.numel() else 0.0))
         raise AssertionError(
             "%s: error %.3g against the long-double reference %.17g exceeds the bound %.3g "
             "(2 x the CPU op's max error %.3g + 2 eps max(1, |ref|)); %d of %d elements over" % (

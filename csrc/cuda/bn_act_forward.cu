@@ -1,7 +1,7 @@
 // fusedbn.act_forward_train and fusedbn.act_forward_eval on CUDA:
 //   y = act((x - mean) * invstd * w + b + r), and the packed sign mask when asked.
 //
-// Training: the batch statistics and the normalize coefficients [3][C] exactly as forward_train
+// Training: the batch statistics and the normalize coefficients [4][C] exactly as forward_train
 // computes them (train_stats in bn_forward.cu: split Welford reduction + per-channel epilogue),
 // then ONE elementwise pass (bn_act_ew.cuh) that reads x and r and writes y and the mask: the
 // residual add and the activation cost no extra pass over memory. Eval: eval_coeffs, then the
@@ -24,7 +24,8 @@ namespace fusedbn {
 namespace cuda {
 namespace {
 
-// in: x, r; out: y; params (mean, scale, shift); bit: the sign of the (rounded) output.
+// in: x, r; out: y; params (hi, lo, scale, shift) of channel_affine (bn_elementwise.cuh: the
+// mean split as hi + lo); bit: the sign of the (rounded) output.
 struct ApplyFn {
   static constexpr int kIn = 2, kOut = 1, kParams = kAffineParams;
   static constexpr bool kUsesAct = true;
@@ -32,7 +33,7 @@ struct ApplyFn {
   __device__ __forceinline__ static void apply(const acc_t (&in)[kIn], const acc_t* p, bool,
                                                acc_t (&out)[kOut], bool& bit,
                                                const ActEwArgs<T>& a) {
-    acc_t z = (in[0] - p[0]) * p[1] + p[2];
+    acc_t z = ((in[0] - p[0]) - p[1]) * p[2] + p[3];
     if (a.in[1] != nullptr) z += in[1];
     out[0] = ActFn<A>::f(z, a.slope);
     bit = positive_output(static_cast<acc_t>(static_cast<T>(out[0])), a.relu_bits);

@@ -39,38 +39,41 @@ struct BackwardEpilogue {
   ChannelPtr weight;
   ChannelPtr grad_weight;  // kNone when not asked for
   ChannelPtr grad_bias;    // kNone when not asked for
-  acc_t* coeffs;  // train: [4][C] (sum_dy/M, a, mean, k3); eval: [3][C] (0, a, 0); or nullptr
+  acc_t* coeffs;  // train: [4][C] (sum_dy/M, a, mean, k3); eval: [4][C] (0, 0, a, 0); or nullptr
   int64_t C;
   acc_t inv_m;  // 1 / M
   DxCoeffs mode;
 
   __device__ void operator()(int64_t c, const GradPartial<acc_t>& s) const {
     const acc_t is = invstd[c];
-    grad_weight.store(c, s.sum_dy_xmu * is);
-    grad_bias.store(c, s.sum_dy);
+    const acc_t sum_dy = s.sum_dy.value(), sum_dy_xmu = s.sum_dy_xmu.value();
+    grad_weight.store(c, sum_dy_xmu * is);
+    grad_bias.store(c, sum_dy);
     const acc_t a = weight.load<acc_t>(c, acc_t(1)) * is;
     if (mode == DxCoeffs::kTrain) {
-      coeffs[c] = s.sum_dy * inv_m;
+      coeffs[c] = sum_dy * inv_m;
       coeffs[C + c] = a;
       coeffs[2 * C + c] = mean[c];
-      coeffs[3 * C + c] = a * is * is * s.sum_dy_xmu * inv_m;
+      coeffs[3 * C + c] = a * is * is * sum_dy_xmu * inv_m;
     } else if (mode == DxCoeffs::kEval) {
       coeffs[c] = acc_t(0);
-      coeffs[C + c] = a;
-      coeffs[2 * C + c] = acc_t(0);
+      coeffs[C + c] = acc_t(0);
+      coeffs[2 * C + c] = a;
+      coeffs[3 * C + c] = acc_t(0);
     }
   }
 };
 
-// Eval mode, dx only: coefficients (0, a = w * invstd, 0) for channel_affine over dy.
+// Eval mode, dx only: coefficients (0, 0, a = w * invstd, 0) for channel_affine over dy.
 template <typename acc_t>
 __global__ void eval_dx_coeffs_kernel(ChannelPtr weight, const acc_t* invstd, acc_t* coeffs,
                                       int64_t C) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   coeffs[c] = acc_t(0);
-  coeffs[C + c] = weight.load<acc_t>(c, acc_t(1)) * invstd[c];
-  coeffs[2 * C + c] = acc_t(0);
+  coeffs[C + c] = acc_t(0);
+  coeffs[2 * C + c] = weight.load<acc_t>(c, acc_t(1)) * invstd[c];
+  coeffs[3 * C + c] = acc_t(0);
 }
 
 }  // namespace

@@ -26,8 +26,9 @@ at::Tensor forward_eval(const at::Tensor& input, const c10::optional<at::Tensor>
 
 // Pieces of forward_train / forward_eval that the fused batch norm + activation ops reuse
 // (bn_forward.cu). train_stats: the split Welford reduction of x (numel > 0) -> mean, invstd,
-// var and the normalize coefficients [3][C] (mean, invstd * w, b) in the accumulation type;
-// eval_coeffs: the coefficients (rm, w / sqrt(rv + eps), b); empty_invstd: 1/sqrt(eps) as the
+// var and the normalize coefficients [4][C] (shift, shifted mean, invstd * w, b: the mean split
+// in two, bn_elementwise.cuh) in the accumulation type; eval_coeffs: the coefficients
+// (rm, 0, w / sqrt(rv + eps), b); empty_invstd: 1/sqrt(eps) as the
 // accumulation type rounds it (the invstd of an empty batch).
 void train_stats(const at::Tensor& x, const Geometry& g, const c10::optional<at::Tensor>& weight,
                  const c10::optional<at::Tensor>& bias, double eps, at::Tensor& mean,

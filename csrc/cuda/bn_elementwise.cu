@@ -24,7 +24,7 @@ struct AffineFn {
   static constexpr int kInputs = 1;
   static constexpr int kParams = kAffineParams;
   __device__ __forceinline__ static acc_t apply(acc_t x, acc_t, const acc_t (&p)[kParams]) {
-    return (x - p[0]) * p[1] + p[2];
+    return ((x - p[0]) - p[1]) * p[2] + p[3];
   }
 };
 

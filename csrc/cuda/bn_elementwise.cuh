@@ -1,9 +1,14 @@
 // The element-wise passes of batch norm: a per-channel map over the canonical layout, with
 // per-channel coefficients prepared beforehand in the accumulation type, stored [kParams][C]:
 //
-//   channel_affine:  coefficients (m, s, b)           y  = (x - m) * s + b
-//       forward_train: (mean, invstd * w, bias); forward_eval: (rm, w / sqrt(rv + eps), bias);
-//       backward in eval mode: (0, w * invstd, 0) applied to grad_output.
+//   channel_affine:  coefficients (hi, lo, s, b)      y  = ((x - hi) - lo) * s + b
+//       forward_train: (shift, shifted mean, invstd * w, bias), the mean split as the statistics
+//       hold it (WelfordOp, bn_reduce_ops.cuh: shift = the channel's first value, lo = the mean
+//       of x - shift): x - hi is exact for the values near the shift (Sterbenz), so x - mean is
+//       taken to the accuracy of lo, not of the mean rounded at its own magnitude (mean 1e4,
+//       std 1e-2 in float32: ulp(1e4) ~ 1e-3, a tenth of the spread);
+//       forward_eval: (rm, 0, w / sqrt(rv + eps), bias);
+//       backward in eval mode: (0, 0, w * invstd, 0) applied to grad_output.
 //   channel_grad:    coefficients (k0, k1, k2, k3)    dx = (dy - k0) * k1 - (x - k2) * k3
 //       with k0 = sum(dy) / M, k1 = a = w * invstd, k2 = mean,
 //       k3 = a * invstd^2 * sum(dy * (x - mean)) / M (the CPU backend's form of
@@ -24,10 +29,10 @@
 namespace fusedbn {
 namespace cuda {
 
-constexpr int kAffineParams = 3;
+constexpr int kAffineParams = 4;
 constexpr int kGradParams = 4;
 
-// out = affine(in) per channel; in/out share the canonical layout g; params: [3][C] accumulation
+// out = affine(in) per channel; in/out share the canonical layout g; params: [4][C] accumulation
 // type, contiguous. No-op when numel is 0.
 void channel_affine(const at::Tensor& in, const at::Tensor& out, const Geometry& g,
                     const at::Tensor& params);

@@ -4,11 +4,14 @@
 //   1. reduce_pass1<WelfordOp>: split Welford reduction (bn_reduce.cuh) -> partial states [C][P];
 //   2. reduce_pass2 with TrainStatsEpilogue: per channel, merges the P partials in a fixed order,
 //      writes mean, invstd = 1/sqrt(var + eps), var = M2/M (biased), and the affine coefficients
-//      (mean, invstd * w, b) for the normalize pass;
-//   3. channel_affine (bn_elementwise.cu): y = (x - mean) * (invstd * w) + b, vectorized.
+//      (shift, shifted mean, invstd * w, b) for the normalize pass;
+//   3. channel_affine (bn_elementwise.cu): y = ((x - shift) - shifted mean) * (invstd * w) + b,
+//      vectorized: the mean split in two (bn_elementwise.cuh), so that x - mean keeps the digits
+//      a mean rounded at its own magnitude loses when |mean| >> std.
 // The three pieces stay separate so that a persistent single-read kernel can reuse them later.
 //
-// forward_eval: one per-channel kernel computes (rm, w / sqrt(rv + eps), b), then channel_affine.
+// forward_eval: one per-channel kernel computes (rm, 0, w / sqrt(rv + eps), b), then
+// channel_affine.
 // The per-channel formulas and the checks follow the CPU backend (csrc/cpu/bn_forward.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -27,13 +30,14 @@ namespace fusedbn {
 namespace cuda {
 namespace {
 
-// s is the shifted state of WelfordOp (bn_reduce_ops.cuh): the mean is s.mean + shift.
+// s is the shifted state of WelfordOp (bn_reduce_ops.cuh): the mean is s.mean + shift, saved
+// rounded once; the normalize pass gets the pair (shift, s.mean) unrounded.
 template <typename T, typename acc_t>
 struct TrainStatsEpilogue {
   acc_t* mean;
   acc_t* invstd;
   acc_t* var;
-  acc_t* coeffs;  // [3][C]: mean, invstd * w, b
+  acc_t* coeffs;  // [4][C]: shift, shifted mean, invstd * w, b
   int64_t C;
   acc_t eps;
   ChannelPtr weight, bias;
@@ -42,13 +46,14 @@ struct TrainStatsEpilogue {
   __device__ void operator()(int64_t c, const fusedbn::WelfordState<acc_t>& s) const {
     const acc_t v = fusedbn::welford_var(s);
     const acc_t is = acc_t(1) / ::sqrt(v + eps);
-    const acc_t m = s.mean + shift.template load<acc_t>(c);
-    mean[c] = m;
+    const acc_t hi = shift.template load<acc_t>(c);
+    mean[c] = s.mean + hi;
     var[c] = v;
     invstd[c] = is;
-    coeffs[c] = m;
-    coeffs[C + c] = is * weight.load<acc_t>(c, acc_t(1));
-    coeffs[2 * C + c] = bias.load<acc_t>(c, acc_t(0));
+    coeffs[c] = hi;
+    coeffs[C + c] = s.mean;
+    coeffs[2 * C + c] = is * weight.load<acc_t>(c, acc_t(1));
+    coeffs[3 * C + c] = bias.load<acc_t>(c, acc_t(0));
   }
 };
 
@@ -59,9 +64,10 @@ __global__ void eval_coeffs_kernel(ChannelPtr running_mean, ChannelPtr running_v
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   coeffs[c] = running_mean.load<acc_t>(c, acc_t(0));
+  coeffs[C + c] = acc_t(0);
   const acc_t rv = running_var.load<acc_t>(c, acc_t(1));
-  coeffs[C + c] = weight.load<acc_t>(c, acc_t(1)) / ::sqrt(rv + eps);
-  coeffs[2 * C + c] = bias.load<acc_t>(c, acc_t(0));
+  coeffs[2 * C + c] = weight.load<acc_t>(c, acc_t(1)) / ::sqrt(rv + eps);
+  coeffs[3 * C + c] = bias.load<acc_t>(c, acc_t(0));
 }
 
 void check_affine(const at::Tensor& input, const c10::optional<at::Tensor>& weight,

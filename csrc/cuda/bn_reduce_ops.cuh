@@ -1,7 +1,8 @@
 // The per-channel reductions that the split-reduction kernels of bn_reduce.cuh run, as "ops":
 //
 //   WelfordOp<T>  input x           -> per channel (n, mean, m2)        forward_train statistics
-//   GradOp<T>     inputs dy, x      -> per channel (sum dy, sum dy*(x - mean))   backward
+//   GradOp<T>     inputs dy, x      -> per channel (sum dy, sum dy*(x - mean)), compensated:
+//                                      backward, the sync backward_reduce, act_backward
 //
 // An op has a thread-local state (Thread) that a thread grows from groups of values of one
 // channel, a partial state (Partial) that threads, warps, blocks and the grid merge in a fixed
@@ -20,13 +21,17 @@
 // backend does: Welford and Chan are exact under a shift, and the shifted values are of the
 // data's spread, not of its mean, so a float32 mean of data like 1e4 +- 1e-2 keeps its digits
 // (unshifted, the group means and the Chan deltas round at ulp(1e4) ~ 1e-3, a tenth of the
-// spread: invstd 1.4 % off). Its states hold the shifted mean; the epilogues add the shift back.
+// spread: invstd 1.4 % off). Its states hold the shifted mean; the epilogues add the shift back
+// for the saved mean and hand the pair (shift, shifted mean) unrounded to the normalize pass
+// (bn_elementwise.cuh), which subtracts them one after the other.
 // The merges keep a mean of +-Inf (welford_mean_update, welford.h): a channel holding +Inf gets
 // mean +Inf and variance NaN, as in torch, not mean NaN.
 //
 // GradOp needs no shift: x - mean is taken against the saved mean, of the data's magnitude, so
-// each product dy * (x - mean) is formed from an exactly-or-nearly-exactly rounded difference and
-// the sums are of terms of the spread's size.
+// the terms dy * (x - mean) are of the spread's size. Its two sums are compensated (CompSum,
+// two_sum and the FMA product error: each term enters exactly, the sums are rounded once at the
+// end), so that float32 sums are as exact as the CPU backend's float64 accumulation; the cost
+// per value is in the comment of GradOp.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -152,13 +157,70 @@ struct WelfordOp {
   }
 };
 
+// ---- compensated sums (GradOp) ------------------------------------------------------------
+// Error-free transformations in round-to-nearest: two_sum (Knuth: s + e == a + b exactly, 6
+// adds, no branch), and the exact error of a product, fma(a, b, -p) == a * b - p. The products
+// go through mul_rn (__fmul_rn / __dmul_rn), which nvcc never contracts into an FMA: a product
+// fused into the following add would break two_sum's exactness.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t two_sum(acc_t a, acc_t b, acc_t& err) {
+  const acc_t s = a + b;
+  const acc_t bp = s - a;
+  err = (a - (s - bp)) + (b - bp);
+  return s;
+}
+
+// A sum kept as the unevaluated pair s + c: s the rounded running sum, c the sum of the rounding
+// errors two_sum gave back (and of any exact error terms the caller adds). Its error is that of
+// c's own plain sum, O(eps^2 * sum|terms|), until value() rounds s + c once.
+template <typename acc_t>
+struct CompSum {
+  acc_t s = acc_t(0);
+  acc_t c = acc_t(0);
+
+  __device__ __forceinline__ void add(acc_t v) {
+    acc_t e;
+    s = two_sum(s, v, e);
+    c += e;
+  }
+  __device__ __forceinline__ void merge(const CompSum& o) {
+    add(o.s);
+    c += o.c;
+  }
+  // A non-finite s (an Inf or NaN term, or an overflow) is the plain sum's result; its c is NaN.
+  __device__ __forceinline__ acc_t value() const {
+    return fusedbn::welford_isfinite(s) ? s + c : s;
+  }
+};
+
 template <typename acc_t>
 struct GradPartial {
-  acc_t sum_dy = acc_t(0);
-  acc_t sum_dy_xmu = acc_t(0);  // sum of dy * (x - mean); times invstd gives sum of dy * xhat
+  CompSum<acc_t> sum_dy;
+  CompSum<acc_t> sum_dy_xmu;  // sum of dy * (x - mean); times invstd gives sum of dy * xhat
 };
 
 // Inputs: a = grad_output, b = input. Param: the channel's saved mean.
+//
+// Both sums are compensated per value, and each term dy * (x - mean) enters exactly: d = x - mean
+// with its two_sum error de, the product p = dy * d with its FMA error, so that the term is
+// p + (fma(dy, d, -p) + dy * de) up to O(eps^2). The result is the exact sum of the terms
+// rounded once (plus O(eps^2) of sum|terms|), whatever the number of values and the split of the
+// reduction -- which the CPU backend reaches by accumulating float32 in float64; a plain float32
+// sum is off by O(eps sqrt(M)) of its terms' size, several times the rule's bound (issue 13).
+// Cost per value: 6 adds for sum dy, 1 sub + 5 adds (de) + 1 mul + 1 FMA + 1 FMA (dy * de) +
+// 6 adds + 1 add for sum dy * (x - mean): about 23 flops where the plain sums take 4, and four
+// registers of state instead of two. That is cheap on a GPU: this pass is bound by memory (a
+// float32 value pair is 8 bytes: an H100's ~3 TB/s is ~375 G values/s, ~9 TFLOP/s at 23 flops,
+// against ~60 TFLOP/s of float32; half/bfloat16, 4 bytes, ~18 TFLOP/s), and the adds of a
+// thread's K*V values in flight are independent across its two sums. The merges across lanes,
+// warps, blocks and partials are two_sum merges too, in the same fixed order as before: the
+// same bits for every run, SM count and occupancy. Generic over acc_t (float for float32, half
+// and bfloat16 input; double for float64).
 template <typename T>
 struct GradOp {
   using scalar_t = T;
@@ -174,44 +236,42 @@ struct GradOp {
     return a.chan[c];
   }
 
+  __device__ __forceinline__ static void push_one(Thread& s, acc_t dy, acc_t x, acc_t mean) {
+    s.sum_dy.add(dy);
+    acc_t de;
+    const acc_t d = two_sum(x, -mean, de);  // d + de == x - mean
+    const acc_t p = mul_rn(dy, d);
+    s.sum_dy_xmu.add(p);
+    s.sum_dy_xmu.c += fma_rn(dy, d, -p) + dy * de;
+  }
+
   template <int L>
   __device__ __forceinline__ static void push_all(Thread& s, const acc_t (&dy)[L],
                                                   const acc_t (&x)[L], Param mean) {
-    acc_t s0 = acc_t(0), s1 = acc_t(0);
 #pragma unroll
-    for (int j = 0; j < L; ++j) {
-      s0 += dy[j];
-      s1 += dy[j] * (x[j] - mean);
-    }
-    s.sum_dy += s0;
-    s.sum_dy_xmu += s1;
+    for (int j = 0; j < L; ++j) push_one(s, dy[j], x[j], mean);
   }
 
   template <int L>
   __device__ __forceinline__ static void push(Thread& s, const acc_t (&dy)[L], const acc_t (&x)[L],
                                               int lo, int hi, Param mean) {
-    acc_t s0 = acc_t(0), s1 = acc_t(0);
 #pragma unroll
-    for (int j = 0; j < L; ++j) {
-      if (j >= lo && j < hi) {
-        s0 += dy[j];
-        s1 += dy[j] * (x[j] - mean);
-      }
-    }
-    s.sum_dy += s0;
-    s.sum_dy_xmu += s1;
+    for (int j = 0; j < L; ++j)
+      if (j >= lo && j < hi) push_one(s, dy[j], x[j], mean);
   }
 
   __device__ __forceinline__ static Partial finish(const Thread& s) { return s; }
   __device__ __forceinline__ static Partial empty() { return Partial{}; }
   __device__ __forceinline__ static void merge(Partial& a, const Partial& b) {
-    a.sum_dy += b.sum_dy;
-    a.sum_dy_xmu += b.sum_dy_xmu;
+    a.sum_dy.merge(b.sum_dy);
+    a.sum_dy_xmu.merge(b.sum_dy_xmu);
   }
   __device__ __forceinline__ static Partial shfl_down(const Partial& p, int delta) {
     Partial r;
-    r.sum_dy = __shfl_down_sync(0xffffffffu, p.sum_dy, delta);
-    r.sum_dy_xmu = __shfl_down_sync(0xffffffffu, p.sum_dy_xmu, delta);
+    r.sum_dy.s = __shfl_down_sync(0xffffffffu, p.sum_dy.s, delta);
+    r.sum_dy.c = __shfl_down_sync(0xffffffffu, p.sum_dy.c, delta);
+    r.sum_dy_xmu.s = __shfl_down_sync(0xffffffffu, p.sum_dy_xmu.s, delta);
+    r.sum_dy_xmu.c = __shfl_down_sync(0xffffffffu, p.sum_dy_xmu.c, delta);
     return r;
   }
 };

@@ -42,8 +42,8 @@ struct SumsEpilogue {
   acc_t* sum_dy;
   acc_t* sum_dy_xmu;
   __device__ void operator()(int64_t c, const GradPartial<acc_t>& s) const {
-    sum_dy[c] = s.sum_dy;
-    sum_dy_xmu[c] = s.sum_dy_xmu;
+    sum_dy[c] = s.sum_dy.value();
+    sum_dy_xmu[c] = s.sum_dy_xmu.value();
   }
 };
 

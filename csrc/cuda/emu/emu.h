@@ -239,6 +239,8 @@ inline double rsqrt(double x) { return 1.0 / ::sqrt(x); }
 inline float __fsqrt_rn(float x) { return ::sqrtf(x); }
 inline float __fmaf_rn(float a, float b, float c) { return ::fmaf(a, b, c); }
 inline double __fma_rn(double a, double b, double c) { return ::fma(a, b, c); }
+inline float __fmul_rn(float a, float b) { return a * b; }  // never contracted into an FMA
+inline double __dmul_rn(double a, double b) { return a * b; }
 
 #define FUSEDBN_EMU_MINMAX(T)                           \
   inline T min(T a, T b) { return b < a ? b : a; }      \
