@@ -78,15 +78,25 @@ __device__ __forceinline__ void map_one(const EwArgs<T, acc_t>& a, index_t e) {
 constexpr int kContigU = 2;
 constexpr int kRowsU = 4;
 
-// Both kernels walk the tensor backwards: the statistics pass before them (bn_reduce_kernels.cuh)
-// interleaves its splits, so its one-wave grid moves through the tensor as one front and ends at
-// the last samples (planes, packed: every channel of them) or the last rows (rows); those lines
-// are the ones still in L2, and a forward walk would evict them before reaching them. Backwards,
-// up to L2 / |x| of this pass's reads hit. (When pass 1's grid exceeds a wave -- one split, more
-// channel blocks than fit at once, e.g. C * segments > SMs x blocks per SM -- it ends at the
-// highest channels of every sample instead, and only the last sample's part of them is reached
-// first; the backward walk costs nothing there.) The backward of the eval mode (channel_affine of
-// dy after no reduction) has no pass 1; the order is then immaterial.
+// Both kernels walk the tensor backwards, to start where the statistics pass before them
+// (bn_reduce_kernels.cuh) ended: its grid is sized to one wave (all CTAs resident at once) and
+// its splits interleave, so its CTAs move through the tensor as one front and the lines still in
+// L2 when it finishes are the tensor's last ones. Per pass-1 shape:
+//  * planes (contiguous, large planes): CTAs (channel, segment) x splits of the samples, split y
+//    taking samples y, y + splits, ...: pass 1 ends with every channel of the last samples, i.e.
+//    the last elements of the flat (N, C, S) tensor, where ew_contig_kernel's backward walk
+//    starts;
+//  * packed (contiguous, small planes): CTAs (group of channels) x interleaved samples: the same,
+//    every channel group of the last samples;
+//  * rows (channels_last, (N, C)): CTAs (channel vectors) x splits of the chunks of rows, split y
+//    taking chunks y, y + splits, ...: pass 1 ends at the last rows, where ew_rows_kernel's
+//    backward walk (by chunks of rows) starts.
+// A forward walk would evict those lines before reaching them; backwards, up to L2 / |x| of this
+// pass's reads hit. When pass 1's grid exceeds a wave (one split: more channel CTAs than fit at
+// once, e.g. planes with C * segments > SMs x blocks per SM), its CTAs run in channel order and it
+// ends at the highest channels of every sample instead: the backward walk reaches the last
+// sample's part of them first, and costs nothing elsewhere. forward_eval and the eval backward
+// (channel_affine without a statistics pass) have no pass 1: the order is immaterial there.
 
 // Contiguous: elements [0, head) and the tail after the last whole vector element-wise; the
 // vectors in between start at element head, aligned in the inputs (which share their position in

@@ -19,7 +19,8 @@
 //    with 16-byte vectors that cross plane boundaries (channel = position / S). Since C*S is a
 //    multiple of the vector width, every sample puts the same channels in the same lanes: each
 //    thread keeps two states per vector slot (a vector spans at most two channels, as V <= S),
-//    and the CTA merges the slots of each channel from shared memory at the end.
+//    and the CTA merges the slots of each channel from shared memory at the end. A window of at
+//    most 256 * K/2 vectors takes several samples per iteration (K loads in flight).
 //  * rows (channels_last and (N, C)): lanes along C with one vector of V channels each (V: the
 //    widest that tiles C), 32/TX rows per warp, CTA rows along N*S; per-thread states for its
 //    channels, merged by shuffles within the warp, then across the warps in shared memory.
@@ -190,16 +191,19 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int sh = static_cast<int>((c0 * S + static_cast<index_t>(a.mis)) & (V - 1));
   const int nvec = (sh + W + V - 1) / V;                // <= kBlockThreads * K (plan)
 
-  // Vector slot k holds elements [lo, bnd) of local channel ch and [bnd, hi) of channel ch + 1.
+  // Vector slot k holds elements [lo, bnd) of local channel ch and [bnd, hi) of channel ch + 1
+  // of vector q = threadIdx.x + (k % kq) * 256 of sample n + (k / kq) * splits: kq slots cover
+  // the window, K / kq samples per iteration (a small window keeps K loads in flight).
+  const int kq = min(K, (nvec + kBlockThreads - 1) / kBlockThreads), G = K / kq;
   int lo[K], hi[K], bnd[K];
   typename Op::Param p0[K], p1[K];
   typename Op::Thread s0[K], s1[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const int q = threadIdx.x + k * kBlockThreads;
+    const int q = threadIdx.x + (k % kq) * kBlockThreads;
     const int rel = q * V - sh;  // window position of the vector's first lane
     lo[k] = max(0, -rel);
-    hi[k] = q < nvec ? min(V, W - rel) : 0;
+    hi[k] = k / kq < G && q < nvec ? min(V, W - rel) : 0;
     const int ch = lo[k] < hi[k] ? (rel + lo[k]) / S : 0;
     bnd[k] = lo[k] < hi[k] ? min(hi[k], max(lo[k], (ch + 1) * S - rel)) : hi[k];
     p0[k] = Op::param(a, c0 + ch);
@@ -210,17 +214,20 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   // Samples blockIdx.y, + splits, ...: the grid's blocks move through the samples together.
   const index_t N = a.N, splits = a.splits;
-  for (index_t n = blockIdx.y; n < N; n += splits) {
-    const index_t first = (n * C + c0) * S - sh;
+  for (index_t n = blockIdx.y; n < N; n += static_cast<index_t>(G) * splits) {
     Vec<T, V> r0[K], r1[K];
+    bool live[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const index_t q = threadIdx.x + k * kBlockThreads;
-      load_group<Op, V, index_t>(a, first + q * V, lo[k], hi[k], r0[k], r1[k]);
+      const index_t nn = n + static_cast<index_t>(k / kq) * splits;
+      live[k] = nn < N && lo[k] < hi[k];
+      const index_t q = threadIdx.x + (k % kq) * kBlockThreads;
+      if (live[k]) load_group<Op, V, index_t>(a, (nn * C + c0) * S - sh + q * V, lo[k], hi[k],
+                                               r0[k], r1[k]);
     }
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      if (lo[k] >= hi[k]) continue;
+      if (!live[k]) continue;
       if (lo[k] == 0 && bnd[k] == V) {
         push_group<Op, V>(s0[k], r0[k], r1[k], 0, V, p0[k]);
       } else {
@@ -230,13 +237,32 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
   }
 
-  // Slot states -> shared memory as pieces[2 * q + side], then per channel in a fixed order.
+  // Slot states -> shared memory as pieces[2 * q + side] (the slots of one vector merged in
+  // sample order first), then per channel in a fixed order.
+  Partial f0[K], f1[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    f0[k] = Op::finish(s0[k]);
+    f1[k] = Op::finish(s1[k]);
+  }
+#pragma unroll
+  for (int k = 1; k < K; ++k) {
+#pragma unroll
+    for (int d = 0; d < k; ++d) {
+      if (k / kq < G && k % kq == d && k >= kq) {
+        Op::merge(f0[d], f0[k]);
+        Op::merge(f1[d], f1[k]);
+      }
+    }
+  }
   Partial* pieces = shared_partials<Partial>();
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const int q = threadIdx.x + k * kBlockThreads;
-    pieces[2 * q] = Op::finish(s0[k]);
-    pieces[2 * q + 1] = Op::finish(s1[k]);
+    if (k < kq) {
+      const int q = threadIdx.x + k * kBlockThreads;
+      pieces[2 * q] = f0[k];
+      pieces[2 * q + 1] = f1[k];
+    }
   }
   __syncthreads();
 
