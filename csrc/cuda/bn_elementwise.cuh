@@ -18,8 +18,8 @@
 // flat tensor; each thread tracks its (position in plane, channel) incrementally, so there is no
 // division per element and vectors that cross plane boundaries (7x7 planes) are handled lane by
 // lane. channels_last -> threads along C keep their channels' coefficients in registers and
-// stride over rows. Both templated on the vector width (16 bytes, or 1 when unaligned) and the
-// index type (32-bit under 2^31 elements).
+// stride over rows. Both templated on the vector width (16 bytes; channels_last: the widest that
+// fits C; 1 when the pointers do not allow one) and the index type (32-bit under 2^31 elements).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,15 +1,23 @@
 // Host side of the split per-channel reduction (kernels and design: bn_reduce_kernels.cuh).
 //
 // reduce_pass1<Op> picks the kernel from the canonical layout and plans its grid:
-//  * rows (channels_last): TX = min(C/V, 32) threads along channels, TY = 256/TX rows; grid.x
-//    covers the channels, grid.y splits the N*S rows;
+//  * rows (channels_last, (N, C)): V = the widest vector that tiles C and is aligned in every
+//    input (16 bytes, else 8, 4, ..., 1 element); TX = rows_lanes(C/V) lanes along channels,
+//    32/TX rows per warp; grid.x covers the channels, grid.y splits the chunks of rows, each CTA
+//    at least kMinRowIterations chunks (K rows per thread each);
 //  * packed (contiguous, S < 256 vectors and C*S a multiple of the vector width, else scalar):
 //    groups of cb whole planes per CTA window (cb*S <= 256*K*V), grid.x = channel groups,
 //    grid.y splits the samples;
 //  * planes (contiguous, large S): planes cut into segments of at most 256*K vectors,
 //    grid.x = C * segments, grid.y splits the samples.
+// The contiguous kernels keep 16-byte vectors for inputs that start inside a 16-byte line (the
+// common misalignment, a.mis; scalar only when two inputs sit differently in their lines).
 // The split count fills about one wave (SMs x resident blocks of the kernel) while giving each
-// CTA at least kMinValuesPerBlock values, so the per-CTA merge stays a small part of its time.
+// CTA at least kMinValuesPerBlock values (rows: kMinRowIterations chunks), so the per-CTA merge
+// stays a small part of its time. Splits interleave (split y takes samples / row chunks y,
+// y + splits, ...), so a one-wave grid moves through the tensor as one front and ends at its last
+// samples / rows: the element-wise pass that follows walks the tensor backwards from there
+// (bn_elementwise.cu).
 // reduce_pass2<Op> merges the partials per channel and runs the caller's epilogue.
 #pragma once
 
@@ -30,7 +38,8 @@ struct Partials {
   int64_t P = 0;
 };
 
-constexpr int64_t kMinValuesPerBlock = 8192;
+constexpr int64_t kMinValuesPerBlock = 8192;  // planes, packed: values per CTA, at least
+constexpr int64_t kMinRowIterations = 4;      // rows: chunks (K rows per thread each) per CTA
 
 // Offset between the first values of consecutive channels of a canonical input (common.h).
 inline int64_t first_value_stride(const Geometry& g) {
@@ -44,13 +53,37 @@ ChannelShift<T> channel_shift(const at::Tensor& x, const Geometry& g) {
   return ChannelShift<T>{x.const_data_ptr<T>(), first_value_stride(g)};
 }
 
-inline int64_t choose_splits(int64_t blocks_x, int64_t target_blocks, int64_t max_splits,
-                             int64_t values_per_split_unit) {
+// Splits of the `units` work units of a CTA column (samples, or chunks of rows): enough CTAs
+// for one wave (target_blocks over blocks_x columns), each split at least min_units units.
+inline int64_t choose_splits(int64_t blocks_x, int64_t target_blocks, int64_t units,
+                             int64_t min_units) {
   int64_t s = ceil_div<int64_t>(target_blocks, std::max<int64_t>(blocks_x, 1));
-  const int64_t by_work = std::max<int64_t>(
-      1, max_splits * values_per_split_unit / kMinValuesPerBlock);
-  s = std::min({s, max_splits, by_work, int64_t{65535}});
+  const int64_t by_work = std::max<int64_t>(1, units / std::max<int64_t>(min_units, 1));
+  s = std::min({s, units, by_work, int64_t{65535}});
   return std::max<int64_t>(s, 1);
+}
+
+// Lanes along channels (TX) of the rows kernel for cvecs channel vectors: the block's lanes
+// cover ceil(cvecs / TX) * TX vectors, of which cvecs are real, and a warp uses (32 / TX) * TX
+// of its 32 lanes; TX maximizes the product of the two (larger TX on ties). TX == cvecs keeps a
+// warp's access one contiguous run; other TX at least 8 vectors (a warp's rows are then runs of
+// >= 128 bytes for 16-byte vectors).
+inline int rows_lanes(int64_t cvecs) {
+  if (cvecs >= kWarpSize && cvecs % kWarpSize == 0) return kWarpSize;
+  int best = 1;
+  double best_use = -1.0;
+  for (int t = kWarpSize; t >= 1; --t) {
+    if (t != cvecs && t < 8) continue;
+    if (t > cvecs) continue;
+    const double cover =
+        static_cast<double>(cvecs) / static_cast<double>(ceil_div<int64_t>(cvecs, t) * t);
+    const double use = cover * static_cast<double>((kWarpSize / t) * t) / kWarpSize;
+    if (use > best_use + 1e-12) {
+      best = t;
+      best_use = use;
+    }
+  }
+  return best;
 }
 
 template <class Op, typename Kernel>
@@ -82,7 +115,6 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
   a.N = g.N;
   a.C = g.C;
   a.S = g.S;
-  const bool aligned = aligned_to(a.in0, 16) && (a.in1 == nullptr || aligned_to(a.in1, 16));
   const bool use64 = !fits_int32(g.numel());
   const int sms = sm_count(in0.get_device());
   const cudaStream_t stream = current_stream();
@@ -90,31 +122,41 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
   Partials result;
 
   if (g.layout == Layout::kChannelsLast) {
+    // The widest vector of channels that tiles C and is aligned in both inputs.
+    const int vw = widest_vec<T>(g.C, {a.in0, a.in1});
     dispatch_index(use64, [&](auto itag) {
       using index_t = typename decltype(itag)::type;
-      dispatch_vec<VM>(aligned && g.C % VM == 0, [&](auto vtag) {
+      dispatch_vec_width<VM>(vw, [&](auto vtag) {
         constexpr int V = decltype(vtag)::value;
         auto kernel = reduce_rows_kernel<Op, V, index_t>;
-        const int bps =
-            blocks_per_sm(kernel, kBlockThreads, size_t{kBlockThreads} * V * sizeof(Partial));
         const int64_t cvecs = g.C / V;
-        const int tx = static_cast<int>(std::min<int64_t>(cvecs, kWarpSize));
-        const int ty = kBlockThreads / tx;
+        const int tx = rows_lanes(cvecs);
+        const int ty = kBlockThreads / kWarpSize * (kWarpSize / tx);  // rows per step
+        const size_t smem = size_t{kBlockThreads} / kWarpSize * tx * V * sizeof(Partial);
+        const int bps = blocks_per_sm(kernel, kBlockThreads, smem);
         const int64_t gx = ceil_div<int64_t>(cvecs, tx);
-        a.splits = choose_splits(gx, int64_t{sms} * bps, ceil_div<int64_t>(g.rows(), ty),
-                                 int64_t{ty} * tx * V);
+        const int64_t chunks = ceil_div<int64_t>(g.rows(), int64_t{ty} * kReduceK);
+        a.tx = tx;
+        a.splits = choose_splits(gx, int64_t{sms} * bps, chunks, kMinRowIterations);
         a.P = a.splits;
         result = launch_pass1<Op>(
             kernel, a, dim3(static_cast<unsigned>(gx), static_cast<unsigned>(a.splits)),
-            dim3(tx, ty), size_t{kBlockThreads} * V * sizeof(Partial), opts, stream);
+            dim3(kBlockThreads), smem, opts, stream);
       });
     });
     return result;
   }
 
-  // Contiguous: packed when a group of whole small planes fits one CTA window.
+  // Contiguous: vectors aligned to the address, so an input that starts inside a 16-byte line
+  // keeps them (the planes and packed kernels mask the elements before a run's first boundary);
+  // two inputs need the same position in their lines (else scalar).
+  const int mis = common_misalignment<T>({a.in0, a.in1});
+  const bool vec = mis >= 0;
+  a.mis = vec ? mis : 0;
+
+  // Packed when a group of whole small planes fits one CTA window.
   constexpr int KP = 2 * kBlockThreads * kReduceK * sizeof(Partial) <= 32768 ? kReduceK : 2;
-  const bool packed_vec = aligned && g.S >= VM && (g.C * g.S) % VM == 0;
+  const bool packed_vec = vec && g.S >= VM && (g.C * g.S) % VM == 0;
   const int64_t packed_cap = packed_vec ? window_capacity<VM>(KP) : window_capacity<1>(KP);
   if (g.S < int64_t{kBlockThreads} * VM && g.S <= packed_cap) {
     dispatch_index(use64, [&](auto itag) {
@@ -127,7 +169,8 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
         const int64_t groups0 = ceil_div<int64_t>(g.C, std::max<int64_t>(packed_cap / g.S, 1));
         a.cb = ceil_div<int64_t>(g.C, groups0);  // balanced groups
         const int64_t groups = ceil_div<int64_t>(g.C, a.cb);
-        a.splits = choose_splits(groups, int64_t{sms} * bps, g.N, a.cb * g.S);
+        a.splits = choose_splits(groups, int64_t{sms} * bps, g.N,
+                                 ceil_div<int64_t>(kMinValuesPerBlock, a.cb * g.S));
         a.P = a.splits;
         result = launch_pass1<Op>(
             kernel, a, dim3(static_cast<unsigned>(groups), static_cast<unsigned>(a.splits)),
@@ -139,7 +182,7 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
 
   dispatch_index(use64, [&](auto itag) {
     using index_t = typename decltype(itag)::type;
-    dispatch_vec<VM>(aligned, [&](auto vtag) {
+    dispatch_vec<VM>(vec, [&](auto vtag) {
       constexpr int V = decltype(vtag)::value;
       auto kernel = reduce_planes_kernel<Op, V, index_t>;
       const int bps = blocks_per_sm(kernel, kBlockThreads, 0);
@@ -148,8 +191,12 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
       a.nseg = ceil_div<int64_t>(g.S, cap);
       a.seg_len = ceil_div<int64_t>(ceil_div<int64_t>(g.S, a.nseg), V) * V;
       a.nseg = ceil_div<int64_t>(g.S, a.seg_len);
+      // Vector slots per sample: a segment spans at most ceil((V - 1 + seg_len) / V) vectors.
+      const int64_t seg_vecs = ceil_div<int64_t>(V - 1 + a.seg_len, V);
+      a.kq = std::min<int64_t>(kReduceK, ceil_div<int64_t>(seg_vecs, kBlockThreads));
       const int64_t gx = g.C * a.nseg;
-      a.splits = choose_splits(gx, int64_t{sms} * bps, g.N, a.seg_len);
+      a.splits = choose_splits(gx, int64_t{sms} * bps, g.N,
+                               ceil_div<int64_t>(kMinValuesPerBlock, a.seg_len));
       a.P = a.nseg * a.splits;
       result = launch_pass1<Op>(kernel, a,
                                 dim3(static_cast<unsigned>(gx), static_cast<unsigned>(a.splits)),

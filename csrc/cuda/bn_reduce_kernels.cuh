@@ -8,19 +8,25 @@
 // gives the same bits.
 //
 // Pass 1 has three shapes:
-//  * planes (contiguous, S >= 256 vectors): CTA = (channel, segment of the plane, range of
-//    samples). Each plane segment is read as 16-byte vectors aligned to the address; the partial
-//    vectors at either end (S * elem not a multiple of 16) are read element-wise. One state per
-//    thread, then warp shuffles -> shared memory -> one partial per CTA.
+//  * planes (contiguous, S >= 256 vectors): CTA = (channel, segment of the plane, samples).
+//    Each plane segment is read as 16-byte vectors aligned to the address (the input may start
+//    anywhere in a 16-byte line: a.mis); the partial vectors at either end are read element-wise.
+//    A segment is at most one iteration's K vectors per thread; short ones (1-2k values) take
+//    several samples per iteration, so K loads stay in flight. One state per thread, then warp
+//    shuffles -> shared memory -> one partial per CTA.
 //  * packed (contiguous, small planes, e.g. 7x7, 14x14): the cb*S values of a group of cb
-//    channels of one sample are one contiguous run; a CTA reads that run for a range of samples
+//    channels of one sample are one contiguous run; a CTA reads that run for its samples
 //    with 16-byte vectors that cross plane boundaries (channel = position / S). Since C*S is a
 //    multiple of the vector width, every sample puts the same channels in the same lanes: each
 //    thread keeps two states per vector slot (a vector spans at most two channels, as V <= S),
-//    and the CTA merges the slots of each channel from shared memory at the end.
-//  * rows (channels_last and (N, C)): threads along C with one 16-byte vector of channels each,
-//    CTA rows along N*S; per-thread states for its channels, merged across the CTA's rows by a
-//    tree in shared memory.
+//    and the CTA merges the slots of each channel from shared memory at the end. A window of at
+//    most 256 * K/2 vectors takes several samples per iteration (K loads in flight).
+//  * rows (channels_last and (N, C)): lanes along C with one vector of V channels each (V: the
+//    widest that tiles C), 32/TX rows per warp, CTA rows along N*S; per-thread states for its
+//    channels, merged by shuffles within the warp, then across the warps in shared memory.
+// Splits along samples / rows interleave (split y takes samples, or chunks of rows, y, y +
+// splits, ...): all CTAs of a one-wave grid advance through the tensor together, so pass 1 ends
+// at the tensor's last samples / rows, where the element-wise pass starts (bn_elementwise.cu).
 // K vectors (per input) are loaded before any is used, for memory-level parallelism. Index math
 // is 32-bit for tensors of at most 2^30 elements, 64-bit otherwise (template parameter index_t).
 #pragma once
@@ -46,6 +52,10 @@ struct ReduceArgs {
   int64_t nseg = 1;      // planes: segments per plane
   int64_t seg_len = 0;   // planes: values per segment (a multiple of V)
   int64_t cb = 1;        // packed: channels per group
+  int64_t mis = 0;       // planes, packed: position of in0 (and in1) in its 16-byte line, in
+                         // elements (both inputs share it, else V = 1)
+  int64_t kq = 1;        // planes: vector slots per sample and iteration (K / kq samples at once)
+  int64_t tx = 32;       // rows: lanes along channels (TX); a warp holds 32 / TX rows
 };
 
 constexpr int kReduceK = 4;  // vectors in flight per thread and input
@@ -54,10 +64,6 @@ constexpr int kReduceK = 4;  // vectors in flight per thread and input
 template <int V>
 constexpr int64_t window_capacity(int K) {
   return int64_t{kBlockThreads} * K * V - (V - 1);
-}
-
-__host__ __device__ __forceinline__ int64_t split_begin(int64_t i, int64_t total, int64_t parts) {
-  return i * total / parts;
 }
 
 template <class Op, int V, typename index_t>
@@ -109,35 +115,49 @@ __global__ void __launch_bounds__(kBlockThreads)
   using T = typename Op::scalar_t;
   using Partial = typename Op::Partial;
   constexpr int K = kReduceK;
-  const index_t C = a.C, S = a.S, nseg = a.nseg;
+  const index_t C = a.C, S = a.S, N = a.N, nseg = a.nseg, splits = a.splits;
   const index_t c = static_cast<index_t>(blockIdx.x) / nseg;
   const index_t seg = static_cast<index_t>(blockIdx.x) - c * nseg;
-  const index_t n0 = split_begin(blockIdx.y, a.N, a.splits);
-  const index_t n1 = split_begin(blockIdx.y + 1, a.N, a.splits);
   const index_t off = seg * static_cast<index_t>(a.seg_len);
   const index_t len = min(static_cast<index_t>(a.seg_len), S - off);
+  const index_t mis = a.mis;
   const typename Op::Param par = Op::param(a, c);
   typename Op::Thread st = Op::init();
 
-  for (index_t n = n0; n < n1; ++n) {
-    const index_t start = (n * C + c) * S + off;
-    const int head = static_cast<int>(start & (V - 1));  // vectors are aligned to the address
-    const index_t first = start - head;
-    const index_t nvec = (head + len + V - 1) / V;
-    for (index_t base = threadIdx.x; base < nvec; base += kBlockThreads * K) {
-      Vec<T, V> r0[K], r1[K];
-      int lo[K], hi[K];
+  // A segment is at most kBlockThreads * K vectors, so one iteration reads a whole segment of
+  // each of its samples. Slot k holds vector qv[k] of sample n + sg[k] * splits: kq slots per
+  // sample, K / kq samples per iteration, so short segments (1-2k values: one or two vectors per
+  // thread) still keep K loads in flight. The block's samples interleave with the other splits'
+  // (blockIdx.y, + splits, ...), so the grid's blocks move through the samples together.
+  const int kq = static_cast<int>(a.kq), G = K / kq;
+  int sg[K];
+  index_t qv[K];
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const index_t q = base + k * kBlockThreads;
+  for (int k = 0; k < K; ++k) {
+    sg[k] = k / kq;
+    qv[k] = static_cast<index_t>(threadIdx.x) + static_cast<index_t>(k % kq) * kBlockThreads;
+  }
+  for (index_t n = blockIdx.y; n < N; n += static_cast<index_t>(G) * splits) {
+    Vec<T, V> r0[K], r1[K];
+    int lo[K], hi[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const index_t nn = n + static_cast<index_t>(sg[k]) * splits;
+      lo[k] = 0;
+      hi[k] = 0;
+      if (sg[k] < G && nn < N) {
+        const index_t start = (nn * C + c) * S + off;
+        const int head = static_cast<int>((start + mis) & (V - 1));  // vectors: address-aligned
+        const index_t nvec = (head + len + V - 1) / V;
+        const index_t q = qv[k];
         lo[k] = q == 0 ? head : 0;
         hi[k] = q < nvec ? static_cast<int>(min(static_cast<index_t>(V), head + len - q * V)) : 0;
-        load_group<Op, V, index_t>(a, first + q * V, lo[k], hi[k], r0[k], r1[k]);
+        load_group<Op, V, index_t>(a, start - head + q * V, lo[k], hi[k], r0[k], r1[k]);
       }
-#pragma unroll
-      for (int k = 0; k < K; ++k)
-        if (lo[k] < hi[k]) push_group<Op, V>(st, r0[k], r1[k], lo[k], hi[k], par);
     }
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (lo[k] < hi[k]) push_group<Op, V>(st, r0[k], r1[k], lo[k], hi[k], par);
   }
 
   FUSEDBN_SHARED_ARRAY(16, unsigned char, warp_buf, kBlockThreads / kWarpSize * sizeof(Partial));
@@ -167,21 +187,23 @@ __global__ void __launch_bounds__(kBlockThreads)
   const index_t c0 = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(a.cb);
   const int cbn = static_cast<int>(min(static_cast<index_t>(a.cb), C - c0));
   const int W = cbn * S;
-  const int sh = static_cast<int>((c0 * S) & (V - 1));  // same for every sample: C*S % V == 0
+  // The window's position in its 16-byte line: the same for every sample, as C*S % V == 0.
+  const int sh = static_cast<int>((c0 * S + static_cast<index_t>(a.mis)) & (V - 1));
   const int nvec = (sh + W + V - 1) / V;                // <= kBlockThreads * K (plan)
-  const index_t n0 = split_begin(blockIdx.y, a.N, a.splits);
-  const index_t n1 = split_begin(blockIdx.y + 1, a.N, a.splits);
 
-  // Vector slot k holds elements [lo, bnd) of local channel ch and [bnd, hi) of channel ch + 1.
+  // Vector slot k holds elements [lo, bnd) of local channel ch and [bnd, hi) of channel ch + 1
+  // of vector q = threadIdx.x + (k % kq) * 256 of sample n + (k / kq) * splits: kq slots cover
+  // the window, K / kq samples per iteration (a small window keeps K loads in flight).
+  const int kq = min(K, (nvec + kBlockThreads - 1) / kBlockThreads), G = K / kq;
   int lo[K], hi[K], bnd[K];
   typename Op::Param p0[K], p1[K];
   typename Op::Thread s0[K], s1[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const int q = threadIdx.x + k * kBlockThreads;
+    const int q = threadIdx.x + (k % kq) * kBlockThreads;
     const int rel = q * V - sh;  // window position of the vector's first lane
     lo[k] = max(0, -rel);
-    hi[k] = q < nvec ? min(V, W - rel) : 0;
+    hi[k] = k / kq < G && q < nvec ? min(V, W - rel) : 0;
     const int ch = lo[k] < hi[k] ? (rel + lo[k]) / S : 0;
     bnd[k] = lo[k] < hi[k] ? min(hi[k], max(lo[k], (ch + 1) * S - rel)) : hi[k];
     p0[k] = Op::param(a, c0 + ch);
@@ -190,17 +212,22 @@ __global__ void __launch_bounds__(kBlockThreads)
     s1[k] = Op::init();
   }
 
-  for (index_t n = n0; n < n1; ++n) {
-    const index_t first = (n * C + c0) * S - sh;
+  // Samples blockIdx.y, + splits, ...: the grid's blocks move through the samples together.
+  const index_t N = a.N, splits = a.splits;
+  for (index_t n = blockIdx.y; n < N; n += static_cast<index_t>(G) * splits) {
     Vec<T, V> r0[K], r1[K];
+    bool live[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const index_t q = threadIdx.x + k * kBlockThreads;
-      load_group<Op, V, index_t>(a, first + q * V, lo[k], hi[k], r0[k], r1[k]);
+      const index_t nn = n + static_cast<index_t>(k / kq) * splits;
+      live[k] = nn < N && lo[k] < hi[k];
+      const index_t q = threadIdx.x + (k % kq) * kBlockThreads;
+      if (live[k]) load_group<Op, V, index_t>(a, (nn * C + c0) * S - sh + q * V, lo[k], hi[k],
+                                               r0[k], r1[k]);
     }
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      if (lo[k] >= hi[k]) continue;
+      if (!live[k]) continue;
       if (lo[k] == 0 && bnd[k] == V) {
         push_group<Op, V>(s0[k], r0[k], r1[k], 0, V, p0[k]);
       } else {
@@ -210,13 +237,32 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
   }
 
-  // Slot states -> shared memory as pieces[2 * q + side], then per channel in a fixed order.
+  // Slot states -> shared memory as pieces[2 * q + side] (the slots of one vector merged in
+  // sample order first), then per channel in a fixed order.
+  Partial f0[K], f1[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    f0[k] = Op::finish(s0[k]);
+    f1[k] = Op::finish(s1[k]);
+  }
+#pragma unroll
+  for (int k = 1; k < K; ++k) {
+#pragma unroll
+    for (int d = 0; d < k; ++d) {
+      if (k / kq < G && k % kq == d && k >= kq) {
+        Op::merge(f0[d], f0[k]);
+        Op::merge(f1[d], f1[k]);
+      }
+    }
+  }
   Partial* pieces = shared_partials<Partial>();
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const int q = threadIdx.x + k * kBlockThreads;
-    pieces[2 * q] = Op::finish(s0[k]);
-    pieces[2 * q + 1] = Op::finish(s1[k]);
+    if (k < kq) {
+      const int q = threadIdx.x + k * kBlockThreads;
+      pieces[2 * q] = f0[k];
+      pieces[2 * q + 1] = f1[k];
+    }
   }
   __syncthreads();
 
@@ -255,6 +301,14 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 // ---- rows (channels_last) ----------------------------------------------------------------
+// 256 threads in 8 warps. Lane l of a warp takes channel vector tx = l % TX (of the block's TX)
+// and row k = l / TX of the warp's RW = 32 / TX rows; lanes with k >= RW (when TX does not divide
+// 32) idle. So a block reads TY = 8 * RW rows per step, K steps per chunk of TY * K rows, and the
+// splits take chunks blockIdx.y, + splits, ... (the grid's blocks move through the rows together,
+// and pass 1 ends at the last rows). The merge of each thread's V states: the lanes of a warp that
+// hold the same channels (l = tx, tx + TX, ...) by shuffles, then the 8 warps' results through
+// shared memory laid out [V][warp][TX] (consecutive lanes, consecutive partials: no bank
+// conflicts), merged in warp order by one thread per (vector slot, channel vector).
 template <class Op, int V, typename index_t>
 __global__ void __launch_bounds__(kBlockThreads)
     reduce_rows_kernel(const ReduceArgs<typename Op::scalar_t, typename Op::acc_t> a) {
@@ -262,13 +316,17 @@ __global__ void __launch_bounds__(kBlockThreads)
   using acc_t = typename Op::acc_t;
   using Partial = typename Op::Partial;
   constexpr int K = kReduceK;  // rows in flight per thread
-  const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x, TY = blockDim.y;
+  constexpr int kWarps = kBlockThreads / kWarpSize;
+  const int TX = static_cast<int>(a.tx), RW = kWarpSize / TX, TY = kWarps * RW;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int tx = lane % TX, k = lane / TX;
+  const int ty = warp * RW + k;
   const index_t C = a.C;
   const index_t cv = static_cast<index_t>(blockIdx.x) * TX + tx;  // vector of channels
-  const bool active = cv < C / V;
+  const bool active = k < RW && cv < C / V;
   const index_t rows = a.N * a.S;
-  const index_t r0 = split_begin(blockIdx.y, rows, a.splits);
-  const index_t r1 = split_begin(blockIdx.y + 1, rows, a.splits);
+  const index_t chunk = static_cast<index_t>(TY) * K;
+  const index_t stride = chunk * static_cast<index_t>(a.splits);
 
   typename Op::Param par[V];
   typename Op::Thread st[V];
@@ -278,8 +336,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     st[j] = Op::init();
   }
   if (active) {
-    for (index_t r = r0 + ty; r < r1; r += static_cast<index_t>(TY) * K) {
-      const int cnt = static_cast<int>(min(static_cast<index_t>(K), (r1 - r + TY - 1) / TY));
+    for (index_t r = static_cast<index_t>(blockIdx.y) * chunk + ty; r < rows; r += stride) {
+      const int cnt = static_cast<int>(min(static_cast<index_t>(K), (rows - r + TY - 1) / TY));
       Vec<T, V> v0[K], v1[K];
 #pragma unroll
       for (int u = 0; u < K; ++u) {
@@ -307,25 +365,36 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
   }
 
-  // Merge across the CTA's rows: a tree over ty in shared memory.
-  Partial* sm = shared_partials<Partial>();
-  const int tid = ty * TX + tx;
+  // 1. Within the warp: a tree over its RW rows (fixed: row k takes row k + off).
+  Partial p[V];
 #pragma unroll
-  for (int j = 0; j < V; ++j) sm[tid * V + j] = Op::finish(st[j]);
-  __syncthreads();
-  int step = 1;
-  while (step < TY) step <<= 1;
-  for (step >>= 1; step > 0; step >>= 1) {
-    if (ty < step && ty + step < TY) {
+  for (int j = 0; j < V; ++j) p[j] = Op::finish(st[j]);
+  int span = 1;
+  while (span < RW) span <<= 1;
+  for (int off = span >> 1; off > 0; off >>= 1) {
+    const bool take = k < off && k + off < RW;
 #pragma unroll
-      for (int j = 0; j < V; ++j) Op::merge(sm[tid * V + j], sm[(tid + step * TX) * V + j]);
+    for (int j = 0; j < V; ++j) {
+      const Partial other = Op::shfl_down(p[j], off * TX);
+      if (take) Op::merge(p[j], other);
     }
-    __syncthreads();
   }
-  if (ty == 0 && active) {
-    Partial* out = static_cast<Partial*>(a.partials);
+  // 2. Across the warps: [V][warp][TX] in shared memory, merged in warp order.
+  Partial* sm = shared_partials<Partial>();
+  if (k == 0) {
 #pragma unroll
-    for (int j = 0; j < V; ++j) out[(cv * V + j) * a.P + blockIdx.y] = sm[tx * V + j];
+    for (int j = 0; j < V; ++j) sm[(j * kWarps + warp) * TX + tx] = p[j];
+  }
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < V * TX) {
+    const int j = static_cast<int>(threadIdx.x) / TX, x = static_cast<int>(threadIdx.x) % TX;
+    const index_t cw = static_cast<index_t>(blockIdx.x) * TX + x;
+    if (cw < C / V) {
+      Partial acc = sm[(j * kWarps) * TX + x];
+      for (int w = 1; w < kWarps; ++w) Op::merge(acc, sm[(j * kWarps + w) * TX + x]);
+      Partial* out = static_cast<Partial*>(a.partials);
+      out[(static_cast<int64_t>(cw) * V + j) * a.P + blockIdx.y] = acc;
+    }
   }
 }
 

@@ -145,8 +145,23 @@ struct WelfordOp {
     return p;
   }
   __device__ __forceinline__ static Partial empty() { return Partial{}; }
+  // welford_merge (welford.h) with one correctly rounded reciprocal 1/n for both
+  // weights instead of two IEEE divisions: nb/n = nb * (1/n) rounds twice (within an ulp of the
+  // division). The ±Inf handling is welford_mean_update's, as there.
   __device__ __forceinline__ static void merge(Partial& a, const Partial& b) {
-    fusedbn::welford_merge(a, b);
+    if (b.n == 0) return;
+    if (a.n == 0) {
+      a = b;
+      return;
+    }
+    const int64_t n = a.n + b.n;
+    const acc_t rn = reciprocal(static_cast<acc_t>(n));
+    const acc_t na = static_cast<acc_t>(a.n);
+    const acc_t nb_over_n = static_cast<acc_t>(b.n) * rn;
+    const acc_t delta = b.mean - a.mean;
+    a.mean = fusedbn::welford_mean_update(a.mean, b.mean, delta, na * rn, nb_over_n);
+    a.m2 += b.m2 + delta * delta * na * nb_over_n;
+    a.n = n;
   }
   __device__ __forceinline__ static Partial shfl_down(const Partial& p, int delta) {
     Partial r;

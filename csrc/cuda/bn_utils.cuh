@@ -17,7 +17,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
+#include <utility>
 
 #include "launch.cuh"
 
@@ -59,6 +61,18 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
   ::fusedbn_emu::check_vector_access(p, sizeof(Vec<T, V>), alignof(Vec<T, V>), "store_vec");
 #endif
   *reinterpret_cast<Vec<T, V>*>(p) = v;
+}
+
+// Stores v at p as one vector when `whole` (p aligned to the vector), else element by element
+// (an output that sits differently in its 16-byte lines than the inputs the vectors follow).
+template <typename T, int V>
+__device__ __forceinline__ void store_vec_or_elems(T* p, const Vec<T, V>& v, bool whole) {
+  if (whole) {
+    store_vec<T, V>(p, v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) p[j] = v.v[j];
+  }
 }
 
 // Loads elements [lo, hi) of the V-element group at p; the others are left zero.
@@ -105,6 +119,58 @@ void dispatch_vec(bool vectorized, F&& f) {
   } else {
     f(std::integral_constant<int, 1>{});
   }
+}
+
+// Calls f(std::integral_constant<int, V>{}) with V the largest of vmax, vmax/2, ..., 1 that is at
+// most v (v: a power of two, widest_vec's answer).
+template <int vmax, typename F>
+void dispatch_vec_width(int v, F&& f) {
+  if constexpr (vmax == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else {
+    if (v >= vmax) {
+      f(std::integral_constant<int, vmax>{});
+    } else {
+      dispatch_vec_width<vmax / 2>(v, std::forward<F>(f));
+    }
+  }
+}
+
+// Position of p within its 16-byte line, in elements of elem_size bytes (p is elem-aligned).
+inline int misalignment(const void* p, int elem_size) {
+  return static_cast<int>(reinterpret_cast<uintptr_t>(p) % 16u) / elem_size;
+}
+
+// The widest vector (elements; a power of two <= max_vec<T>()) whose groups of consecutive
+// elements tile rows of `row` elements and start aligned in every one of ptrs (nullptr: none):
+// row % V == 0 and each pointer aligned to V * sizeof(T). channels_last rows (row = C) use it, so
+// C = 6 floats gets 8-byte vectors rather than scalars.
+template <typename T>
+int widest_vec(int64_t row, std::initializer_list<const void*> ptrs) {
+  int v = max_vec<T>();
+  while (v > 1) {
+    bool ok = row % v == 0;
+    for (const void* p : ptrs)
+      ok = ok && (p == nullptr || aligned_to(p, v * static_cast<int>(sizeof(T))));
+    if (ok) break;
+    v /= 2;
+  }
+  return v;
+}
+
+// The common misalignment (misalignment()) of ptrs (nullptr: none), or -1 when they differ. With
+// a common misalignment m, a flat pass peels the (max_vec - m) % max_vec elements before the first
+// 16-byte boundary and runs aligned 16-byte vectors over the rest of every tensor at once.
+template <typename T>
+int common_misalignment(std::initializer_list<const void*> ptrs) {
+  int mis = -1;
+  for (const void* p : ptrs) {
+    if (p == nullptr) continue;
+    const int m = misalignment(p, static_cast<int>(sizeof(T)));
+    if (mis >= 0 && m != mis) return -1;
+    mis = m;
+  }
+  return mis < 0 ? 0 : mis;
 }
 
 // Correctly rounded reciprocal (cheaper than a division; used once per group of values).
