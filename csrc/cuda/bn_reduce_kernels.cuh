@@ -26,6 +26,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "bn_reduce_ops.cuh"
 #include "bn_utils.cuh"
@@ -46,7 +47,27 @@ struct ReduceArgs {
   int64_t nseg = 1;      // planes: segments per plane
   int64_t seg_len = 0;   // planes: values per segment (a multiple of V)
   int64_t cb = 1;        // packed: channels per group
+  // Ops with kMaskedIn0 (bn_act_backward.cu): the packed sign mask of in0 (bit e of byte e / 8),
+  // and what in0 becomes where the bit is clear: 0 (mask_zero) or in0 * mask_slope.
+  const uint8_t* mask = nullptr;
+  acc_t mask_slope = acc_t(0);
+  bool mask_zero = false;
 };
+
+// An op that declares kMaskedIn0 rewrites the first input's group of V elements at `offset`
+// (a multiple of V) after it is loaded: Op::mask_in0 (the act backward's dz from dy and the
+// mask, computed where it is read instead of stored and read back).
+template <class Op, class = void>
+struct masks_in0 : std::false_type {};
+template <class Op>
+struct masks_in0<Op, std::void_t<decltype(Op::kMaskedIn0)>> : std::true_type {};
+
+template <class Op, int V, typename index_t>
+__device__ __forceinline__ void mask_in0(
+    const ReduceArgs<typename Op::scalar_t, typename Op::acc_t>& a, index_t offset,
+    Vec<typename Op::scalar_t, V>& r) {
+  if constexpr (masks_in0<Op>::value) Op::template mask_in0<V>(a, offset, r);
+}
 
 constexpr int kReduceK = 4;  // vectors in flight per thread and input
 
@@ -72,6 +93,7 @@ __device__ __forceinline__ void load_group(
     r0 = load_partial<T, V>(a.in0 + offset, lo, hi);
     if constexpr (Op::kInputs == 2) r1 = load_partial<T, V>(a.in1 + offset, lo, hi);
   }
+  if (lo < hi) mask_in0<Op, V>(a, offset, r0);
 }
 
 template <typename acc_t, typename T, int V>
@@ -286,6 +308,7 @@ __global__ void __launch_bounds__(kBlockThreads)
         if (u < cnt) {
           const index_t offset = (r + static_cast<index_t>(u) * TY) * C + cv * V;
           v0[u] = load_vec<T, V>(a.in0 + offset);
+          mask_in0<Op, V>(a, offset, v0[u]);
           if constexpr (Op::kInputs == 2) v1[u] = load_vec<T, V>(a.in1 + offset);
         }
       }
