@@ -264,23 +264,26 @@ class OpTraffic:
         self.op = func._schema.name.split("::")[-1]
         schema_args = [a.name for a in func._schema.arguments]
         outs = out if isinstance(out, (tuple, list)) else (out,)
-        out_names = [r.name or "output%d" % i for i, r in enumerate(func._schema.returns)]
+        returns = func._schema.returns
+        out_names = [r.name or ("output" if len(returns) == 1 else "output%d" % i)
+                     for i, r in enumerate(returns)]
         by_ptr = {}
         for i, o in enumerate(outs):
             if isinstance(o, torch.Tensor) and i < len(out_names):
                 by_ptr.setdefault(o.untyped_storage().data_ptr(), out_names[i])
+        touched = {int(aid) for l in rec["launches"] for aid in l["tensors"]}
         names, seen = [], {}
-        for a in rec["allocs"]:
+        for aid, a in enumerate(rec["allocs"]):
             if a["arg"] >= 0:
                 name = role = schema_args[a["arg"]] if a["arg"] < len(schema_args) else (
                     "arg%d" % a["arg"])
             elif a["live_at_end"] and a["ptr"] in by_ptr:
                 name = role = by_ptr[a["ptr"]]
-            else:
+            else:  # numbered in the order of allocation, among those a kernel touched
                 role = "workspace"
-                k = seen.get(role, 0) + 1
+                k = seen.get(role, 0) + (aid in touched)
                 seen[role] = k
-                name = role if k == 1 else "%s#%d" % (role, k)
+                name = role if k <= 1 else "%s#%d" % (role, k)
             names.append((name, role, a["bytes"]))
         self.launches = [LaunchTraffic(l, names) for l in rec["launches"]]
         self.tensors = {}
