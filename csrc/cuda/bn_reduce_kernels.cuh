@@ -60,7 +60,8 @@ struct ReduceArgs {
 template <class Op, class = void>
 struct masks_in0 : std::false_type {};
 template <class Op>
-struct masks_in0<Op, std::void_t<decltype(Op::kMaskedIn0)>> : std::true_type {};
+struct masks_in0<Op, std::void_t<decltype(Op::kMaskedIn0)>>
+    : std::bool_constant<Op::kMaskedIn0> {};
 
 template <class Op, int V, typename index_t>
 __device__ __forceinline__ void mask_in0(
