@@ -173,3 +173,202 @@ def emu_config(sm_count=None, blocks_per_sm=None, force_index64=None, seed=None)
 def stats():
     """Launches, blocks and threads emulated so far."""
     return dict(emu_module().stats())
+
+
+# ---- the traffic counter (csrc/cuda/emu/emu_traffic.cpp) ---------------------------------------
+
+class DirTraffic:
+    """One direction (read or write) of one tensor: bytes the lanes asked for, warp-wide accesses,
+    the distinct 32-byte sectors they touched and the ideal (ceil(bytes / 32) per contiguous run of
+    the bytes a warp access asked for), each summed over the accesses."""
+
+    __slots__ = ("bytes", "accesses", "sectors", "ideal")
+
+    def __init__(self, d=None):
+        d = d or {}
+        for k in self.__slots__:
+            setattr(self, k, int(d.get(k, 0)))
+
+    def add(self, o):
+        for k in self.__slots__:
+            setattr(self, k, getattr(self, k) + getattr(o, k))
+
+    @property
+    def sector_ratio(self):
+        """Sectors touched per ideal sector (1.0: every warp access as coalesced as it can be)."""
+        return self.sectors / self.ideal if self.ideal else 1.0
+
+    @property
+    def utilization(self):
+        """Bytes asked for per byte of the sectors touched (strided lanes show here)."""
+        return self.bytes / (32.0 * self.sectors) if self.sectors else 1.0
+
+    def __repr__(self):
+        return "%d B in %d accesses, %d sectors (ideal %d)" % (
+            self.bytes, self.accesses, self.sectors, self.ideal)
+
+
+class TensorTraffic:
+    """One tensor (by role) in one launch or summed over an op call."""
+
+    def __init__(self, name, role, size):
+        self.name, self.role, self.size = name, role, size
+        self.read, self.write = DirTraffic(), DirTraffic()
+        self.block_min = self.block_max = 0
+        self.blocks_touching = 0
+
+    @property
+    def moved(self):
+        return self.read.bytes + self.write.bytes
+
+    def __repr__(self):
+        return "%s(%s, %d B): read %r; write %r" % (self.name, self.role, self.size, self.read,
+                                                     self.write)
+
+
+def kernel_base_name(signature):
+    """'fusedbn::cuda::(anonymous namespace)::ew_rows_kernel<...>(...)' -> 'ew_rows_kernel'."""
+    s = signature.replace("(anonymous namespace)", "anonymous")
+    if s.startswith("void "):
+        s = s[5:]
+    depth, cut = 0, len(s)
+    for i, ch in enumerate(s):
+        if ch in "<(":
+            if depth == 0:
+                cut = i
+                break
+        depth += ch == "<"
+    return s[:cut].split("::")[-1]
+
+
+class LaunchTraffic:
+    def __init__(self, rec, names):
+        self.signature = rec["kernel"]
+        self.kernel = kernel_base_name(rec["kernel"])
+        self.grid, self.block, self.blocks = tuple(rec["grid"]), tuple(rec["block"]), rec["blocks"]
+        self.threads = self.block[0] * self.block[1] * self.block[2]
+        self.tensors = {}
+        for aid, t in rec["tensors"].items():
+            name, role, size = names[int(aid)]
+            tt = TensorTraffic(name, role, size)
+            tt.read, tt.write = DirTraffic(t["read"]), DirTraffic(t["write"])
+            tt.block_min, tt.block_max = t["block_min"], t["block_max"]
+            tt.blocks_touching = t["blocks_touching"]
+            self.tensors[name] = tt
+
+    def __repr__(self):
+        return "%s grid %s block %s: %s" % (self.kernel, self.grid, self.block,
+                                            sorted(self.tensors.values(), key=lambda t: t.name))
+
+
+class OpTraffic:
+    """The traffic of one emulated op call: per launch and per tensor (argument and output names
+    of the op's schema; allocations the op made and freed are "workspace")."""
+
+    def __init__(self, func, args, kwargs, out, rec):
+        self.op = func._schema.name.split("::")[-1]
+        schema_args = [a.name for a in func._schema.arguments]
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        returns = func._schema.returns
+        out_names = [r.name or ("output" if len(returns) == 1 else "output%d" % i)
+                     for i, r in enumerate(returns)]
+        by_ptr = {}
+        for i, o in enumerate(outs):
+            if isinstance(o, torch.Tensor) and i < len(out_names):
+                by_ptr.setdefault(o.untyped_storage().data_ptr(), out_names[i])
+        touched = {int(aid) for l in rec["launches"] for aid in l["tensors"]}
+        names, seen = [], {}
+        for aid, a in enumerate(rec["allocs"]):
+            if a["arg"] >= 0:
+                name = role = schema_args[a["arg"]] if a["arg"] < len(schema_args) else (
+                    "arg%d" % a["arg"])
+            elif a["live_at_end"] and a["ptr"] in by_ptr:
+                name = role = by_ptr[a["ptr"]]
+            else:  # numbered in the order of allocation, among those a kernel touched
+                role = "workspace"
+                k = seen.get(role, 0) + (aid in touched)
+                seen[role] = k
+                name = role if k <= 1 else "%s#%d" % (role, k)
+            names.append((name, role, a["bytes"]))
+        self.launches = [LaunchTraffic(l, names) for l in rec["launches"]]
+        self.tensors = {}
+        for l in self.launches:
+            for name, t in l.tensors.items():
+                tot = self.tensors.setdefault(name, TensorTraffic(name, t.role, t.size))
+                tot.read.add(t.read)
+                tot.write.add(t.write)
+
+    def read(self, name):
+        t = self.tensors.get(name)
+        return t.read.bytes if t else 0
+
+    def written(self, name):
+        t = self.tensors.get(name)
+        return t.write.bytes if t else 0
+
+    def total(self, big=0):
+        """Bytes moved over every tensor of at least `big` bytes."""
+        return sum(t.moved for t in self.tensors.values() if t.size >= big)
+
+    def kernels(self):
+        return [l.kernel for l in self.launches]
+
+    def table(self, unit, unit_name="|x|"):
+        """One line per tensor: bytes read and written in units of `unit` (e.g. |x| in bytes),
+        sectors per ideal sector."""
+        lines = ["%s: %s" % (self.op, " -> ".join(self.kernels()))]
+        for t in sorted(self.tensors.values(), key=lambda t: (-t.size, t.name)):
+            lines.append("  %-14s %10d B  read %6.3f %s  written %6.3f %s  sectors/ideal %.3f / %.3f"
+                         % (t.name, t.size, t.read.bytes / unit, unit_name, t.write.bytes / unit,
+                            unit_name, t.read.sector_ratio, t.write.sector_ratio))
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return self.table(1, "B")
+
+
+class Traffic:
+    """What `with traffic() as t:` recorded: t.calls, one OpTraffic per emulated op call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, i):
+        return self.calls[i]
+
+    def __len__(self):
+        return len(self.calls)
+
+
+@contextlib.contextmanager
+def traffic():
+    """Counts the global-memory traffic of every emulated op called inside the block:
+
+        with traffic() as t:
+            ops.forward_train(x, w, b, 1e-5)
+        t[0].read("input"), t[0].launches[0].tensors["input"].read.sector_ratio
+
+    The counter is off otherwise (the other emulated tests do not pay for it). Not counted: the
+    host-side torch ops an op calls on the emulated device (at::cat of per-channel values, a
+    clone, the copy of match_layout) -- on a GPU those are kernels too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    m = emu_module()
+    t = Traffic()
+
+    class _Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if getattr(func, "namespace", None) == "fusedbn_emu":
+                for rec in m.take_traffic():
+                    t.calls.append(OpTraffic(func, args, kwargs, out, rec))
+            return out
+
+    m.take_traffic()
+    m.set_traffic(True)
+    try:
+        with _Mode():
+            yield t
+    finally:
+        m.set_traffic(False)
+        m.take_traffic()

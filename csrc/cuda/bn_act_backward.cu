@@ -9,6 +9,14 @@
 //           dz = y > 0 ? dy : slope * dy   (identity: slope 1, dz = dy is not rewritten).
 // The zero-weight precondition of the output source is the caller's (fusedbn/act_ops.py checks
 // it before choosing that source); checking it here would need a host synchronization.
+//
+// The mask source with batch norm's gradients asked for does not store dz to read it back
+// (7 |x| of traffic): backward_from_mask computes dz from dy and the mask bits where it reads
+// them -- in the split reduction (MaskedGradOp, the kMaskedIn0 hook of bn_reduce_kernels.cuh)
+// and in the dx pass (DxFromMaskFn) -- and writes dz only as grad_residual, from the dx pass:
+// dy and x are read twice, dx written once (5 |x|, 6 with grad_residual), plus the mask twice.
+// dz is rounded to the input's dtype where it is formed, as the stored dz was, so the results are
+// those of the unfused passes.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +27,8 @@
 #include "bn_act_cuda.h"
 #include "bn_act_ew.cuh"
 #include "bn_cuda_ops.h"
+#include "bn_elementwise.cuh"
+#include "bn_reduce.cuh"
 
 namespace fusedbn {
 namespace cuda {
@@ -65,6 +75,75 @@ struct RecoverFn {
   }
 };
 
+// The dx pass of the mask source: in: dy, x (nullptr in eval mode: not read); mask in; out: dx,
+// dz (nullptr: not written); params (k0, k1, k2, k3) of channel_grad (bn_elementwise.cuh), in
+// eval mode (0, w * invstd, 0, 0).
+struct DxFromMaskFn {
+  static constexpr int kIn = 2, kOut = 2, kParams = kGradParams;
+  static constexpr bool kUsesAct = false;
+  template <Act, typename acc_t, typename T>
+  __device__ __forceinline__ static void apply(const acc_t (&in)[kIn], const acc_t* p, bool bit,
+                                               acc_t (&out)[kOut], bool&,
+                                               const ActEwArgs<T>& a) {
+    acc_t dz = bit ? in[0] : (a.relu_bits ? acc_t(0) : in[0] * a.slope);
+    dz = static_cast<acc_t>(static_cast<T>(dz));  // as GradFromMaskFn stores it
+    out[0] = (dz - p[0]) * p[1] - (in[1] - p[2]) * p[3];
+    out[1] = dz;
+  }
+};
+
+// GradOp over (dz, x) with dz formed from dy and the mask as the reduction loads dy.
+template <typename T>
+struct MaskedGradOp : GradOp<T> {
+  using acc_t = typename GradOp<T>::acc_t;
+  static constexpr bool kMaskedIn0 = true;
+  // Elements [lo, hi) of the group at `offset`. The group need not start at a multiple of V (a
+  // misaligned input keeps its vectors, bn_reduce.cuh), so its bits may span two mask bytes; only
+  // bytes holding elements of [lo, hi) are read (lanes outside it may lie before the tensor).
+  template <int V, class Args, typename index_t>
+  __device__ __forceinline__ static void mask_in0(const Args& a, index_t offset, int lo, int hi,
+                                                  Vec<T, V>& r) {
+    const index_t e0 = offset + lo;
+    const uint8_t* m = a.mask + (e0 >> 3);
+    const int sh = static_cast<int>(e0 & 7);
+    unsigned bits = static_cast<unsigned>(m[0]) >> sh;
+    if (sh + (hi - lo) > 8) bits |= static_cast<unsigned>(m[1]) << (8 - sh);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      if (j >= lo && j < hi && ((bits >> (j - lo)) & 1u) == 0) {
+        r.v[j] = static_cast<T>(a.mask_zero ? acc_t(0) : static_cast<acc_t>(r.v[j]) * a.mask_slope);
+      }
+    }
+  }
+};
+
+// Per channel, from the merged sums: grad_weight, grad_bias and the dx pass's coefficients [4][C]
+// (train: channel_grad's; eval: (0, w * invstd, 0, 0)), as BackwardEpilogue of bn_backward.cu.
+template <typename acc_t>
+struct MaskEpilogue {
+  const acc_t* mean;
+  const acc_t* invstd;
+  ChannelPtr weight;
+  ChannelPtr grad_weight;  // kNone when not asked for
+  ChannelPtr grad_bias;    // kNone when not asked for
+  acc_t* coeffs;           // nullptr when dx is not asked for
+  int64_t C;
+  acc_t inv_m;  // 1 / M
+  bool train;
+
+  __device__ void operator()(int64_t c, const GradPartial<acc_t>& s) const {
+    const acc_t is = invstd[c];
+    grad_weight.store(c, s.sum_dy_xmu * is);
+    grad_bias.store(c, s.sum_dy);
+    if (coeffs == nullptr) return;
+    const acc_t a = weight.load<acc_t>(c, acc_t(1)) * is;
+    coeffs[c] = train ? s.sum_dy * inv_m : acc_t(0);
+    coeffs[C + c] = a;
+    coeffs[2 * C + c] = train ? mean[c] : acc_t(0);
+    coeffs[3 * C + c] = train ? a * is * is * s.sum_dy_xmu * inv_m : acc_t(0);
+  }
+};
+
 template <class Fn, typename T>
 void launch(const at::Tensor& in0, const at::Tensor& in1, const at::Tensor& in2,
             const at::Tensor& out0, const at::Tensor& out1, const at::Tensor& mask,
@@ -87,6 +166,59 @@ void launch(const at::Tensor& in0, const at::Tensor& in1, const at::Tensor& in2,
   launch_act_ew<Fn, T>(a, g, in0.get_device());
 }
 
+// The mask source with some of batch norm's gradients asked for (numel > 0); see the top.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_from_mask(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask, const Geometry& g,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd,
+    bool train, Act act, double slope, std::array<bool, 4> output_mask) {
+  const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2],
+             need_dr = output_mask[3];
+  const at::ScalarType acc = acc_dtype(x.scalar_type());
+  const auto acc_opts = x.options().dtype(acc);
+  const auto param_opts = x.options().dtype(defined(weight) ? weight->scalar_type() : acc);
+  at::Tensor dx = need_dx ? empty_output(x) : at::empty({0}, x.options());
+  at::Tensor dw = at::empty({need_dw ? g.C : 0}, param_opts);
+  at::Tensor db = at::empty({need_db ? g.C : 0}, param_opts);
+  at::Tensor dz = need_dr ? empty_output(x) : at::empty({0}, x.options());
+  const bool need_sums = (train && need_dx) || need_dw || need_db;
+  const at::Tensor mean_c = mean.contiguous();
+  const at::Tensor invstd_c = invstd.contiguous();
+  at::Tensor coeffs;
+  if (need_dx) coeffs = at::empty({kGradParams * g.C}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "fusedbn_act_backward_mask", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (need_sums) {
+      using Op = MaskedGradOp<scalar_t>;
+      const Partials parts =
+          reduce_pass1<Op>(dy, x, mean_c.const_data_ptr<acc_t>(), g,
+                           mask.const_data_ptr<uint8_t>(), slope, act == Act::kRelu);
+      MaskEpilogue<acc_t> epi{mean_c.const_data_ptr<acc_t>(),
+                              invstd_c.const_data_ptr<acc_t>(),
+                              channel_ptr(weight),
+                              need_dw ? channel_ptr(dw) : ChannelPtr{},
+                              need_db ? channel_ptr(db) : ChannelPtr{},
+                              need_dx ? coeffs.mutable_data_ptr<acc_t>() : nullptr,
+                              g.C,
+                              acc_t(1) / static_cast<acc_t>(g.rows()),
+                              train};
+      reduce_pass2<Op>(parts, g.C, epi);
+    } else {  // eval mode, dx only
+      const at::Tensor w = defined(weight) ? weight->to(acc_opts) : at::ones({g.C}, acc_opts);
+      coeffs = at::cat(
+          {at::zeros({g.C}, acc_opts), w * invstd_c, at::zeros({2 * g.C}, acc_opts)});
+    }
+    if (need_dx) {
+      launch<DxFromMaskFn, scalar_t>(dy, train ? x : at::Tensor(), at::Tensor(), dx,
+                                     need_dr ? dz : at::Tensor(), mask, coeffs, g, act, slope);
+    } else if (need_dr) {
+      launch<GradFromMaskFn, scalar_t>(dy, at::Tensor(), at::Tensor(), dz, at::Tensor(), mask,
+                                       at::Tensor(), g, act, slope);
+    }
+  });
+  return {dx, dw, db, dz};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> act_backward(
@@ -106,6 +238,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> act_backward(
   const at::Tensor dy = match_layout(grad_output, x);
   const at::Tensor r = defined(residual) ? match_layout(*residual, x) : at::Tensor();
   const bool need_bn = output_mask[0] || output_mask[1] || output_mask[2];
+  if (src == ActSource::kMask && need_bn && g.numel() > 0) {
+    return backward_from_mask(dy, x, *mask, g, weight, mean, invstd, train, act, negative_slope,
+                              output_mask);
+  }
   const auto acc_opts = saved.options().dtype(acc_dtype(saved.scalar_type()));
   const at::Tensor w = defined(weight) ? weight->to(acc_opts) : at::ones({g.C}, acc_opts);
   const at::Tensor b = defined(bias) ? bias->to(acc_opts) : at::zeros({g.C}, acc_opts);

@@ -12,6 +12,13 @@
 // there is no division per element; channels-last is the same walk with planes of 1 element.
 // The activation is a run-time value, switched on once per group (uniform over the grid).
 //
+// channels_last with C a multiple of 8 (act_ew_rows_kernel): as ew_rows_kernel of
+// bn_elementwise.cu, threads along C, each owning one group of 8 channels (a mask byte of every
+// row, since rows start at multiples of 8) whose 8 x kParams coefficients it loads once into
+// registers, and striding over at least 4 rows (one wave of blocks, as ew_rows_kernel); otherwise
+// the coefficients of every element's channel are loaded per element (the channel changes from
+// one element to the next).
+//
 // An op Fn provides kIn, kOut, kParams, kUsesAct and
 //   template <Act A> apply(const acc_t (&in)[kIn], const acc_t* p, bool bit_in,
 //                          acc_t (&out)[kOut], bool& bit_out, const ActEwArgs& a)
@@ -22,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "activation.h"
 #include "bn_utils.cuh"
@@ -31,6 +39,7 @@ namespace fusedbn {
 namespace cuda {
 
 constexpr int kGroup = 8;  // elements per thread per step: one mask byte
+constexpr int kActRowsPerThread = 4;  // act_ew_rows_kernel: rows per thread at least (as U)
 
 template <typename T>
 struct ActEwArgs {
@@ -55,12 +64,15 @@ __device__ __forceinline__ void load_params(const acc_t* params, index_t C, inde
   for (int k = 0; k < NP; ++k) p[k] = __ldg(params + k * C + c);
 }
 
+template <int NP, typename acc_t>
+using GroupParams = acc_t[kGroup][NP > 0 ? NP : 1];  // the coefficients of each element
+
+// The group of n elements at e0: loads, Fn, stores, the mask byte; p: each element's coefficients.
 template <class Fn, Act A, typename T, typename index_t>
-__device__ __forceinline__ void act_ew_group(const ActEwArgs<T>& a, index_t e0, int n,
-                                             index_t pos, index_t ch) {
+__device__ __forceinline__ void act_ew_apply(const ActEwArgs<T>& a, index_t e0, int n,
+                                             const GroupParams<Fn::kParams,
+                                                               at::opmath_type<T>>& p) {
   using acc_t = at::opmath_type<T>;
-  constexpr int NP = Fn::kParams;
-  const index_t S = a.S, C = a.C;
   Vec<T, kGroup> v[Fn::kIn];
 #pragma unroll
   for (int i = 0; i < Fn::kIn; ++i) {
@@ -74,23 +86,16 @@ __device__ __forceinline__ void act_ew_group(const ActEwArgs<T>& a, index_t e0, 
     }
   }
   const unsigned bits_in = a.mask_in != nullptr ? a.mask_in[e0 >> 3] : 0u;
-  acc_t p[NP > 0 ? NP : 1];
-  load_params<NP>(a.params, C, ch, p);
   Vec<T, kGroup> o[Fn::kOut > 0 ? Fn::kOut : 1];
   unsigned bits_out = 0;
 #pragma unroll
   for (int j = 0; j < kGroup; ++j) {
     if (j < n) {
-      if (j > 0 && ++pos == S) {  // the group crosses into the next plane (channel)
-        pos = 0;
-        ch = ch + 1 == C ? 0 : ch + 1;
-        load_params<NP>(a.params, C, ch, p);
-      }
       acc_t in[Fn::kIn], out[Fn::kOut > 0 ? Fn::kOut : 1];
 #pragma unroll
       for (int i = 0; i < Fn::kIn; ++i) in[i] = static_cast<acc_t>(v[i].v[j]);
       bool bit = false;
-      Fn::template apply<A>(in, p, ((bits_in >> j) & 1u) != 0, out, bit, a);
+      Fn::template apply<A>(in, p[j], ((bits_in >> j) & 1u) != 0, out, bit, a);
 #pragma unroll
       for (int k = 0; k < Fn::kOut; ++k) o[k].v[j] = static_cast<T>(out[k]);
       bits_out |= static_cast<unsigned>(bit) << j;
@@ -106,6 +111,46 @@ __device__ __forceinline__ void act_ew_group(const ActEwArgs<T>& a, index_t e0, 
     }
   }
   if (a.mask_out != nullptr) a.mask_out[e0 >> 3] = static_cast<uint8_t>(bits_out);
+}
+
+// The generic walk: the coefficients of the group's channel, re-read where it crosses into the
+// next plane (channel).
+template <class Fn, Act A, typename T, typename index_t>
+__device__ __forceinline__ void act_ew_group(const ActEwArgs<T>& a, index_t e0, int n,
+                                             index_t pos, index_t ch) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int NP = Fn::kParams;
+  const index_t S = a.S, C = a.C;
+  GroupParams<NP, acc_t> p;
+  load_params<NP>(a.params, C, ch, p[0]);
+#pragma unroll
+  for (int j = 1; j < kGroup; ++j) {
+    if (j < n && ++pos == S) {
+      pos = 0;
+      ch = ch + 1 == C ? 0 : ch + 1;
+      load_params<NP>(a.params, C, ch, p[j]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < NP; ++k) p[j][k] = p[j - 1][k];
+    }
+  }
+  act_ew_apply<Fn, A>(a, e0, n, p);
+}
+
+// Runs the group with the activation a.act (uniform over the grid).
+template <class Fn, typename T, typename index_t, class Group>
+__device__ __forceinline__ void act_ew_dispatch(const ActEwArgs<T>& a, const Group& group) {
+  if constexpr (Fn::kUsesAct) {
+    switch (static_cast<Act>(a.act)) {
+      case Act::kIdentity: group(std::integral_constant<Act, Act::kIdentity>{}); break;
+      case Act::kRelu: group(std::integral_constant<Act, Act::kRelu>{}); break;
+      case Act::kLeakyRelu: group(std::integral_constant<Act, Act::kLeakyRelu>{}); break;
+      case Act::kSilu: group(std::integral_constant<Act, Act::kSilu>{}); break;
+      case Act::kGeluTanh: group(std::integral_constant<Act, Act::kGeluTanh>{}); break;
+    }
+  } else {
+    group(std::integral_constant<Act, Act::kIdentity>{});
+  }
 }
 
 template <class Fn, typename T, typename index_t>
@@ -124,17 +169,9 @@ __global__ void __launch_bounds__(kBlockThreads) act_ew_kernel(const ActEwArgs<T
   for (; q < groups; q += stride) {
     const index_t e0 = q * kGroup;
     const int n = static_cast<int>(min(static_cast<index_t>(kGroup), numel - e0));
-    if constexpr (Fn::kUsesAct) {
-      switch (static_cast<Act>(a.act)) {
-        case Act::kIdentity: act_ew_group<Fn, Act::kIdentity>(a, e0, n, pos, ch); break;
-        case Act::kRelu: act_ew_group<Fn, Act::kRelu>(a, e0, n, pos, ch); break;
-        case Act::kLeakyRelu: act_ew_group<Fn, Act::kLeakyRelu>(a, e0, n, pos, ch); break;
-        case Act::kSilu: act_ew_group<Fn, Act::kSilu>(a, e0, n, pos, ch); break;
-        case Act::kGeluTanh: act_ew_group<Fn, Act::kGeluTanh>(a, e0, n, pos, ch); break;
-      }
-    } else {
-      act_ew_group<Fn, Act::kIdentity>(a, e0, n, pos, ch);
-    }
+    act_ew_dispatch<Fn, T, index_t>(a, [&](auto act) {
+      act_ew_group<Fn, decltype(act)::value>(a, e0, n, pos, ch);
+    });
     pos += a.step_pos;
     ch += a.step_ch;
     if (pos >= S) {
@@ -142,6 +179,29 @@ __global__ void __launch_bounds__(kBlockThreads) act_ew_kernel(const ActEwArgs<T
       ++ch;
     }
     if (ch >= C) ch -= C;
+  }
+}
+
+// channels_last, C % kGroup == 0: blockDim (TX, TY), thread (tx, ty) of block (bx, by) owns the
+// channel group g = bx * TX + tx and rows by * TY + ty, + gridDim.y * TY, ...
+template <class Fn, typename T, typename index_t>
+__global__ void __launch_bounds__(kBlockThreads) act_ew_rows_kernel(const ActEwArgs<T> a) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int NP = Fn::kParams;
+  const index_t C = a.C;
+  const index_t g = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (g >= C / kGroup) return;
+  GroupParams<NP, acc_t> p;
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) load_params<NP>(a.params, C, g * kGroup + j, p[j]);
+  const index_t rows = a.numel / C;
+  const index_t stride = static_cast<index_t>(gridDim.y) * blockDim.y;
+  for (index_t r = static_cast<index_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
+       r += stride) {
+    const index_t e0 = r * C + g * kGroup;
+    act_ew_dispatch<Fn, T, index_t>(a, [&](auto act) {
+      act_ew_apply<Fn, decltype(act)::value>(a, e0, kGroup, p);
+    });
   }
 }
 
@@ -162,6 +222,23 @@ void launch_act_ew(ActEwArgs<T> a, const Geometry& g, int device) {
   const cudaStream_t stream = current_stream();
   const int64_t groups = ceil_div<int64_t>(a.numel, kGroup);
   const int64_t sms = sm_count(device);
+  if (g.layout == Layout::kChannelsLast && g.C % kGroup == 0) {
+    dispatch_index(!fits_int32(a.numel), [&](auto itag) {
+      using index_t = typename decltype(itag)::type;
+      auto kernel = act_ew_rows_kernel<Fn, T, index_t>;
+      const int bps = blocks_per_sm(kernel, kBlockThreads, 0);
+      const int64_t cgroups = g.C / kGroup;
+      const int tx = static_cast<int>(std::min<int64_t>(cgroups, kWarpSize));
+      const int ty = kBlockThreads / tx;
+      const int64_t gx = ceil_div<int64_t>(cgroups, tx);
+      // At least kActRowsPerThread rows per thread, so that the coefficients are reused.
+      int64_t gy = g.rows() / (int64_t{ty} * kActRowsPerThread);
+      gy = std::max<int64_t>(1, std::min({gy, sms * bps / gx, int64_t{65535}}));
+      launch_kernel(kernel, dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
+                    dim3(tx, ty), 0, stream, a);
+    });
+    return;
+  }
   dispatch_index(!fits_int32(a.numel), [&](auto itag) {
     using index_t = typename decltype(itag)::type;
     auto kernel = act_ew_kernel<Fn, T, index_t>;

@@ -100,14 +100,20 @@ Partials launch_pass1(Kernel kernel, ReduceArgs<typename Op::scalar_t, typename 
 }
 
 // Pass 1 over the canonical input(s) (in1 undefined for one-input ops). chan: per-channel op
-// parameter of the accumulation type, or nullptr. Requires numel > 0.
+// parameter of the accumulation type, or nullptr. Requires numel > 0. mask, mask_slope,
+// mask_zero: for ops with kMaskedIn0 (ReduceArgs).
 template <class Op>
 Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
-                      const typename Op::acc_t* chan, const Geometry& g) {
+                      const typename Op::acc_t* chan, const Geometry& g,
+                      const uint8_t* mask = nullptr, double mask_slope = 0.0,
+                      bool mask_zero = false) {
   using T = typename Op::scalar_t;
   using Partial = typename Op::Partial;
   constexpr int VM = max_vec<T>();
   ReduceArgs<T, typename Op::acc_t> a;
+  a.mask = mask;
+  a.mask_slope = static_cast<typename Op::acc_t>(mask_slope);
+  a.mask_zero = mask_zero;
   a.in0 = in0.const_data_ptr<T>();
   a.in1 = in1.defined() ? in1.const_data_ptr<T>() : nullptr;
   a.chan = chan;

@@ -32,6 +32,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "bn_reduce_ops.cuh"
 #include "bn_utils.cuh"
@@ -56,7 +57,28 @@ struct ReduceArgs {
                          // elements (both inputs share it, else V = 1)
   int64_t kq = 1;        // planes: vector slots per sample and iteration (K / kq samples at once)
   int64_t tx = 32;       // rows: lanes along channels (TX); a warp holds 32 / TX rows
+  // Ops with kMaskedIn0 (bn_act_backward.cu): the packed sign mask of in0 (bit e of byte e / 8),
+  // and what in0 becomes where the bit is clear: 0 (mask_zero) or in0 * mask_slope.
+  const uint8_t* mask = nullptr;
+  acc_t mask_slope = acc_t(0);
+  bool mask_zero = false;
 };
+
+// An op that declares kMaskedIn0 rewrites elements [lo, hi) of the first input's group of V
+// elements at `offset` after it is loaded: Op::mask_in0 (the act backward's dz from dy and the
+// mask, computed where it is read instead of stored and read back).
+template <class Op, class = void>
+struct masks_in0 : std::false_type {};
+template <class Op>
+struct masks_in0<Op, std::void_t<decltype(Op::kMaskedIn0)>>
+    : std::bool_constant<Op::kMaskedIn0> {};
+
+template <class Op, int V, typename index_t>
+__device__ __forceinline__ void mask_in0(
+    const ReduceArgs<typename Op::scalar_t, typename Op::acc_t>& a, index_t offset,
+    int lo, int hi, Vec<typename Op::scalar_t, V>& r) {
+  if constexpr (masks_in0<Op>::value) Op::template mask_in0<V>(a, offset, lo, hi, r);
+}
 
 constexpr int kReduceK = 4;  // vectors in flight per thread and input
 
@@ -78,6 +100,7 @@ __device__ __forceinline__ void load_group(
     r0 = load_partial<T, V>(a.in0 + offset, lo, hi);
     if constexpr (Op::kInputs == 2) r1 = load_partial<T, V>(a.in1 + offset, lo, hi);
   }
+  if (lo < hi) mask_in0<Op, V>(a, offset, lo, hi, r0);
 }
 
 template <typename acc_t, typename T, int V>
@@ -344,6 +367,7 @@ __global__ void __launch_bounds__(kBlockThreads)
         if (u < cnt) {
           const index_t offset = (r + static_cast<index_t>(u) * TY) * C + cv * V;
           v0[u] = load_vec<T, V>(a.in0 + offset);
+          mask_in0<Op, V>(a, offset, 0, V, v0[u]);
           if constexpr (Op::kInputs == 2) v1[u] = load_vec<T, V>(a.in1 + offset);
         }
       }

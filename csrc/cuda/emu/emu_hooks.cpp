@@ -3,7 +3,8 @@
 //    it cannot prove thread-private, and __tsan_atomic* for every atomic operation. No
 //    ThreadSanitizer runtime is linked: these definitions replace it. An access inside the
 //    shared-memory arena of the running launch goes to the emulator's shared-memory checks
-//    (red zones, races); everything else returns at once; the atomics are performed as such.
+//    (red zones, races); any other goes to the traffic counter when a test turned it on
+//    (emu_traffic.cpp), else returns at once; the atomics are performed as such.
 //  * -fsanitize=undefined (alignment, signed overflow, shifts, bounds, null, ...): the handlers
 //    of the UBSan ABI, without libubsan: each reports the check that failed and where, as an
 //    error of the running launch (or of the running op, in host code).
@@ -31,10 +32,29 @@ void set_arena_active(unsigned char* lo, size_t bytes) {
 using fusedbn_emu::g_lo;
 using fusedbn_emu::g_span;
 
-FUSEDBN_EMU_NO_INSTRUMENT static inline void emu_access(const void* p, size_t n, bool write) {
-  const uintptr_t off = reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(g_lo);
-  if (off < g_span) fusedbn_emu::shared_access(off, n, write);
+// Whether p lies in an allocation of the running op (the traffic counter's candidates): most
+// accesses are to fiber stacks, rejected here without a call.
+FUSEDBN_EMU_NO_INSTRUMENT static inline bool traffic_candidate(uintptr_t p) {
+  for (int i = 0; i < fusedbn_emu::g_traffic_nranges; ++i) {
+    if (p - fusedbn_emu::g_traffic_ranges[i].lo <
+        fusedbn_emu::g_traffic_ranges[i].hi - fusedbn_emu::g_traffic_ranges[i].lo)
+      return true;
+  }
+  return false;
 }
+
+// pc: the instrumented access's return address (the traffic counter groups lanes by it).
+FUSEDBN_EMU_NO_INSTRUMENT static inline void emu_access(const void* p, size_t n, bool write,
+                                                        const void* pc) {
+  const uintptr_t off = reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(g_lo);
+  if (off < g_span) {
+    fusedbn_emu::shared_access(off, n, write);
+  } else if (fusedbn_emu::g_traffic_on && !fusedbn_emu::g_traffic_busy &&
+             traffic_candidate(reinterpret_cast<uintptr_t>(p))) {
+    fusedbn_emu::traffic_access(p, n, write, pc);
+  }
+}
+#define FUSEDBN_EMU_PC __builtin_return_address(0)
 
 extern "C" {
 
@@ -44,25 +64,28 @@ FUSEDBN_EMU_NO_INSTRUMENT void __tsan_func_exit() {}
 FUSEDBN_EMU_NO_INSTRUMENT void __tsan_vptr_update(void**, void*) {}
 FUSEDBN_EMU_NO_INSTRUMENT void __tsan_vptr_read(void**) {}
 
-#define FUSEDBN_EMU_ACCESS(n)                                                                   \
-  FUSEDBN_EMU_NO_INSTRUMENT void __tsan_read##n(void* p) { emu_access(p, n, false); }           \
-  FUSEDBN_EMU_NO_INSTRUMENT void __tsan_write##n(void* p) { emu_access(p, n, true); }           \
-  FUSEDBN_EMU_NO_INSTRUMENT void __tsan_unaligned_read##n(void* p) { emu_access(p, n, false); } \
-  FUSEDBN_EMU_NO_INSTRUMENT void __tsan_unaligned_write##n(void* p) { emu_access(p, n, true); } \
-  FUSEDBN_EMU_NO_INSTRUMENT void __tsan_volatile_read##n(void* p) { emu_access(p, n, false); }  \
-  FUSEDBN_EMU_NO_INSTRUMENT void __tsan_volatile_write##n(void* p) { emu_access(p, n, true); }
+#define FUSEDBN_EMU_HOOK(name, n, w) \
+  FUSEDBN_EMU_NO_INSTRUMENT void name(void* p) { emu_access(p, n, w, FUSEDBN_EMU_PC); }
+#define FUSEDBN_EMU_ACCESS(n)                              \
+  FUSEDBN_EMU_HOOK(__tsan_read##n, n, false)               \
+  FUSEDBN_EMU_HOOK(__tsan_write##n, n, true)               \
+  FUSEDBN_EMU_HOOK(__tsan_unaligned_read##n, n, false)     \
+  FUSEDBN_EMU_HOOK(__tsan_unaligned_write##n, n, true)     \
+  FUSEDBN_EMU_HOOK(__tsan_volatile_read##n, n, false)      \
+  FUSEDBN_EMU_HOOK(__tsan_volatile_write##n, n, true)
 FUSEDBN_EMU_ACCESS(1)
 FUSEDBN_EMU_ACCESS(2)
 FUSEDBN_EMU_ACCESS(4)
 FUSEDBN_EMU_ACCESS(8)
 FUSEDBN_EMU_ACCESS(16)
 #undef FUSEDBN_EMU_ACCESS
+#undef FUSEDBN_EMU_HOOK
 
 FUSEDBN_EMU_NO_INSTRUMENT void __tsan_read_range(void* p, unsigned long n) {
-  emu_access(p, n, false);
+  emu_access(p, n, false, FUSEDBN_EMU_PC);
 }
 FUSEDBN_EMU_NO_INSTRUMENT void __tsan_write_range(void* p, unsigned long n) {
-  emu_access(p, n, true);
+  emu_access(p, n, true, FUSEDBN_EMU_PC);
 }
 
 // Atomics (ThreadSanitizer's ABI: memory orders 0..5 as __ATOMIC_*); performed sequentially

@@ -59,6 +59,7 @@ std::string check_guards(const Block* b) {
 void free_block(void* ctx) {
   Block* b = static_cast<Block*>(ctx);
   const std::string err = check_guards(b);
+  if (g_traffic_on) traffic_free(b->raw + kGuard);
   {
     const std::lock_guard<std::mutex> lock(g_mu);
     live().erase(b);
@@ -82,6 +83,7 @@ class PoisonAllocator final : public c10::Allocator {
       live().insert(b);
       if (g_scope_blocks != nullptr) g_scope_blocks->push_back(b);
     }
+    if (g_traffic_on) traffic_alloc(raw + kGuard, n);
     return {raw + kGuard, b, &free_block, c10::Device(c10::DeviceType::CPU)};
   }
   c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
@@ -121,10 +123,12 @@ struct OpScope::Impl {
   std::vector<Block*>* outer_blocks = nullptr;
   std::vector<Arg> args;
   bool finished = false;
+  bool traffic = false;  // this scope records the op's traffic (traffic_op_begin)
 };
 
 OpScope::OpScope() : impl_(new Impl) {
   std::string stale = take_pending_errors();  // of an earlier op, found after it returned
+  impl_->traffic = traffic_op_begin();
   impl_->previous = c10::GetCPUAllocator();
   c10::SetCPUAllocator(&g_alloc, /*priority=*/255);
   {
@@ -143,6 +147,7 @@ OpScope::~OpScope() {
     g_scope_blocks = impl_->outer_blocks;
   }
   c10::SetCPUAllocator(impl_->previous, /*priority=*/255);
+  if (impl_->traffic) traffic_op_end("?");  // finish did not run: an exception in the op
   delete impl_;
 }
 
@@ -161,6 +166,7 @@ at::Tensor OpScope::guard_copy(const at::Tensor& t, int index, bool mutating) {
       std::memcpy(st.mutable_data(), src.data(), nbytes);
     }
   }
+  traffic_arg(st.data(), index);
   Impl::Arg a{index, mutating, t, copy, {}};
   const auto* p = static_cast<const unsigned char*>(st.data());
   a.snapshot.assign(p, p + nbytes);
@@ -168,7 +174,21 @@ at::Tensor OpScope::guard_copy(const at::Tensor& t, int index, bool mutating) {
   return copy;
 }
 
+namespace {
+// "fusedbn::cuda::forward_train" from OpWrap's __PRETTY_FUNCTION__.
+std::string op_name(const char* op) {
+  std::string name = op;
+  const size_t p = name.find("f = ");
+  if (p != std::string::npos) name = name.substr(p + 4, name.find_first_of(",;]", p) - p - 4);
+  return name;
+}
+}  // namespace
+
 void OpScope::finish(const char* op) {
+  if (impl_->traffic) {
+    traffic_op_end(op_name(op));
+    impl_->traffic = false;
+  }
   std::string errors;
   auto add = [&](const std::string& e) { errors += (errors.empty() ? "" : "; ") + e; };
   for (Impl::Arg& a : impl_->args) {
@@ -194,10 +214,7 @@ void OpScope::finish(const char* op) {
   const std::string late = take_pending_errors();
   if (!late.empty()) add(late);
   if (!errors.empty()) {
-    std::string name = op;
-    const size_t p = name.find("f = ");
-    if (p != std::string::npos) name = name.substr(p + 4, name.find_first_of(",;]", p) - p - 4);
-    throw_error(name + ": " + errors);
+    throw_error(op_name(op) + ": " + errors);
   }
 }
 

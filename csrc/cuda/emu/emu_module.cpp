@@ -41,6 +41,41 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           pybind11::arg("threads") = s.threads);
   });
   m.def("reset_stats", [] { stats() = Stats{}; });
+  m.def("set_traffic", [](bool on) { traffic_set_enabled(on); },
+        "Turns the traffic counter (emu_traffic.cpp) on or off.");
+  m.def("take_traffic", [] {
+    namespace py = pybind11;
+    auto dir = [](const TrafficDir& d) {
+      return py::dict(py::arg("bytes") = d.bytes, py::arg("accesses") = d.accesses,
+                      py::arg("sectors") = d.sectors, py::arg("ideal") = d.ideal);
+    };
+    auto d3 = [](dim3 v) { return py::make_tuple(v.x, v.y, v.z); };
+    py::list calls;
+    for (const TrafficCall& c : traffic_take()) {
+      py::list allocs, launches;
+      for (const TrafficAlloc& a : c.allocs) {
+        allocs.append(py::dict(py::arg("ptr") = static_cast<uint64_t>(a.base),
+                               py::arg("bytes") = a.bytes, py::arg("arg") = a.arg,
+                               py::arg("live_at_end") = a.live_at_end));
+      }
+      for (const TrafficLaunch& l : c.launches) {
+        py::dict tensors;
+        for (const auto& kv : l.tensors) {
+          const TrafficTensor& t = kv.second;
+          tensors[py::int_(kv.first)] = py::dict(
+              py::arg("read") = dir(t.dir[0]), py::arg("write") = dir(t.dir[1]),
+              py::arg("block_min") = t.block_min, py::arg("block_max") = t.block_max,
+              py::arg("blocks_touching") = t.blocks_touching);
+        }
+        launches.append(py::dict(py::arg("kernel") = l.kernel, py::arg("grid") = d3(l.grid),
+                                 py::arg("block") = d3(l.block), py::arg("blocks") = l.blocks,
+                                 py::arg("tensors") = tensors));
+      }
+      calls.append(py::dict(py::arg("op") = c.op, py::arg("allocs") = allocs,
+                            py::arg("launches") = launches));
+    }
+    return calls;
+  }, "The op calls the traffic counter recorded since the last call (and forgets them).");
   m.def("run_broken_kernel", &run_broken_kernel, pybind11::arg("name"),
         "Launches one of the deliberately broken kernels; raises the emulator's error.");
   m.def("broken_kernel_names", &broken_kernel_names);

@@ -7,6 +7,7 @@
 
 #include <cxxabi.h>
 #include <dlfcn.h>
+#include <elf.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -148,19 +149,87 @@ int blocks_per_sm(const void* kernel, int threads, size_t smem) {
   TORCH_CHECK(false, "fusedbn_emu: ", msg);
 }
 
-std::string kernel_name(const void* kernel) {
-  Dl_info info;
-  if (dladdr(kernel, &info) != 0 && info.dli_sname != nullptr &&
-      info.dli_saddr == kernel) {
-    int status = 0;
-    char* d = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
-    std::string s = status == 0 && d != nullptr ? d : info.dli_sname;
-    std::free(d);
-    return s;
+namespace {
+
+// The functions of internal linkage (kernels in an anonymous namespace, which dladdr cannot
+// name) of a shared object, by address relative to its base: read once from its .symtab.
+const std::map<uintptr_t, std::string>& local_symbols(const char* path) {
+  static std::map<std::string, std::map<uintptr_t, std::string>> by_file;
+  auto found = by_file.find(path);
+  if (found != by_file.end()) return found->second;
+  std::map<uintptr_t, std::string>& out = by_file[path];
+  std::vector<char> file;
+  if (FILE* f = std::fopen(path, "rb")) {
+    if (std::fseek(f, 0, SEEK_END) == 0) {
+      const long n = std::ftell(f);
+      if (n > 0) {
+        file.resize(static_cast<size_t>(n));
+        std::rewind(f);
+        if (std::fread(file.data(), 1, file.size(), f) != file.size()) file.clear();
+      }
+    }
+    std::fclose(f);
   }
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "kernel at %p", kernel);
-  return buf;
+  if (file.size() < sizeof(Elf64_Ehdr)) return out;
+  const auto* eh = reinterpret_cast<const Elf64_Ehdr*>(file.data());
+  if (std::memcmp(eh->e_ident, ELFMAG, SELFMAG) != 0 || eh->e_ident[EI_CLASS] != ELFCLASS64 ||
+      eh->e_shoff + uint64_t{eh->e_shnum} * sizeof(Elf64_Shdr) > file.size())
+    return out;
+  const auto* sh = reinterpret_cast<const Elf64_Shdr*>(file.data() + eh->e_shoff);
+  for (int i = 0; i < eh->e_shnum; ++i) {
+    if (sh[i].sh_type != SHT_SYMTAB || sh[i].sh_link >= eh->e_shnum) continue;
+    const Elf64_Shdr& strs = sh[sh[i].sh_link];
+    if (sh[i].sh_offset + sh[i].sh_size > file.size() ||
+        strs.sh_offset + strs.sh_size > file.size())
+      continue;
+    const auto* sym = reinterpret_cast<const Elf64_Sym*>(file.data() + sh[i].sh_offset);
+    const size_t nsym = sh[i].sh_size / sizeof(Elf64_Sym);
+    for (size_t k = 0; k < nsym; ++k) {
+      if (ELF64_ST_TYPE(sym[k].st_info) == STT_FUNC && sym[k].st_name < strs.sh_size)
+        out.emplace(sym[k].st_value, file.data() + strs.sh_offset + sym[k].st_name);
+    }
+  }
+  return out;
+}
+
+std::string local_symbol(const Dl_info& info, const void* addr) {
+  if (info.dli_fname == nullptr) return std::string();
+  const auto& syms = local_symbols(info.dli_fname);
+  const auto it = syms.find(reinterpret_cast<uintptr_t>(addr) -
+                            reinterpret_cast<uintptr_t>(info.dli_fbase));
+  return it == syms.end() ? std::string() : it->second;
+}
+
+}  // namespace
+
+std::string kernel_name(const void* kernel) {
+  static std::mutex mu;
+  static std::map<const void*, std::string> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto it = cache.find(kernel);
+  if (it != cache.end()) return it->second;
+  Dl_info info;
+  std::string sym;
+  if (dladdr(kernel, &info) != 0) {
+    if (info.dli_sname != nullptr && info.dli_saddr == kernel) {
+      sym = info.dli_sname;
+    } else {
+      sym = local_symbol(info, kernel);
+    }
+  }
+  std::string s;
+  if (!sym.empty()) {
+    int status = 0;
+    char* d = abi::__cxa_demangle(sym.c_str(), nullptr, nullptr, &status);
+    s = status == 0 && d != nullptr ? d : sym;
+    std::free(d);
+  } else {
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "kernel at %p", kernel);
+    s = buf;
+  }
+  cache[kernel] = s;
+  return s;
 }
 
 // ---- the launch state --------------------------------------------------------------------------
@@ -511,6 +580,7 @@ void run_block(Launch& l) {
       order.push_back(i);
     }
     if (order.empty()) return;  // the block is done
+    if (g_traffic_on) traffic_barrier();
     ++g_epoch;
     for (int i : order) g_fibers[i].state = State::kRun;
     shuffle(order);
@@ -583,14 +653,19 @@ void run_launch(const void* kernel, dim3 grid, dim3 block, size_t smem, size_t p
     std::iota(order.begin(), order.end(), 0u);
     shuffle(order);
   }
+  const bool count = g_traffic_on;
+  if (count) traffic_launch_begin(name, grid, block);
   set_arena_active(g_arena, kArenaBytes);
   for (uint64_t k = 0; k < nblocks && !l.failed; ++k) {
     const uint64_t b = permute ? order[k] : k;
     blockIdx = {static_cast<unsigned>(b % grid.x),
                 static_cast<unsigned>((b / grid.x) % grid.y),
                 static_cast<unsigned>(b / (uint64_t{grid.x} * grid.y))};
+    if (count) traffic_block_begin(l.nthreads);
     run_block(l);
+    if (count) traffic_block_end();
   }
+  if (count) traffic_launch_end();
   set_arena_active(nullptr, 0);
   end_launch_arena(l);
   g_launch = nullptr;
@@ -600,6 +675,8 @@ void run_launch(const void* kernel, dim3 grid, dim3 block, size_t smem, size_t p
 }
 
 // ---- device-side entry points ------------------------------------------------------------------
+
+int current_thread() { return g_cur != nullptr ? g_cur->linear : -1; }
 
 static Fiber& current(const char* what) {
   if (g_cur == nullptr) throw_error(std::string(what) + " called outside a kernel");
@@ -668,6 +745,8 @@ void* static_shared(const void* tag, size_t bytes, size_t align, const char* nam
 }
 
 void check_vector_access(const void* p, size_t bytes, size_t align, const char* what) {
+  // load_vec / store_vec: one access of the vector's width for the traffic counter.
+  if (g_traffic_on) traffic_vector(p, bytes, what[0] == 's', __builtin_return_address(0));
   if (reinterpret_cast<uintptr_t>(p) % align == 0) return;
   char buf[256];
   std::snprintf(buf, sizeof(buf),
