@@ -12,11 +12,11 @@ the long-double reference (tests/emu_reference.py's rule), each under two seeds 
   rows per warp, idle lanes, several CTA columns) and its splits, under SM counts and occupancies;
 - the planes kernel's short segments (1-2k values: two samples per iteration) with N odd;
 - the element-wise pass's backward walk: its output does not depend on the grid (the SM count,
-  the occupancy), bit for bit.
+  the occupancy), bit for bit;
+- the act backward from a saved mask with misaligned inputs (its mask bits read per vector group).
 """
 import pytest
 import torch
-from _pytest.outcomes import XFailed
 
 import emu_reference as R
 from bn_testing import random_values
@@ -61,22 +61,12 @@ def check_eval(x, w, b, rm, rv):
 
 
 def check_all(x, dy, pdtype=torch.float32):
-    """forward_train, forward_eval, backward (train, eval): every check runs; a float32 case that
-    only misses the rule's bound against the CPU op's float64 accumulation (the rule's expected
-    failure, tests/emu_reference.py) is reported as such once all checks have run."""
+    """forward_train, forward_eval, backward (train, eval) under the rule."""
     w, b = params(x.shape[1], pdtype)
-    checks = [lambda: check_forward_train(x, w, b),
-              lambda: check_eval(x, *eval_params(x.shape[1], pdtype)),
-              lambda: check_backward(x, dy, w, True, (True, True, True)),
-              lambda: check_backward(x, dy, w, False, (True, False, True))]
-    xfails = []
-    for check in checks:
-        try:
-            check()
-        except XFailed as e:
-            xfails.append(str(e))
-    if xfails:
-        pytest.xfail("; ".join(xfails))
+    check_forward_train(x, w, b)
+    check_eval(x, *eval_params(x.shape[1], pdtype))
+    check_backward(x, dy, w, True, (True, True, True))
+    check_backward(x, dy, w, False, (True, False, True))
 
 
 # ---- unaligned heads (contiguous) ---------------------------------------------------------------
@@ -238,3 +228,31 @@ def test_elementwise_pass_independent_of_grid(shape, offset, cl):
             outs.append(check_eval(x, *p))
     for o in outs[1:]:
         R.assert_bitwise_equal(outs[0], o, "forward_eval under different grids")
+
+
+@pytest.mark.parametrize("dtype,offset", [(torch.float32, 1), (torch.float32, 3),
+                                          (torch.bfloat16, 3), (torch.bfloat16, 7)],
+                         ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, int)
+                         else "off%d" % v)
+@pytest.mark.parametrize("shape", [(2, 3, 17, 19), (4, 8, 7, 7), (3, 5, 40, 40)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_act_backward_mask_unaligned_same_position(shape, dtype, offset):
+    """The act backward from a saved mask with dy and x at the same position inside their 16-byte
+    lines: the reduction keeps its vectors, so a vector group starts at an element index that is
+    not a multiple of the width and its mask bits span two bytes of the packed mask."""
+    relu, slope = 1, 0.0  # act 1: ReLU, whose backward reads the saved sign mask
+    x = placed(shape, dtype, offset)
+    dy = placed(shape, dtype, offset)
+    w, b = params(shape[1], torch.float32)
+    _, mean, invstd, _, mask = CPU.act_forward_train(x, w, b, None, EPS, relu, slope, True)
+    z = R.act_z(x, w, b, None, R.ld(mean), R.ld(invstd))
+    dz = torch.from_numpy(R.act_grad(z, R.ld(dy), relu, slope).astype(R.np.float64))
+    dx, dw, db = R.bwd(dz, x, w, mean, invstd, True)
+    for out_mask in ([True, True, True, False], [True, True, True, True]):
+        args = (dy, x, None, mask, w, b, mean, invstd, True, relu, slope, 1, out_mask)
+        emu = run_emu("act_backward", *args)
+        cpu = CPU.act_backward(*args)
+        for i, (name, ref) in enumerate(zip(("grad_input", "grad_weight", "grad_bias",
+                                             "grad_residual"), (dx, dw, db, dz))):
+            if out_mask[i]:
+                R.assert_rule(name, emu[i], cpu[i], ref)
