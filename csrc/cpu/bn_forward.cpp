@@ -2,9 +2,12 @@
 //
 // Contiguous (N, C, S) input whose channels share out evenly over the threads: one task per
 // channel computes the channel's statistics and immediately normalizes the same values, newest
-// first, while they are still in the core's L2 (x is read from memory once when a channel fits). Otherwise (few channels, or channels larger than a cache) the
-// statistics are reduced in parallel chunks and the normalize pass runs over all planes; the
-// channels-last layout always takes this route, with the channels in the SIMD lanes.
+// first, while they are still in the core's L2 (x is read from memory once when a channel fits);
+// with planes of a few cache lines (7x7) the task is a block of adjacent channels instead, walked
+// sample by sample in memory order (see "small planes" below). Otherwise (few channels, or
+// channels larger than a cache) the statistics are reduced in parallel chunks and the normalize
+// pass runs over all planes; the channels-last layout always takes this route, with the channels
+// in the SIMD lanes.
 // y = (x - mean) * (invstd * w) + b: subtracting the mean first keeps float32 outputs exact for
 // data with a large mean and a small spread.
 #include "apply.h"
