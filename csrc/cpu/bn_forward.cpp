@@ -221,7 +221,15 @@ void forward_train_impl(const at::Tensor& xt, at::Tensor& yt, const Geometry& g,
         for (int64_t n = 0; n < std::min(g.N, kBlockAheadY); ++n)
           prefetch_run<true>(y + (n * g.C + c0) * g.S, run);
         block_states(x, g, c0, c1, pm, chunk_states, st.data());
-        for (int64_t c = c0; c < c1; ++c) finish_channel(c, st[c - c0]);
+        for (int64_t c = c0; c < c1; ++c) {
+          // A channel holding +-Inf or NaN (whose sums are not finite) is recomputed by the
+          // per-channel reduction, so that it gets whatever treatment of non-finite values the
+          // other paths give; finite data never comes here.
+          WelfordState<red_t>& sc = st[c - c0];
+          if (!welford_isfinite(sc.mean) || !welford_isfinite(sc.m2))
+            sc = nchw_channel_state(x, g, c);
+          finish_channel(c, sc);
+        }
         for (int64_t n = 0; n < g.N; ++n) {
           const int64_t off = (n * g.C + c0) * g.S;
           if (n + kBlockAheadY < g.N) prefetch_run<true>(y + off + kBlockAheadY * g.C * g.S, run);
