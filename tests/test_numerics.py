@@ -306,3 +306,11 @@ def test_cpu_small_plane_forward_independent_of_thread_count(dtype, shape):
     tol = 2e-2 if dtype != torch.float32 else 1e-5
     torch.testing.assert_close(runs[0][0].double(), ref, atol=tol, rtol=tol)
 
+
+
+@pytest.mark.parametrize("shape", [(4, 0, 7, 7), (4, 0, 3, 3)])
+def test_cpu_small_plane_forward_no_channels(shape):
+    """No channels (the small-plane path must not divide by C): empty statistics, empty output."""
+    y, mean, invstd, var = torch.ops.fusedbn.forward_train(torch.randn(shape).bfloat16(), None,
+                                                           None, 1e-5)
+    assert y.shape == shape and mean.shape == invstd.shape == var.shape == (0,)

@@ -145,7 +145,7 @@ inline int64_t small_plane_block(const Geometry& g, int64_t elem_size) {
 template <typename scalar_t>
 bool use_block_path(const Geometry& g) {
   // (Planes of kTwoPassMaxPlane values or more are reduced by LaneWelford, not PlaneMoments.)
-  return g.S < kTwoPassMaxPlane && g.rows() > 0 &&
+  return g.S < kTwoPassMaxPlane && g.rows() > 0 && g.C > 0 &&
          g.S * static_cast<int64_t>(sizeof(scalar_t)) < kBlockMaxPlaneBytes;
 }
 
