@@ -280,3 +280,37 @@ def test_cpu_results_independent_of_thread_count(layout):
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(400, 8, 7, 7), (6, 12, 5, 5)], ids=["7x7-2chunks", "5x5"])
+def test_cpu_small_plane_forward_independent_of_thread_count(dtype, shape):
+    """Small NCHW planes go through channel blocks walked in memory order (8 channels: with 1, 2
+    and 4 threads) or through the split reduction (3 threads): the same bits either way, also when
+    a channel is cut into several reduction chunks (400 x 49 values) at a plane's middle."""
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 2).to(dtype)
+    C = shape[1]
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            runs.append(torch.ops.fusedbn.forward_train(x, w, b, 1e-5))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for a, b_ in zip(runs[0], run):
+            assert torch.equal(a, b_)
+    ref = torch.nn.functional.batch_norm(x.double(), None, None, w.double(), b.double(), True,
+                                         0.0, 1e-5)
+    tol = 2e-2 if dtype != torch.float32 else 1e-5
+    torch.testing.assert_close(runs[0][0].double(), ref, atol=tol, rtol=tol)
+
+
+
+@pytest.mark.parametrize("shape", [(4, 0, 7, 7), (4, 0, 3, 3)])
+def test_cpu_small_plane_forward_no_channels(shape):
+    """No channels (the small-plane path must not divide by C): empty statistics, empty output."""
+    y, mean, invstd, var = torch.ops.fusedbn.forward_train(torch.randn(shape).bfloat16(), None,
+                                                           None, 1e-5)
+    assert y.shape == shape and mean.shape == invstd.shape == var.shape == (0,)

@@ -2,9 +2,12 @@
 //
 // Contiguous (N, C, S) input whose channels share out evenly over the threads: one task per
 // channel computes the channel's statistics and immediately normalizes the same values, newest
-// first, while they are still in the core's L2 (x is read from memory once when a channel fits). Otherwise (few channels, or channels larger than a cache) the
-// statistics are reduced in parallel chunks and the normalize pass runs over all planes; the
-// channels-last layout always takes this route, with the channels in the SIMD lanes.
+// first, while they are still in the core's L2 (x is read from memory once when a channel fits);
+// with planes of a few cache lines (7x7) the task is a block of adjacent channels instead, walked
+// sample by sample in memory order (see "small planes" below). Otherwise (few channels, or
+// channels larger than a cache) the statistics are reduced in parallel chunks and the normalize
+// pass runs over all planes; the channels-last layout always takes this route, with the channels
+// in the SIMD lanes.
 // y = (x - mean) * (invstd * w) + b: subtracting the mean first keeps float32 outputs exact for
 // data with a large mean and a small spread.
 #include "apply.h"
@@ -99,6 +102,88 @@ void normalize_all(const scalar_t* x, scalar_t* y, const Geometry& g,
   }
 }
 
+// ---- small planes: blocks of channels ------------------------------------------------------
+//
+// A channel of 7x7 planes is 32 runs of 98 bytes (bfloat16) lying C * S values apart: walked
+// channel by channel, every run is a new page and a couple of cache lines that the hardware
+// prefetchers do not see coming. A block of B adjacent channels is instead B * S contiguous values
+// per sample: the block's statistics walk the samples in memory order, every channel of the block
+// summing its own run through PlaneMoments (the same updates, in the same order per channel, as
+// nchw_moments_state: the bits do not depend on the walk), and the block's normalize pass walks
+// the same runs again from the cache.
+
+// Planes shorter than this take the block path. Measured (1 thread, cold, interleaved with the
+// per-channel walk): 7x7 bfloat16 (98 bytes) 0.70x the time, 7x7 float32 (196 bytes) about the
+// same; 14x14 bfloat16 (392 bytes) 1.1x, as its runs are already long enough for the prefetchers.
+constexpr int64_t kBlockMaxPlaneBytes = 256;
+// Channels per block: about kBlockBytes of input (32x512x7x7 bfloat16: 10 channels), which stays
+// in L1 between the two passes. (64 KB and 128 KB blocks measured slower.)
+constexpr int64_t kBlockBytes = 32768;
+// Samples ahead that the statistics walk prefetches (every sample's run starts on a new page),
+// and that the normalize walk asks for the output runs it is about to write.
+constexpr int64_t kBlockAhead = 2;
+constexpr int64_t kBlockAheadY = kPrefetchPlanes;
+
+// Asks for the cache lines of len values at p.
+template <bool kWrite = false, typename scalar_t>
+inline void prefetch_run(const scalar_t* p, int64_t len) {
+  const char* q = reinterpret_cast<const char*>(p);
+  const int64_t bytes = len * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(q + b, kWrite ? 1 : 0);
+  __builtin_prefetch(q + bytes - 1, kWrite ? 1 : 0);
+}
+
+// Channels per block: kBlockBytes of input, and at most C / threads (every thread gets blocks;
+// the results do not depend on the block size), in blocks of nearly equal size.
+inline int64_t small_plane_block(const Geometry& g, int64_t elem_size) {
+  const int64_t channel_bytes = std::max<int64_t>(1, g.rows() * elem_size);
+  const int64_t most = std::max<int64_t>(1, g.C / std::max<int64_t>(1, at::get_num_threads()));
+  const int64_t want = std::clamp<int64_t>(kBlockBytes / channel_bytes, 1, most);
+  return num_chunks(g.C, num_chunks(g.C, want));
+}
+
+template <typename scalar_t>
+bool use_block_path(const Geometry& g) {
+  // (Planes of kTwoPassMaxPlane values or more are reduced by LaneWelford, not PlaneMoments.)
+  return g.S < kTwoPassMaxPlane && g.rows() > 0 && g.C > 0 &&
+         g.S * static_cast<int64_t>(sizeof(scalar_t)) < kBlockMaxPlaneBytes;
+}
+
+// The batch states of channels [c0, c1) (out[c - c0]), walked in memory order.
+template <typename scalar_t>
+void block_states(const scalar_t* x, const Geometry& g, int64_t c0, int64_t c1,
+                  std::vector<PlaneMoments<scalar_t>>& pm,
+                  std::vector<WelfordState<red_type<scalar_t>>>& chunk_states,
+                  WelfordState<red_type<scalar_t>>* out) {
+  using acc_t = red_type<scalar_t>;
+  const int64_t C = g.C, S = g.S, M = g.rows(), B = c1 - c0;
+  const int64_t nchunks = num_chunks(M, kChunk);
+  pm.resize(B);
+  chunk_states.resize(B * nchunks);
+  for (int64_t k = 0; k < nchunks; ++k) {
+    const int64_t begin = k * kChunk, end = std::min(M, begin + kChunk);
+    int64_t n = begin / S, s = begin % S;
+    const int64_t first = std::min(S - s, end - begin);
+    for (int64_t c = c0; c < c1; ++c)
+      pm[c - c0].start(x + (n * C + c) * S + s, first, static_cast<acc_t>(x[c * S]));
+    for (int64_t done = begin; done < end; s = 0, ++n) {
+      const int64_t len = std::min(S - s, end - done);
+      if (kBlockAhead > 0 && (n + kBlockAhead) * S < end)
+        prefetch_run(x + ((n + kBlockAhead) * C + c0) * S, B * S);
+      const scalar_t* p = x + (n * C + c0) * S + s;
+      for (int64_t j = 0; j < B; ++j, p += S) pm[j].add(p, len);
+      done += len;
+    }
+    for (int64_t j = 0; j < B; ++j) chunk_states[j * nchunks + k] = pm[j].finish(end - begin);
+  }
+  for (int64_t j = 0; j < B; ++j) {
+    WelfordState<acc_t>* st = chunk_states.data() + j * nchunks;
+    tree_merge_states(st, nchunks);
+    st[0].mean += static_cast<acc_t>(x[(c0 + j) * S]);
+    out[j] = st[0];
+  }
+}
+
 template <typename scalar_t>
 void forward_train_impl(const at::Tensor& xt, at::Tensor& yt, const Geometry& g,
                         const at::Tensor& weight, const at::Tensor& bias, double eps,
@@ -125,6 +210,36 @@ void forward_train_impl(const at::Tensor& xt, at::Tensor& yt, const Geometry& g,
     k.set(c, m, is * w[c], b[c]);
   };
 
+  if (g.layout == Layout::kContiguous && use_per_channel_path(g) && use_block_path<scalar_t>(g)) {
+    const int64_t B = small_plane_block(g, sizeof(scalar_t));
+    at::parallel_for(0, num_chunks(g.C, B), 1, [&](int64_t begin, int64_t end) {
+      std::vector<PlaneMoments<scalar_t>> pm;
+      std::vector<WelfordState<red_t>> chunk_states, st(B);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t c0 = blk * B, c1 = std::min(g.C, c0 + B);
+        const int64_t run = (c1 - c0) * g.S;  // values of the block per sample
+        for (int64_t n = 0; n < std::min(g.N, kBlockAheadY); ++n)
+          prefetch_run<true>(y + (n * g.C + c0) * g.S, run);
+        block_states(x, g, c0, c1, pm, chunk_states, st.data());
+        for (int64_t c = c0; c < c1; ++c) {
+          // A channel holding +-Inf or NaN (whose sums are not finite) is recomputed by the
+          // per-channel reduction, so that it gets whatever treatment of non-finite values the
+          // other paths give; finite data never comes here.
+          WelfordState<red_t>& sc = st[c - c0];
+          if (!welford_isfinite(sc.mean) || !welford_isfinite(sc.m2))
+            sc = nchw_channel_state(x, g, c);
+          finish_channel(c, sc);
+        }
+        for (int64_t n = 0; n < g.N; ++n) {
+          const int64_t off = (n * g.C + c0) * g.S;
+          if (n + kBlockAheadY < g.N) prefetch_run<true>(y + off + kBlockAheadY * g.C * g.S, run);
+          for (int64_t c = c0; c < c1; ++c)
+            normalize_run(x + off + (c - c0) * g.S, y + off + (c - c0) * g.S, g.S, c, k);
+        }
+      }
+    });
+    return;
+  }
   if (g.layout == Layout::kContiguous && use_per_channel_path(g)) {
     at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
       const bool prefetch = is_small_plane<scalar_t>(g.S);

@@ -299,36 +299,32 @@ inline bool is_small_plane(int64_t S) {
 // rounding; in float32 (half/bfloat16 input) far below a bfloat16 one. It replaced an exact
 // two-pass over a gathered copy of the chunk, whose second pass (and, with float64 sums, a copy
 // twice the input's size) cost more than the arithmetic saved.
+// The sums of nchw_moments_state for one chunk of one channel, run by run: start() with the
+// chunk's first run, add() every run (the first again), finish(). The per-channel walk below and
+// the channel-block walk of the small-plane forward (bn_forward.cpp) both accumulate through it,
+// so a channel's state has the same bits whichever walk (and thread count) computed it.
 template <typename scalar_t>
-WelfordState<red_type<scalar_t>> nchw_moments_state(const scalar_t* x, int64_t C, int64_t S,
-                                                    int64_t c, int64_t begin, int64_t end,
-                                                    red_type<scalar_t> shift_s) {
+struct PlaneMoments {
   using IO = RedIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using AVec = typename IO::AVec;
-  constexpr int K = IO::kVecs;
-  constexpr int64_t L = AVec::size();
-  if (begin >= end) return {};
-  int64_t n = begin / S, s = begin % S;
-  acc_t center_s = 0;  // in shifted coordinates
-  {
-    const scalar_t* p = x + (n * C + c) * S + s;
-    const int64_t len = std::min(S - s, end - begin);
+  static constexpr int K = IO::kVecs;
+  static constexpr int64_t L = AVec::size();
+  acc_t center_s;  // in shifted coordinates
+  acc_t pivot_s;   // d = x - pivot
+  AVec a0[K], a1[K], q0[K], q1[K];
+
+  inline void start(const scalar_t* p, int64_t len, acc_t shift_s) {
     acc_t sum = 0;
     for (int64_t i = 0; i < len; ++i) sum += static_cast<acc_t>(p[i]) - shift_s;
     center_s = sum / static_cast<acc_t>(len);
+    pivot_s = shift_s + center_s;
+    const AVec zero(acc_t(0));
+    for (int j = 0; j < K; ++j) a0[j] = a1[j] = q0[j] = q1[j] = zero;
   }
-  const acc_t pivot_s = shift_s + center_s;  // d = x - pivot
-  const AVec pivot(pivot_s), zero(acc_t(0));
-  AVec a0[K], a1[K], q0[K], q1[K];
-  for (int j = 0; j < K; ++j) a0[j] = a1[j] = q0[j] = q1[j] = zero;
-  const bool prefetch = is_small_plane<scalar_t>(S);
-  for (int64_t done = begin; done < end; s = 0, ++n) {
-    const int64_t len = std::min(S - s, end - done);
-    const scalar_t* p = x + (n * C + c) * S + s;
-    if (prefetch && (n + kPrefetchPlanes) * S < end)
-      prefetch_plane(x + ((n + kPrefetchPlanes) * C + c) * S, S);
-    done += len;
+
+  inline void add(const scalar_t* p, int64_t len) {
+    const AVec pivot(pivot_s), zero(acc_t(0));
     int64_t i = 0;
     for (; i + 2 * IO::kUnit <= len; i += 2 * IO::kUnit) {
       AVec v0[K], v1[K];
@@ -371,19 +367,41 @@ WelfordState<red_type<scalar_t>> nchw_moments_state(const scalar_t* x, int64_t C
       }
     }
   }
-  acc_t sa[2 * K * L], sq[2 * K * L];
-  for (int j = 0; j < K; ++j) {
-    a0[j].store(sa + j * L);
-    a1[j].store(sa + (K + j) * L);
-    q0[j].store(sq + j * L);
-    q1[j].store(sq + (K + j) * L);
+
+  // The shifted state of the chunk's count values.
+  inline WelfordState<acc_t> finish(int64_t count) const {
+    acc_t sa[2 * K * L], sq[2 * K * L];
+    for (int j = 0; j < K; ++j) {
+      a0[j].store(sa + j * L);
+      a1[j].store(sa + (K + j) * L);
+      q0[j].store(sq + j * L);
+      q1[j].store(sq + (K + j) * L);
+    }
+    tree_sum(sa, 2 * K * L);
+    tree_sum(sq, 2 * K * L);
+    const acc_t md = sa[0] / static_cast<acc_t>(count);
+    const acc_t m2 = sq[0] - sa[0] * md;
+    return {center_s + md, m2 < acc_t(0) ? acc_t(0) : m2, count};  // (NaN stays NaN)
   }
-  tree_sum(sa, 2 * K * L);
-  tree_sum(sq, 2 * K * L);
-  const int64_t count = end - begin;
-  const acc_t md = sa[0] / static_cast<acc_t>(count);
-  const acc_t m2 = sq[0] - sa[0] * md;
-  return {center_s + md, m2 < acc_t(0) ? acc_t(0) : m2, count};  // (NaN stays NaN)
+};
+
+template <typename scalar_t>
+WelfordState<red_type<scalar_t>> nchw_moments_state(const scalar_t* x, int64_t C, int64_t S,
+                                                    int64_t c, int64_t begin, int64_t end,
+                                                    red_type<scalar_t> shift_s) {
+  if (begin >= end) return {};
+  int64_t n = begin / S, s = begin % S;
+  PlaneMoments<scalar_t> pm;
+  pm.start(x + (n * C + c) * S + s, std::min(S - s, end - begin), shift_s);
+  const bool prefetch = is_small_plane<scalar_t>(S);
+  for (int64_t done = begin; done < end; s = 0, ++n) {
+    const int64_t len = std::min(S - s, end - done);
+    if (prefetch && (n + kPrefetchPlanes) * S < end)
+      prefetch_plane(x + ((n + kPrefetchPlanes) * C + c) * S, S);
+    pm.add(x + (n * C + c) * S + s, len);
+    done += len;
+  }
+  return pm.finish(end - begin);
 }
 
 // Sums of dy and of dy * (x - mean) over values [begin, end) of channel c of a (N, C, S) tensor
