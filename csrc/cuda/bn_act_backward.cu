@@ -133,14 +133,15 @@ struct MaskEpilogue {
 
   __device__ void operator()(int64_t c, const GradPartial<acc_t>& s) const {
     const acc_t is = invstd[c];
-    grad_weight.store(c, s.sum_dy_xmu * is);
-    grad_bias.store(c, s.sum_dy);
+    const acc_t sum_dy = s.sum_dy.value(), sum_dy_xmu = s.sum_dy_xmu.value();
+    grad_weight.store(c, sum_dy_xmu * is);
+    grad_bias.store(c, sum_dy);
     if (coeffs == nullptr) return;
     const acc_t a = weight.load<acc_t>(c, acc_t(1)) * is;
-    coeffs[c] = train ? s.sum_dy * inv_m : acc_t(0);
+    coeffs[c] = train ? sum_dy * inv_m : acc_t(0);
     coeffs[C + c] = a;
     coeffs[2 * C + c] = train ? mean[c] : acc_t(0);
-    coeffs[3 * C + c] = train ? a * is * is * s.sum_dy_xmu * inv_m : acc_t(0);
+    coeffs[3 * C + c] = train ? a * is * is * sum_dy_xmu * inv_m : acc_t(0);
   }
 };
 
