@@ -208,9 +208,9 @@ def test_reduction_block_work(op, layout, dtype):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("op", ["act_forward_train", "act_forward_eval"])
 def test_act_channels_last_coefficients_in_registers(op, layout, dtype):
-    """Item 2: the fused BN + activation kernel in channels_last loads the 3 coefficients of each
-    of its channels once per thread, reused over at least 4 rows: at most a quarter of the loads
-    of one coefficient load per element and parameter (24 loads per 8 elements)."""
+    """Item 2: the fused BN + activation kernel in channels_last loads the 4 coefficients
+    (hi, lo, s, b: kAffineParams) of each of its channels once per thread, reused over at least 4
+    rows: at most a quarter of the loads of one coefficient load per element and parameter."""
     call, xbytes, C = measured(op, layout, dtype)
     ew = [l for l in call.launches if l.tensors.get("output") and l.tensors["output"].write.bytes]
     assert len(ew) == 1, call.kernels()
@@ -218,10 +218,11 @@ def test_act_channels_last_coefficients_in_registers(op, layout, dtype):
     coeff = [t for t in l.tensors.values() if t.role == "workspace" and t.read.bytes]
     assert len(coeff) == 1, l
     numel = xbytes // DTYPES[dtype].itemsize
-    per_element = 3 * 4 * numel  # kAffineParams float32 coefficients per element
+    params = 4  # kAffineParams (bn_elementwise.cuh) float32 coefficients per channel
+    per_element = params * 4 * numel
     threads = l.blocks * l.threads
     got = coeff[0].read.bytes
-    assert got <= per_element / 4 and got <= threads * 8 * 3 * 4, (
+    assert got <= per_element / 4 and got <= threads * 8 * params * 4, (
         "%s: %d B of coefficients read (%.2f per element and parameter) by %d threads" % (
             l.kernel, got, got / per_element, threads))
 
