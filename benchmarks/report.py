@@ -286,7 +286,9 @@ def markdown(docs):
            "reproduce a file with the command recorded in it.", ""]
     for doc in docs:
         env = doc["env"]
-        out += ["### %s" % env["device_slug"], "", describe(env) + ".", "",
+        slug = env["device_slug"]
+        title = "CPU" if slug == "cpu" else slug.upper()
+        out += ["### %s (`%s`)" % (title, doc["path"]), "", describe(env) + ".", "",
                 method_note(doc), "", "Command: `%s`" % doc["config"].get("command", "?"), ""]
         out += ["- " + line for line in headline(doc) + contention_note(doc)] + [""]
         out += [format_table(*summary_table(doc), markdown=True), ""]

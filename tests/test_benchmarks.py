@@ -194,4 +194,5 @@ def test_report_on_committed_results():
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--report"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "### cpu" in out.stdout and "| fwd | float32 | nchw |" in out.stdout
+    assert "### CPU (`benchmarks/results/cpu.json`)" in out.stdout
+    assert "| fwd | float32 | nchw |" in out.stdout
