@@ -26,14 +26,15 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 EPS = 1e-5
 RELU = 1
-# op name -> (what it runs, the floor in |x| from cases.MIN_TRAFFIC or the fused op's own)
+# op name -> (the op of emu_testing.counted_op, what it runs, the floor in |x|)
 OPS = {
-    "fwd": ("forward_train", cases.MIN_TRAFFIC["fwd"]),
-    "infer": ("forward_eval", cases.MIN_TRAFFIC["infer"]),
-    "bwd": ("backward", cases.MIN_TRAFFIC["bwd"]),
-    "act_fwd": ("act_forward_train relu, mask", cases.MIN_TRAFFIC["fwd"]),
-    "act_bwd": ("act_backward from the mask", cases.MIN_TRAFFIC["bwd"]),
-    "act_bwd_dr": ("act_backward from the mask, with grad_residual", cases.MIN_TRAFFIC["bwd"] + 1),
+    "fwd": ("forward_train", "forward_train", cases.MIN_TRAFFIC["fwd"]),
+    "infer": ("forward_eval", "forward_eval", cases.MIN_TRAFFIC["infer"]),
+    "bwd": ("backward", "backward", cases.MIN_TRAFFIC["bwd"]),
+    "act_fwd": ("act_forward_train", "act_forward_train relu, mask", cases.MIN_TRAFFIC["fwd"]),
+    "act_bwd": ("act_backward", "act_backward from the mask", cases.MIN_TRAFFIC["bwd"]),
+    "act_bwd_dr": ("act_backward_dr", "act_backward from the mask, with grad_residual",
+                   cases.MIN_TRAFFIC["bwd"] + 1),
 }
 
 
@@ -51,37 +52,6 @@ def scaled(shape, scale):
     if left > 1:
         shape[0] = max(1, shape[0] // left)
     return tuple(shape)
-
-
-def run_op(op, x, seed=0):
-    """Runs `op` (a key of OPS) on x under the traffic counter; returns its OpTraffic."""
-    from emu_testing import emu_ops, traffic
-
-    ops, cpu = emu_ops(), torch.ops.fusedbn
-    torch.manual_seed(seed)
-    C = x.shape[1]
-    w = (0.5 + torch.rand(C)).to(x.dtype)
-    b = torch.randn(C).to(x.dtype)
-    rm, rv = torch.randn(C), 0.5 + torch.rand(C)
-    dy = torch.randn_like(x)
-    if op == "bwd":
-        _, mean, invstd, _ = cpu.forward_train(x, w, b, EPS)
-    if op.startswith("act_bwd"):
-        _, mean, invstd, _, mask = cpu.act_forward_train(x, w, b, None, EPS, RELU, 0.0, True)
-    with traffic() as t:
-        if op == "fwd":
-            ops.forward_train(x, w, b, EPS)
-        elif op == "infer":
-            ops.forward_eval(x, w, b, rm, rv, EPS)
-        elif op == "bwd":
-            ops.backward(dy, x, w, mean, invstd, True, [True, True, True])
-        elif op == "act_fwd":
-            ops.act_forward_train(x, w, b, None, EPS, RELU, 0.0, True)
-        elif op.startswith("act_bwd"):
-            ops.act_backward(dy, x, None, mask, w, b, mean, invstd, True, RELU, 0.0, 1,
-                             [True, True, True, op == "act_bwd_dr"])
-    assert len(t.calls) == 1
-    return t.calls[0]
 
 
 def describe(call, xbytes):
@@ -106,7 +76,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import fusedbn  # noqa: F401  (the CPU ops make the backward's inputs)
-    from emu_testing import emu_config
+    from emu_testing import counted_op, emu_config
 
     shapes = []
     for name in cases.expand_shape_sets(args.shapes.split(",")):
@@ -128,9 +98,9 @@ def main(argv=None):
                 print("\n%s (from %s) %s %s, |x| = %d B" % (
                     "x".join(map(str, small)), "x".join(map(str, shape)), dname, fmt, xbytes))
                 for op in args.ops.split(","):
-                    what, floor = OPS[op]
+                    name, what, floor = OPS[op]
                     with emu_config(sm_count=sms, blocks_per_sm=0):
-                        call = run_op(op, x)
+                        call = counted_op(name, x, torch.randn_like(x), act=RELU, eps=EPS)
                     bulk = call.total(big=xbytes // 2) / xbytes
                     print("  %-10s %-44s %5.2f |x| over the bulk tensors (floor %d): %s" % (
                         op, what, bulk, floor, " -> ".join(call.kernels())))

@@ -28,7 +28,7 @@ import torch
 
 import fusedbn  # noqa: F401  (torch.ops.fusedbn: the CPU ops make the backward's inputs)
 from bn_testing import random_values
-from emu_testing import emu_config, emu_ops, require_emu, traffic
+from emu_testing import counted_op, emu_config, emu_ops, require_emu, traffic
 
 CPU = torch.ops.fusedbn
 EPS = 1e-5
@@ -78,39 +78,12 @@ def make_input(layout, dtype, seed):
 def measured(op, layout, dtype_name):
     """Runs `op` once on the layout's shape under the traffic counter: (OpTraffic, |x| in bytes,
     C)."""
-    require_emu()
-    ops = emu_ops()
     dtype = DTYPES[dtype_name]
     x = make_input(layout, dtype, 1)
-    C = x.shape[1]
-    w = (0.5 + torch.rand(C)).to(dtype)
-    b = torch.randn(C).to(dtype)
-    rm, rv = torch.randn(C), 0.5 + torch.rand(C)
     dy = make_input(layout, dtype, 2)
     with emu_config(sm_count=SMS, blocks_per_sm=0):
-        with traffic() as t:
-            if op == "forward_train":
-                ops.forward_train(x, w, b, EPS)
-            elif op == "forward_eval":
-                ops.forward_eval(x, w, b, rm, rv, EPS)
-            elif op == "backward":
-                _, mean, invstd, _ = CPU.forward_train(x, w, b, EPS)
-                t.calls.clear()
-                ops.backward(dy, x, w, mean, invstd, True, [True, True, True])
-            elif op == "act_forward_train":
-                ops.act_forward_train(x, w, b, None, EPS, RELU, 0.0, True)
-            elif op == "act_forward_eval":
-                ops.act_forward_eval(x, w, b, rm, rv, None, EPS, RELU, 0.0, True)
-            elif op in ("act_backward", "act_backward_dr"):
-                _, mean, invstd, _, mask = CPU.act_forward_train(x, w, b, None, EPS, RELU, 0.0,
-                                                                 True)
-                t.calls.clear()
-                ops.act_backward(dy, x, None, mask, w, b, mean, invstd, True, RELU, 0.0, 1,
-                                 [True, True, True, op == "act_backward_dr"])
-            else:
-                raise AssertionError(op)
-    assert len(t.calls) == 1, [c.op for c in t.calls]
-    return t.calls[0], x.numel() * x.element_size(), C
+        call = counted_op(op, x, dy, act=RELU, eps=EPS)
+    return call, x.numel() * x.element_size(), x.shape[1]
 
 
 def cases(ops=OPS, layouts=LAYOUTS, dtypes=DTYPES, check=None):

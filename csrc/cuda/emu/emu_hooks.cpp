@@ -90,52 +90,45 @@ FUSEDBN_EMU_NO_INSTRUMENT void __tsan_write_range(void* p, unsigned long n) {
 
 // Atomics (ThreadSanitizer's ABI: memory orders 0..5 as __ATOMIC_*); performed sequentially
 // consistent, which is at least as strong as asked.
-#define FUSEDBN_EMU_ATOMICS(bits, T)                                                              \
-  FUSEDBN_EMU_NO_INSTRUMENT T __tsan_atomic##bits##_load(const volatile T* a, int) {            \
-    return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                \
-  }                                                                                             \
-  FUSEDBN_EMU_NO_INSTRUMENT void __tsan_atomic##bits##_store(volatile T* a, T v, int) {         \
-    __atomic_store_n(a, v, __ATOMIC_SEQ_CST);                                                   \
-  }                                                                                             \
-  FUSEDBN_EMU_NO_INSTRUMENT T __tsan_atomic##bits##_exchange(volatile T* a, T v, int) {         \
-    return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                         \
-  }                                                                                             \
-  FUSEDBN_EMU_NO_INSTRUMENT T __tsan_atomic##bits##_fetch_add(volatile T* a, T v, int) {        \
-    return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);                                          \
-  }                                                                                             \
-  FUSEDBN_EMU_NO_INSTRUMENT T __tsan_atomic##bits##_fetch_sub(volatile T* a, T v, int) {        \
-    return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST);                                          \
-  }                                                                                             \
-  FUSEDBN_EMU_NO_INSTRUMENT T __tsan_atomic##bits##_fetch_and(volatile T* a, T v, int) {        \
-    return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST);                                          \
-  }                                                                                             \
-  FUSEDBN_EMU_NO_INSTRUMENT T __tsan_atomic##bits##_fetch_or(volatile T* a, T v, int) {         \
-    return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST);                                           \
-  }                                                                                             \
-  FUSEDBN_EMU_NO_INSTRUMENT T __tsan_atomic##bits##_fetch_xor(volatile T* a, T v, int) {        \
-    return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST);                                          \
-  }                                                                                             \
-  FUSEDBN_EMU_NO_INSTRUMENT T __tsan_atomic##bits##_fetch_nand(volatile T* a, T v, int) {       \
-    return __atomic_fetch_nand(a, v, __ATOMIC_SEQ_CST);                                         \
-  }                                                                                             \
-  FUSEDBN_EMU_NO_INSTRUMENT int __tsan_atomic##bits##_compare_exchange_strong(                  \
-      volatile T* a, T* c, T v, int, int) {                                                     \
-    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);     \
-  }                                                                                             \
-  FUSEDBN_EMU_NO_INSTRUMENT int __tsan_atomic##bits##_compare_exchange_weak(                    \
-      volatile T* a, T* c, T v, int, int) {                                                     \
-    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);     \
-  }                                                                                             \
-  FUSEDBN_EMU_NO_INSTRUMENT T __tsan_atomic##bits##_compare_exchange_val(volatile T* a, T c,    \
-                                                                         T v, int, int) {       \
-    __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);           \
-    return c;                                                                                   \
+#define FUSEDBN_EMU_RMW(bits, T, op)                                                               \
+  FUSEDBN_EMU_NO_INSTRUMENT T __tsan_atomic##bits##_##op(volatile T* a, T v, int) {                \
+    return __atomic_##op(a, v, __ATOMIC_SEQ_CST);                                                  \
+  }
+#define FUSEDBN_EMU_CAS(bits, T, kind)                                                             \
+  FUSEDBN_EMU_NO_INSTRUMENT int __tsan_atomic##bits##_compare_exchange_##kind(                     \
+      volatile T* a, T* c, T v, int, int) {                                                        \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);        \
+  }
+#define FUSEDBN_EMU_ATOMICS(bits, T)                                                               \
+  FUSEDBN_EMU_NO_INSTRUMENT T __tsan_atomic##bits##_load(const volatile T* a, int) {               \
+    return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                   \
+  }                                                                                                \
+  FUSEDBN_EMU_NO_INSTRUMENT void __tsan_atomic##bits##_store(volatile T* a, T v, int) {            \
+    __atomic_store_n(a, v, __ATOMIC_SEQ_CST);                                                      \
+  }                                                                                                \
+  FUSEDBN_EMU_NO_INSTRUMENT T __tsan_atomic##bits##_exchange(volatile T* a, T v, int) {            \
+    return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                            \
+  }                                                                                                \
+  FUSEDBN_EMU_RMW(bits, T, fetch_add)                                                              \
+  FUSEDBN_EMU_RMW(bits, T, fetch_sub)                                                              \
+  FUSEDBN_EMU_RMW(bits, T, fetch_and)                                                              \
+  FUSEDBN_EMU_RMW(bits, T, fetch_or)                                                               \
+  FUSEDBN_EMU_RMW(bits, T, fetch_xor)                                                              \
+  FUSEDBN_EMU_RMW(bits, T, fetch_nand)                                                             \
+  FUSEDBN_EMU_CAS(bits, T, strong)                                                                 \
+  FUSEDBN_EMU_CAS(bits, T, weak)                                                                   \
+  FUSEDBN_EMU_NO_INSTRUMENT T __tsan_atomic##bits##_compare_exchange_val(volatile T* a,            \
+                                                                         T c, T v, int, int) {     \
+    __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);              \
+    return c;                                                                                      \
   }
 FUSEDBN_EMU_ATOMICS(8, char)
 FUSEDBN_EMU_ATOMICS(16, short)
 FUSEDBN_EMU_ATOMICS(32, int)
 FUSEDBN_EMU_ATOMICS(64, long)
 #undef FUSEDBN_EMU_ATOMICS
+#undef FUSEDBN_EMU_CAS
+#undef FUSEDBN_EMU_RMW
 
 FUSEDBN_EMU_NO_INSTRUMENT void __tsan_atomic_thread_fence(int) {
   __atomic_thread_fence(__ATOMIC_SEQ_CST);

@@ -291,15 +291,22 @@ FUSEDBN_EMU_NO_INSTRUMENT void traffic_launch_end() {
   g_launch = nullptr;
 }
 
+// The calling thread t and the tracked allocation id that address a falls in, for an access to
+// count: false when none is counted (no counted launch, host code, an untracked address).
+static FUSEDBN_EMU_NO_INSTRUMENT bool counted(uintptr_t a, int& t, int& id) {
+  if (g_launch == nullptr) return false;
+  t = current_thread();
+  if (t < 0) return false;
+  id = find_alloc(a);
+  return id >= 0;
+}
+
 FUSEDBN_EMU_NO_INSTRUMENT void traffic_access(const void* p, size_t n, bool write,
                                               const void* pc) {
   const Busy busy;
-  if (g_launch == nullptr) return;
-  const int t = current_thread();
-  if (t < 0) return;
   const auto a = reinterpret_cast<uintptr_t>(p);
-  const int id = find_alloc(a);
-  if (id < 0) return;
+  int t = -1, id = -1;
+  if (!counted(a, t, id)) return;
   if (t == g_skip_thread) {
     if (a >= g_skip_lo && a + n <= g_skip_hi) return;  // a move of the vector copy just counted
     g_skip_thread = -1;
@@ -310,12 +317,9 @@ FUSEDBN_EMU_NO_INSTRUMENT void traffic_access(const void* p, size_t n, bool writ
 FUSEDBN_EMU_NO_INSTRUMENT void traffic_vector(const void* p, size_t n, bool write,
                                               const void* pc) {
   const Busy busy;
-  if (g_launch == nullptr) return;
-  const int t = current_thread();
-  if (t < 0) return;
   const auto a = reinterpret_cast<uintptr_t>(p);
-  const int id = find_alloc(a);
-  if (id < 0) return;
+  int t = -1, id = -1;
+  if (!counted(a, t, id)) return;
   record(t, id, a, n, write, reinterpret_cast<uintptr_t>(pc));
   g_skip_thread = t;
   g_skip_lo = a;
