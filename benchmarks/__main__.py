@@ -119,7 +119,7 @@ def do_report(args):
     docs = report.load_documents(args.results)
     if not docs:
         raise SystemExit("--report: no results files match %s" % args.results)
-    text = report.markdown(docs)
+    text = report.markdown(docs, report.load_traffic())
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text)
@@ -270,7 +270,7 @@ def measure(args):
     config["others_cores_during_sweep"] = load.others() if load else None
     doc = {"schema": report.SCHEMA, "env": env, "config": config,
            "copy_bandwidth": bandwidth, "records": records}
-    report.print_report(doc, sys.stdout)
+    report.print_report(doc, sys.stdout, report.load_traffic())
     _save(args, doc)
 
 

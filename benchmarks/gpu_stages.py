@@ -464,7 +464,7 @@ def write_bench(ctx, doc):
     except Exception as e:  # a broken plot must not lose the numbers
         ctx.log.line("bench: plot failed: %s: %s" % (type(e).__name__, e))
     with open(os.path.join(ctx.work, "bench.txt"), "w") as f:
-        report.print_report(doc, f)
+        report.print_report(doc, f, report.load_traffic())
     files["summary"] = [dict(e) for e in report.summary(doc) if e["mode"] == "all"]
     files["headline"] = report.headline(doc)
     return files

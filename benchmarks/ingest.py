@@ -233,7 +233,7 @@ def regenerate_readme(readme, results):
         text = f.read()
     docs = report.load_documents(os.path.join(results, "*.json"))
     if docs:
-        perf = report.markdown(docs).split("\n")
+        perf = report.markdown(docs, report.load_traffic()).split("\n")
         body = "\n".join(perf[1:]).lstrip("\n")  # without its own "## Performance" line
         marker = body.split("\n", 1)[0][:20]
         # report.markdown names files by the --results glob; make them relative to the README

@@ -9,8 +9,17 @@ of benchmarks/cases.py (MIN_TRAFFIC). Shapes are the benchmark's with N*spatial 
 --scale (N first, then H and W), on an emulated GPU of 132 / scale SMs, so that every block gets
 the share of the tensor it gets on an H100 at full size.
 
+With --scale auto, each shape gets the smallest power-of-two scale >= 16 that leaves at most
+--max-elements elements (at least 1 SM: the largest shapes' blocks then get more than their
+share, which changes the grid, not the bytes per tensor).
+
     python -m benchmarks.traffic                           # the `main` set, float32 + bfloat16
     python -m benchmarks.traffic --shapes quick --ops fwd,bwd --dtypes bfloat16
+    python -m benchmarks.traffic --commit-results          # benchmarks/results/traffic.json
+
+--commit-results writes the counts of the GPU benchmark's cases, which `python -m benchmarks`
+(its report, the README's Performance section) prints beside time and eta of CUDA results as
+"counted |x|" (benchmarks/report.py). Regenerate it whenever a CUDA kernel changes.
 """
 import argparse
 import math
@@ -65,46 +74,113 @@ def describe(call, xbytes):
     return lines
 
 
+def auto_scale(shape, limit):
+    """The smallest power of two >= 16 that brings shape's elements down to `limit`."""
+    n = math.prod(shape)
+    scale = 16
+    while n // scale > limit and scale < n:
+        scale *= 2
+    return scale
+
+
+def count_case(shape, dname, fmt, ops, scale, counted_op, emu_config):
+    """Counts `ops` on `shape` scaled by `scale`: one record per op (see RESULTS_DOC)."""
+    small = scaled(shape, scale)
+    x = torch.randn(small).to(cases.DTYPES[dname])
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format={4: torch.channels_last,
+                                        5: torch.channels_last_3d}[len(small)])
+    xbytes = x.numel() * x.element_size()
+    sms = max(1, round(132 / scale))
+    out = []
+    for op in ops:
+        name, what, floor = OPS[op]
+        with emu_config(sm_count=sms, blocks_per_sm=0):
+            call = counted_op(name, x, torch.randn_like(x), act=RELU, eps=EPS)
+        bulk = [t for t in call.tensors.values() if t.size >= xbytes // 2]
+        out.append({
+            "shape": list(shape), "scaled": list(small), "sms": sms, "dtype": dname,
+            "layout": cases.layout_label(len(shape), fmt), "op": op, "what": what,
+            "floor": floor, "x_bytes": xbytes,
+            "bulk_x": call.total(big=xbytes // 2) / xbytes,
+            "sector_ratio": max([max(t.read.sector_ratio, t.write.sector_ratio) for t in bulk]
+                                or [1.0]),
+            "kernels": call.kernels(), "tensors": describe(call, xbytes)})
+    return out
+
+
+# The document --json / --commit-results write: {"schema", "env": {commit, torch}, "config",
+# "records"}; a record is one (case, op): the full shape and the scaled one it was counted at
+# (on `sms` emulated SMs), bulk_x = bytes moved over the bulk tensors (at least half of |x|) per
+# |x|, sector_ratio = the worst sectors per ideal sector of their warp accesses.
+RESULTS_DOC = os.path.join(ROOT, "benchmarks", "results", "traffic.json")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.traffic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="main", help="shape sets of benchmarks/cases.py")
-    p.add_argument("--scale", type=int, default=16, help="N*spatial divisor (and SM divisor)")
+    p.add_argument("--scale", default="16",
+                   help="N*spatial divisor (and SM divisor), or auto: per shape, the smallest "
+                        "power of two >= 16 that leaves at most --max-elements elements")
+    p.add_argument("--max-elements", type=int, default=1 << 19)
     p.add_argument("--ops", default=",".join(OPS), help="of: " + ", ".join(OPS))
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--layouts", default="contiguous,channels_last")
+    p.add_argument("--json", help="also write the counts as a JSON document here")
+    p.add_argument("--commit-results", action="store_true",
+                   help="the GPU benchmark's cases (--shapes gpu --scale auto --max-elements "
+                        "2^18, the ops of its modes fwd, infer, bwd, every dtype and layout) "
+                        "into benchmarks/results/traffic.json, which the benchmark's report "
+                        "shows beside time and eta")
     args = p.parse_args(argv)
+    if args.commit_results:
+        args.shapes, args.scale, args.json = "gpu", "auto", RESULTS_DOC
+        args.ops, args.dtypes = "fwd,infer,bwd", "float32,float16,bfloat16"
+        args.max_elements = min(args.max_elements, 1 << 18)
+    ops = args.ops.split(",")
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        p.error("--ops: unknown %s (of: %s)" % (", ".join(unknown), ", ".join(OPS)))
 
     import fusedbn  # noqa: F401  (the CPU ops make the backward's inputs)
     from emu_testing import counted_op, emu_config
 
+    from .environment import git_info
+
     shapes = []
     for name in cases.expand_shape_sets(args.shapes.split(",")):
         shapes += [s for s in cases.SHAPE_SETS[name] if s not in shapes]
-    sms = max(1, round(132 / args.scale))
-    print("fusedbn CUDA traffic, counted by the emulator: shapes / %d (N * spatial), %d SMs"
-          % (args.scale, sms))
+    print("fusedbn CUDA traffic, counted by the emulator: shapes / scale (N * spatial) on "
+          "132 / scale SMs (scale %s)" % args.scale)
+    records = []
     for shape in shapes:
-        small = scaled(shape, args.scale)
+        scale = (auto_scale(shape, args.max_elements) if args.scale == "auto"
+                 else int(args.scale))
         for dname in args.dtypes.split(","):
-            dtype = cases.DTYPES[dname]
             for fmt in args.layouts.split(","):
-                if fmt == "channels_last" and len(small) != 4:
+                if cases.layout_label(len(shape), fmt) is None:
                     continue
-                x = torch.randn(small).to(dtype)
-                if fmt == "channels_last":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                xbytes = x.numel() * x.element_size()
-                print("\n%s (from %s) %s %s, |x| = %d B" % (
-                    "x".join(map(str, small)), "x".join(map(str, shape)), dname, fmt, xbytes))
-                for op in args.ops.split(","):
-                    name, what, floor = OPS[op]
-                    with emu_config(sm_count=sms, blocks_per_sm=0):
-                        call = counted_op(name, x, torch.randn_like(x), act=RELU, eps=EPS)
-                    bulk = call.total(big=xbytes // 2) / xbytes
+                recs = count_case(shape, dname, fmt, ops, scale, counted_op, emu_config)
+                r0 = recs[0]
+                print("\n%s (from %s, %d SMs) %s %s, |x| = %d B" % (
+                    "x".join(map(str, r0["scaled"])), "x".join(map(str, shape)), r0["sms"],
+                    dname, fmt, r0["x_bytes"]))
+                for r in recs:
                     print("  %-10s %-44s %5.2f |x| over the bulk tensors (floor %d): %s" % (
-                        op, what, bulk, floor, " -> ".join(call.kernels())))
-                    print("\n".join(describe(call, xbytes)))
+                        r["op"], r["what"], r["bulk_x"], r["floor"], " -> ".join(r["kernels"])))
+                    print("\n".join(r["tensors"]))
+                records += recs
+    if args.json:
+        from .report import write_json
+        doc = {"schema": 1, "env": {"git": git_info(), "torch_version": torch.__version__},
+               "config": {"command": "python -m benchmarks.traffic " + " ".join(
+                   argv if argv is not None else sys.argv[1:]),
+                   "shapes": args.shapes, "scale": args.scale,
+                   "max_elements": args.max_elements},
+               "records": records}
+        write_json(doc, args.json)
+        print("\nwrote %s (%d records)" % (args.json, len(records)))
 
 
 if __name__ == "__main__":

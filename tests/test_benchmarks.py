@@ -196,3 +196,38 @@ def test_report_on_committed_results():
     assert out.returncode == 0, out.stderr
     assert "### CPU (`benchmarks/results/cpu.json`)" in out.stdout
     assert "| fwd | float32 | nchw |" in out.stdout
+
+
+def _traffic_doc(records):
+    doc = {"schema": 1, "env": {"git": {"commit": "0123456789abcdef"}}, "config": {},
+           "records": records}
+    doc["by_case"] = {(tuple(r["shape"]), r["dtype"], r["layout"], r["op"]): r
+                      for r in records}
+    return doc
+
+
+def test_counted_traffic_beside_time_and_eta():
+    """A CUDA document's case table shows fusedbn's counted traffic (benchmarks/results/
+    traffic.json, python -m benchmarks.traffic) beside time and η: fwdbwd as fwd + bwd, '-'
+    where a case was not counted; CPU documents (whose kernels the count is not of) do not."""
+    cpu = report.load_documents(os.path.join(COMMITTED, "cpu.json"))[0]
+    gpu = copy.deepcopy(cpu)
+    gpu["env"]["device"] = "cuda"
+    (_, shape, dtype, layout, _), _ = next(iter(report.by_case(gpu["records"]).items()))
+    traffic = _traffic_doc([
+        {"shape": list(shape), "dtype": dtype, "layout": layout, "op": "fwd", "bulk_x": 3.0},
+        {"shape": list(shape), "dtype": dtype, "layout": layout, "op": "bwd", "bulk_x": 5.0}])
+    headers, rows = report.case_table(gpu, traffic)
+    assert headers[-1] == "counted |x|"
+    col = {(r[0], r[1], r[2], r[3]): r[-1] for r in rows}
+    label = "x".join(map(str, shape))
+    assert col[("fwd", dtype, layout, label)] == "3.00"
+    assert col[("bwd", dtype, layout, label)] == "5.00"
+    assert col[("fwdbwd", dtype, layout, label)] == "8.00"
+    assert col[("infer", dtype, layout, label)] == "-"
+    assert any(v == "-" for k, v in col.items() if k[3] != label)
+    assert "counted |x|" in report.traffic_note(gpu, traffic)
+    assert "commit 0123456789" in report.markdown([gpu], traffic)
+    headers, _ = report.case_table(cpu, traffic)
+    assert "counted |x|" not in headers and report.traffic_note(cpu, traffic) == ""
+    assert "counted |x|" not in report.case_table(gpu, None)[0]

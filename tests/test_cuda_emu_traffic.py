@@ -22,6 +22,7 @@ What is asserted (issue 15):
 A known excess not fixed yet is a strict xfail naming the issue item.
 """
 import functools
+import math
 
 import pytest
 import torch
@@ -256,3 +257,24 @@ def test_act_backward_from_mask_values(layout, train, out_mask):
                                        msg=name)
         else:
             assert e.numel() == 0, name
+
+
+def test_benchmark_traffic_document(tmp_path):
+    """python -m benchmarks.traffic --json: one record per (case, op) with the counted passes
+    over the bulk tensors that the benchmark's report shows beside time and eta (the same counts
+    as the tests above, at the benchmark's shapes scaled down)."""
+    require_emu()
+    from benchmarks import report, traffic as bench_traffic
+    out = tmp_path / "traffic.json"
+    bench_traffic.main(["--shapes", "quick", "--ops", "fwd,bwd", "--dtypes", "float32",
+                        "--scale", "auto", "--max-elements", str(1 << 16), "--json", str(out)])
+    doc = report.load_traffic(str(out))
+    shapes = {tuple(r["shape"]) for r in doc["records"]}
+    assert shapes == {(8, 64, 28, 28), (512, 256)}
+    assert len(doc["records"]) == 2 * 3  # (8, 64, 28, 28) in 2 layouts, (512, 256) in 1
+    for r in doc["records"]:
+        assert 2 <= r["bulk_x"] <= PASS_BOUNDS[{"fwd": "forward_train", "bwd": "backward"}[
+            r["op"]]], r
+        assert r["sector_ratio"] <= 1.1 and math.prod(r["scaled"]) <= 1 << 16, r
+    assert report.counted(doc, (512, 256), "float32", "nc", "fwdbwd") == pytest.approx(
+        sum(r["bulk_x"] for r in doc["records"] if tuple(r["shape"]) == (512, 256)))
