@@ -896,7 +896,17 @@ void run_cooperative_launch(const void* kernel, dim3 grid, dim3 block, size_t sm
   }
   if (count) traffic_launch_end();
   set_arena_active(nullptr, 0);
-  for (uint64_t k = 0; k < nblocks; ++k) end_block_arena(l, *g_pool[k]);
+  for (uint64_t k = 0; k < nblocks; ++k) {
+    Block& b = *g_pool[k];
+    end_block_arena(l, b);
+    // Give the pages back (the pool keeps the mappings): a zero shadow cell is "no access" and
+    // every used byte is poisoned again when a block starts, so nothing needs keeping.
+    madvise(b.arena, kArenaBytes, MADV_DONTNEED);
+    madvise(b.valid, kArenaBytes, MADV_DONTNEED);
+    madvise(b.shadow, kArenaBytes * sizeof(ShadowCell), MADV_DONTNEED);
+    for (Fiber& f : b.fibers)  // exited: make_context rebuilds the stack's top next time
+      if (f.stack != nullptr) madvise(f.stack + kGuardBytes, kStackBytes, MADV_DONTNEED);
+  }
   g_launch = nullptr;
   g_blk = nullptr;
   if (l.failed) throw_launch_error(l, last);
