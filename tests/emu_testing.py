@@ -150,8 +150,10 @@ def config():
 
 
 @contextlib.contextmanager
-def emu_config(sm_count=None, blocks_per_sm=None, force_index64=None, seed=None):
-    """Sets the given emulator parameters for the duration of the block, then restores them."""
+def emu_config(sm_count=None, blocks_per_sm=None, force_index64=None, seed=None,
+               persistent=None):
+    """Sets the given emulator parameters for the duration of the block, then restores them
+    (persistent=False: the ops take their streaming paths, not the persistent cooperative ones)."""
     m = emu_module()
     old = dict(m.config())
     try:
@@ -163,11 +165,14 @@ def emu_config(sm_count=None, blocks_per_sm=None, force_index64=None, seed=None)
             set_force_index64(force_index64)
         if seed is not None:
             set_seed(seed)
+        if persistent is not None:
+            m.set_persistent(bool(persistent))
         yield
     finally:
         m.set_sm_count(old["sm_count"])
         m.set_blocks_per_sm(old["blocks_per_sm"])
         m.set_force_index64(old["force_index64"])
+        m.set_persistent(old["persistent"])
 
 
 def stats():

@@ -61,6 +61,31 @@ BROKEN = {
                                      r"set_max_dynamic_shared_memory",
     "dynamic_shared_over_opt_in": r"98304 bytes of dynamic shared memory: too much dynamic shared "
                                   r"memory: more than the 65536 bytes the kernel opted in to",
+    # cooperative launches and the grid barrier
+    "cooperative_too_large": r"cooperative launch of .*grid_sync_kernel.* with grid \(5, 1, 1\).*"
+                             r"too many blocks in cooperative launch "
+                             r"\(cudaErrorCooperativeLaunchTooLarge\): 5 blocks, but at most 4 "
+                             r"can be resident \(2 SMs x 2 blocks per SM\)",
+    "grid_sync_not_cooperative": r"thread \(\d+, 0, 0\): grid barrier "
+                                 r"\(csrc/cuda/emu/broken_kernels.cpp:\d+\) in a launch that is "
+                                 r"not cooperative: this_grid\(\).sync\(\) needs "
+                                 r"cudaLaunchCooperativeKernel",
+    "grid_sync_thread_exits": r"block \(1, 0, 0\): thread \(5, 0, 0\) has exited while thread "
+                              r"\(\d+, 0, 0\) waits at the grid barrier "
+                              r"\(csrc/cuda/emu/broken_kernels.cpp:\d+\): the grid barrier waits "
+                              r"for every thread of the grid, so on a GPU this deadlocks",
+    "grid_sync_block_exits": r"grid: block \(2, 0, 0\) has exited while block \(\d, 0, 0\) "
+                             r"thread \(\d+, 0, 0\) waits at the grid barrier .*deadlocks",
+    "grid_sync_divergent": r"grid: divergent grid barriers: block \(\d, 0, 0\) thread "
+                           r"\(\d+, 0, 0\) waits at the grid barrier "
+                           r"\(csrc/cuda/emu/broken_kernels.cpp:(\d+)\) but block \(\d, 0, 0\) "
+                           r"thread \(\d+, 0, 0\) waits at the grid barrier "
+                           r"\(csrc/cuda/emu/broken_kernels.cpp:(?!\1)\d+\)",
+    "grid_sync_vs_syncthreads": r"block \(0, 0, 0\): divergent barrier: thread \(0, 0, 0\) waits "
+                                r"at __syncthreads .* but thread \(\d+, 0, 0\) waits at the grid "
+                                r"barrier",
+    "grid_race": r"block \(3, 0, 0\): shared-memory race: thread \(\d+, 0, 0\) writes 's' \+ \d+ "
+                 r"that thread \(\d+, 0, 0\) wrote since the last __syncthreads",
 }
 
 
@@ -76,7 +101,7 @@ def test_broken_kernel_is_caught(emu, name, seed):
 def test_every_broken_kernel_has_a_test(emu):
     controls = {"block_sum_ok", "dynamic_shared_with_opt_in_ok", "partial_warp",
                 "uninitialized_shared", "order_dependent", "launch_bounds_ok",
-                "launch_bounds_read"}
+                "launch_bounds_read", "grid_exchange_ok", "cooperative_refused"}
     assert set(emu.broken_kernel_names()) == set(BROKEN) | controls
 
 
@@ -84,6 +109,25 @@ def test_every_broken_kernel_has_a_test(emu):
 def test_correct_block_reduction_runs_clean(emu, seed):
     with emu_config(seed=seed):
         assert emu.run_broken_kernel("block_sum_ok") == [sum(range(256))]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_grid_barrier_exchanges_through_global_memory(emu, seed):
+    """A cooperative grid of 6 co-resident blocks: each block's sum written before the grid
+    barrier is read by every block after it (each gets the grid's total), and each block's static
+    and dynamic shared memory still holds what that block wrote (private per block)."""
+    total = float(sum(i % 97 for i in range(6 * 64)))
+    with emu_config(seed=seed):
+        before = emu.stats()
+        out = emu.run_broken_kernel("grid_exchange_ok")
+    assert out == [total, 1.0] * 6
+    assert emu.stats()["blocks"] - before["blocks"] == 6
+
+
+def test_cooperative_launch_refuses_a_grid_that_cannot_be_co_resident(emu):
+    """launch_cooperative (launch.cuh) checks sm_count x blocks_per_sm first: 4 blocks on 2 SMs x 2
+    launch, 5 are refused (false, nothing launched: the caller falls back)."""
+    assert emu.run_broken_kernel("cooperative_refused") == [1.0, 0.0]
 
 
 def test_launch_within_bounds_runs(emu):

@@ -161,12 +161,13 @@ def test_sectors_per_warp_access(op, layout, dtype):
 @pytest.mark.parametrize("op,layout,dtype", cases(
     ops=["forward_train", "backward", "act_forward_train", "act_backward"], check="block_work"))
 def test_reduction_block_work(op, layout, dtype):
-    """Every block of a pass-1 reduction reads at least 8 vectors (16 bytes) of x per thread."""
+    """Every block of a pass-1 reduction (or of the persistent forward, which takes its place
+    where the tensor fits on chip) reads at least 8 vectors (16 bytes) of x per thread."""
     call, xbytes, C = measured(op, layout, dtype)
     name = "input" if "forward" in op else {"backward": "input", "act_backward": "saved"}[op]
     checked = 0
     for l in call.launches:
-        if not l.kernel.startswith("reduce_") or name not in l.tensors:
+        if not l.kernel.startswith(("reduce_", "persistent_")) or name not in l.tensors:
             continue
         t = l.tensors[name]
         need = min(l.threads * 8 * 16, xbytes)

@@ -8,7 +8,11 @@
 //   3. channel_affine (bn_elementwise.cu): y = ((x - shift) - shifted mean) * (invstd * w) + b,
 //      vectorized: the mean split in two (bn_elementwise.cuh), so that x - mean keeps the digits
 //      a mean rounded at its own magnitude loses when |mean| >> std.
-// The three pieces stay separate so that a persistent single-read kernel can reuse them later.
+// Where the tensor (or a slab of its channels per launch) fits on chip in co-resident CTAs, the
+// rows layout (channels_last, (N, C)) takes the persistent single-read forward instead
+// (bn_persistent.cuh: one cooperative launch per slab, x read once, the same WelfordOp, merge
+// tree and epilogue); the three launches above are the fallback (too large, or the cooperative
+// launch refused).
 //
 // forward_eval: one per-channel kernel computes (rm, 0, w / sqrt(rv + eps), b), then
 // channel_affine.
@@ -23,6 +27,7 @@
 
 #include "bn_cuda_ops.h"
 #include "bn_elementwise.cuh"
+#include "bn_persistent.cuh"
 #include "bn_reduce.cuh"
 #include "common.h"
 
@@ -106,6 +111,31 @@ void train_stats(const at::Tensor& x, const Geometry& g, const c10::optional<at:
   });
 }
 
+// The persistent forward of the rows layout (bn_persistent.cuh), or false (nothing written) where
+// it does not apply: the caller takes the streaming path.
+bool persistent_train(const at::Tensor& x, const at::Tensor& out, const Geometry& g,
+                      const c10::optional<at::Tensor>& weight,
+                      const c10::optional<at::Tensor>& bias, double eps, at::Tensor& mean,
+                      at::Tensor& invstd, at::Tensor& var, at::Tensor& coeffs) {
+  if (g.layout != Layout::kChannelsLast) return false;
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "fusedbn_forward_train_persistent", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    TrainStatsEpilogue<scalar_t, acc_t> epi{mean.mutable_data_ptr<acc_t>(),
+                                  invstd.mutable_data_ptr<acc_t>(),
+                                  var.mutable_data_ptr<acc_t>(),
+                                  coeffs.mutable_data_ptr<acc_t>(),
+                                  g.C,
+                                  static_cast<acc_t>(eps),
+                                  channel_ptr(weight),
+                                  channel_ptr(bias),
+                                  channel_shift<scalar_t>(x, g)};
+    done = persistent_rows_forward<scalar_t>(x, out, g.rows(), g.C, epi, coeffs);
+  });
+  return done;
+}
+
 void eval_coeffs(const Geometry& g, const at::Tensor& running_mean, const at::Tensor& running_var,
                  const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                  double eps, at::Tensor& coeffs) {
@@ -143,6 +173,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(
   }
 
   at::Tensor coeffs = at::empty({kAffineParams * g.C}, stat_opts);
+  if (persistent_train(x, out, g, weight, bias, eps, mean, invstd, var, coeffs))
+    return {out, mean, invstd, var};
   train_stats(x, g, weight, bias, eps, mean, invstd, var, coeffs);
   channel_affine(x, out, g, coeffs);
   return {out, mean, invstd, var};

@@ -8,6 +8,13 @@
 //    execution model, the queries return what the tests configured.
 //
 //   launch_kernel(kernel, grid, block, smem, stream, args...)   launch + launch check
+//   launch_cooperative(kernel, grid, block, smem, stream, args...)
+//                                      cooperative launch (all blocks co-resident, the grid
+//                                      barrier allowed); false, launching nothing, when the grid
+//                                      cannot be co-resident (the caller falls back)
+//   cooperative_capacity(kernel, threads, smem, device)         blocks that can be co-resident
+//   FUSEDBN_GRID_SYNC()                                         grid-wide barrier (device side,
+//                                                               cooperative launches only)
 //   current_stream()                                            the current stream
 //   DeviceGuard guard(tensor.device())                          device guard
 //   sm_count(device), blocks_per_sm(kernel, threads, smem)      grid sizing
@@ -29,12 +36,16 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+#if defined(__CUDACC__)
+#include <cooperative_groups.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #endif
 
 namespace fusedbn {
@@ -86,6 +97,15 @@ int blocks_per_sm(Kernel kernel, int threads, size_t smem) {
 
 // The real build never forces the 64-bit index kernels (the emulated build can, for tests).
 constexpr bool index64_forced() { return false; }
+// Nor turns the persistent paths off (the emulated build can, to test the streaming ones).
+constexpr bool persistent_disabled() { return false; }
+
+// The most dynamic shared memory a block of `device` may opt in to (227 KB on sm_90).
+inline size_t max_dynamic_shared_memory(int device) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return static_cast<size_t>(std::max(n, 0));
+}
 
 template <typename Kernel>
 void set_max_dynamic_shared_memory(Kernel kernel, int bytes) {
@@ -101,6 +121,63 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+// Blocks of `kernel` (threads per block, dynamic shared memory) that can be resident at once on
+// `device`: SMs x resident blocks per SM (the occupancy API), 0 where the device cannot launch
+// cooperatively.
+template <typename Kernel>
+int64_t cooperative_capacity(Kernel kernel, int threads, size_t smem, int device) {
+  constexpr int kCached = 256;
+  static std::atomic<int> supported[kCached] = {};  // 0 unknown, 1 yes, 2 no
+  int s = device >= 0 && device < kCached ? supported[device].load(std::memory_order_relaxed) : 0;
+  if (s == 0) {
+    int attr = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&attr, cudaDevAttrCooperativeLaunch, device));
+    s = attr != 0 ? 1 : 2;
+    if (device >= 0 && device < kCached) supported[device].store(s, std::memory_order_relaxed);
+  }
+  if (s != 1) return 0;
+  return int64_t{sm_count(device)} * blocks_per_sm(kernel, threads, smem);
+}
+
+// cudaLaunchCooperativeKernel(kernel, grid, block, args, smem, stream) for a grid whose blocks can
+// all be resident (checked with the occupancy API first), then the launch check; returns false
+// and launches nothing when they cannot (the caller takes another path). The grid barrier
+// (FUSEDBN_GRID_SYNC: cooperative_groups::this_grid().sync()) needs no relocatable device code
+// since CUDA 11.
+template <typename... Params, typename... Args>
+bool launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                        cudaStream_t stream, Args&&... args) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const int64_t blocks = int64_t{grid.x} * grid.y * grid.z;
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  if (blocks > cooperative_capacity(kernel, threads, smem, device)) return false;
+  // The arguments converted to the parameter types, as a triple-chevron launch does.
+  std::tuple<std::decay_t<Params>...> stored(std::forward<Args>(args)...);
+  void* argv[sizeof...(Params) > 0 ? sizeof...(Params) : 1] = {};
+  std::apply(
+      [&argv](auto&... p) {
+        int i = 0;
+        ((argv[i++] = static_cast<void*>(&p)), ...);
+        (void)i;
+      },
+      stored);
+  const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid,
+                                                      block, argv, smem, stream);
+  if (err == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();  // clear it: the caller falls back
+    return false;
+  }
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+#if defined(__CUDACC__)
+__device__ __forceinline__ void grid_sync() { cooperative_groups::this_grid().sync(); }
+#endif
+#define FUSEDBN_GRID_SYNC() ::fusedbn::cuda::grid_sync()
 
 // Dynamic shared memory of the running launch (the `smem` bytes of launch_kernel), 16-byte
 // aligned.
@@ -129,6 +206,10 @@ int blocks_per_sm(Kernel kernel, int threads, size_t smem) {
 }
 
 inline bool index64_forced() { return ::fusedbn_emu::index64_forced(); }
+inline bool persistent_disabled() { return ::fusedbn_emu::persistent_disabled(); }
+inline size_t max_dynamic_shared_memory(int /*device*/) {
+  return ::fusedbn_emu::max_dynamic_shared_memory();
+}
 
 template <typename Kernel>
 void set_max_dynamic_shared_memory(Kernel kernel, int bytes) {
@@ -140,6 +221,26 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
                    cudaStream_t stream, Args&&... args) {
   ::fusedbn_emu::launch(kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
+
+// The GPU's answer, and at most what the emulator can hold co-resident (its fibers).
+template <typename Kernel>
+int64_t cooperative_capacity(Kernel kernel, int threads, size_t smem, int /*device*/) {
+  return std::min<int64_t>(int64_t{::fusedbn_emu::sm_count()} * blocks_per_sm(kernel, threads, smem),
+                           ::fusedbn_emu::max_co_resident_threads() / std::max(threads, 1));
+}
+
+template <typename... Params, typename... Args>
+bool launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                        cudaStream_t stream, Args&&... args) {
+  const int64_t blocks = int64_t{grid.x} * grid.y * grid.z;
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  if (blocks > cooperative_capacity(kernel, threads, smem, 0)) return false;
+  ::fusedbn_emu::launch_cooperative(kernel, grid, block, smem, stream,
+                                    std::forward<Args>(args)...);
+  return true;
+}
+
+#define FUSEDBN_GRID_SYNC() FUSEDBN_EMU_GRID_SYNC()
 
 inline unsigned char* dynamic_shared_memory() { return ::fusedbn_emu::dynamic_shared_memory(); }
 

@@ -179,6 +179,87 @@ __global__ void write_input_kernel(float* in) {
   if (threadIdx.x == 0) in[0] = 42.0f;
 }
 
+
+// ---- cooperative launches and the grid barrier --------------------------------------------
+// Control: every block sums its part of `in` (shared memory + a barrier), writes the sum to
+// global memory, waits at the grid barrier, then reads every block's sum. Each block also keeps
+// its own index in static and dynamic shared memory across the grid barrier: out[2 * b + 1] is 1
+// when both still hold it (shared memory is private per block). out[2 * b] = the grid's total.
+__global__ void __launch_bounds__(64) grid_exchange_kernel(const float* in, float* sums,
+                                                           float* out) {
+  FUSEDBN_SHARED_ARRAY(16, float, part, 64);
+  FUSEDBN_SHARED_ARRAY(16, int, mine, 1);
+  int* dyn = reinterpret_cast<int*>(dynamic_shared_memory());
+  const int t = threadIdx.x, b = blockIdx.x;
+  part[t] = in[b * 64 + t];
+  if (t == 0) {
+    mine[0] = b;
+    dyn[0] = 1000 + b;
+  }
+  __syncthreads();
+  if (t == 0) {
+    float s = 0.0f;
+    for (int i = 0; i < 64; ++i) s += part[i];
+    sums[b] = s;
+  }
+  FUSEDBN_GRID_SYNC();
+  if (t == 0) {
+    float total = 0.0f;
+    for (int i = 0; i < static_cast<int>(gridDim.x); ++i) total += sums[i];
+    out[2 * b] = total;
+    out[2 * b + 1] = mine[0] == b && dyn[0] == 1000 + b ? 1.0f : 0.0f;
+  }
+}
+
+// A grid barrier in a kernel launched normally.
+__global__ void grid_sync_kernel(float* out) {
+  FUSEDBN_GRID_SYNC();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = 1.0f;
+}
+
+// Thread 5 of block 1 returns before the grid barrier that the others wait at.
+__global__ void grid_sync_thread_exits_kernel(float* out) {
+  if (blockIdx.x == 1 && threadIdx.x == 5) return;
+  FUSEDBN_GRID_SYNC();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = 1.0f;
+}
+
+// Block 2 returns before the grid barrier that the other blocks wait at.
+__global__ void grid_sync_block_exits_kernel(float* out) {
+  if (blockIdx.x == 2) return;
+  FUSEDBN_GRID_SYNC();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = 1.0f;
+}
+
+// Even and odd blocks wait at different grid barriers.
+__global__ void grid_sync_divergent_kernel(float* out) {
+  if (blockIdx.x % 2 == 0) {
+    FUSEDBN_GRID_SYNC();
+  } else {
+    FUSEDBN_GRID_SYNC();
+  }
+  out[blockIdx.x * blockDim.x + threadIdx.x] = 1.0f;
+}
+
+// Within block 0, thread 0 waits at __syncthreads while the others wait at the grid barrier.
+__global__ void grid_sync_vs_syncthreads_kernel(float* out) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    __syncthreads();
+  } else {
+    FUSEDBN_GRID_SYNC();
+  }
+  out[blockIdx.x * blockDim.x + threadIdx.x] = 1.0f;
+}
+
+// A shared-memory race in one block of a cooperative launch (after a grid barrier).
+__global__ void grid_race_kernel(float* out) {
+  FUSEDBN_SHARED_ARRAY(16, float, s, 32);
+  FUSEDBN_GRID_SYNC();
+  if (blockIdx.x == 3) s[threadIdx.x / 2] = static_cast<float>(threadIdx.x);
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = blockIdx.x == 3 ? s[threadIdx.x % 16] : 0.0f;
+}
+
 using Runner = std::function<std::vector<float>()>;
 using TensorRunner = std::function<at::Tensor(const at::Tensor&)>;
 
@@ -231,6 +312,103 @@ const std::map<std::string, TensorRunner>& tensor_runners() {
 
 const std::map<std::string, Runner>& runners() {
   static const std::map<std::string, Runner> m = {
+      {"grid_exchange_ok",
+       [] {
+         // 6 blocks of 64 threads on 3 SMs x 2 resident blocks: exactly co-resident.
+         const int blocks = 6;
+         std::vector<float> in(blocks * 64), sums(blocks, 0.0f), out(2 * blocks, -1.0f);
+         for (size_t i = 0; i < in.size(); ++i) in[i] = static_cast<float>(i % 97);
+         ::fusedbn_emu::Config saved = ::fusedbn_emu::config();
+         ::fusedbn_emu::config().sm_count = 3;
+         ::fusedbn_emu::config().blocks_per_sm = 2;
+         bool ok = false;
+         try {
+           ok = launch_cooperative(grid_exchange_kernel, blocks, 64, 16, current_stream(),
+                                   static_cast<const float*>(in.data()), sums.data(), out.data());
+         } catch (...) {
+           ::fusedbn_emu::config() = saved;
+           throw;
+         }
+         ::fusedbn_emu::config() = saved;
+         if (!ok) return std::vector<float>{};
+         return out;
+       }},
+      // launch_cooperative (the seam) refuses a grid that cannot be co-resident: 1 when a
+      // grid of sm_count x blocks_per_sm blocks launched, 0 when one block more was refused.
+      {"cooperative_refused",
+       [] {
+         ::fusedbn_emu::Config saved = ::fusedbn_emu::config();
+         ::fusedbn_emu::config().sm_count = 2;
+         ::fusedbn_emu::config().blocks_per_sm = 2;
+         std::vector<float> out(5 * 32, 0.0f), r;
+         try {
+           r.push_back(launch_cooperative(grid_sync_kernel, 4, 32, 0, current_stream(),
+                                          out.data()) ? 1.0f : 0.0f);
+           r.push_back(launch_cooperative(grid_sync_kernel, 5, 32, 0, current_stream(),
+                                          out.data()) ? 1.0f : 0.0f);
+         } catch (...) {
+           ::fusedbn_emu::config() = saved;
+           throw;
+         }
+         ::fusedbn_emu::config() = saved;
+         return r;
+       }},
+      // The emulator's own check, as cudaLaunchCooperativeKernel's, past the seam's.
+      {"cooperative_too_large",
+       [] {
+         ::fusedbn_emu::Config saved = ::fusedbn_emu::config();
+         ::fusedbn_emu::config().sm_count = 2;
+         ::fusedbn_emu::config().blocks_per_sm = 2;
+         std::vector<float> out(5 * 32, 0.0f);
+         try {
+           ::fusedbn_emu::launch_cooperative(grid_sync_kernel, 5, 32, 0, current_stream(),
+                                             out.data());
+         } catch (...) {
+           ::fusedbn_emu::config() = saved;
+           throw;
+         }
+         ::fusedbn_emu::config() = saved;
+         return out;
+       }},
+      {"grid_sync_not_cooperative",
+       [] {
+         std::vector<float> out(4 * 32);
+         launch_kernel(grid_sync_kernel, 4, 32, 0, current_stream(), out.data());
+         return out;
+       }},
+      {"grid_sync_thread_exits",
+       [] {
+         std::vector<float> out(4 * 32);
+         launch_cooperative(grid_sync_thread_exits_kernel, 4, 32, 0, current_stream(),
+                            out.data());
+         return out;
+       }},
+      {"grid_sync_block_exits",
+       [] {
+         std::vector<float> out(4 * 32);
+         launch_cooperative(grid_sync_block_exits_kernel, 4, 32, 0, current_stream(),
+                            out.data());
+         return out;
+       }},
+      {"grid_sync_divergent",
+       [] {
+         std::vector<float> out(4 * 32);
+         launch_cooperative(grid_sync_divergent_kernel, 4, 32, 0, current_stream(), out.data());
+         return out;
+       }},
+      {"grid_sync_vs_syncthreads",
+       [] {
+         std::vector<float> out(4 * 32);
+         launch_cooperative(grid_sync_vs_syncthreads_kernel, 4, 32, 0, current_stream(),
+                            out.data());
+         return out;
+       }},
+      {"grid_race",
+       [] {
+         std::vector<float> out(4 * 32);
+         launch_cooperative(grid_race_kernel, 4, 32, 0, current_stream(), out.data());
+         return out;
+       }},
       {"block_sum_ok",
        [] {
          std::vector<float> in(256), out(1, 0.0f);

@@ -18,6 +18,16 @@
 //    every access of the instrumented sources (-fsanitize=thread instrumentation, whose callbacks
 //    emu_runtime.cpp provides) is checked against the red zones and, per byte, against the
 //    accesses of other threads since the last barrier (race detector);
+//  * a cooperative launch (launch_cooperative, launch.cuh) runs all blocks of its grid as
+//    co-resident: each block has its own fibers and its own shared memory (with the red zones and
+//    the race detector), and runs until all its live threads wait at the grid barrier
+//    (FUSEDBN_GRID_SYNC) or have exited; when every thread of the grid waits there, all are
+//    released (the blocks run in an order shuffled by the seed in every round). A grid larger
+//    than sm_count x blocks_per_sm fails (cudaErrorCooperativeLaunchTooLarge), as do a grid
+//    barrier in a normal launch, a thread that exits while others wait at the grid barrier (a
+//    deadlock on the GPU) and threads waiting at different grid barriers. Memory is sequentially
+//    consistent (global writes before the barrier are seen after it by every block, as
+//    this_grid().sync() guarantees on the GPU; weaker orderings are not modelled);
 //  * CUDA's launch limits are checked: grid and block dimensions, 1024 threads, the kernel's own
 //    __launch_bounds__, static and dynamic shared memory (48 KB, dynamic up to 227 KB after
 //    set_max_dynamic_shared_memory), kernel parameters (32764 bytes);
@@ -84,12 +94,17 @@ namespace fusedbn_emu {
 int sm_count();
 int blocks_per_sm(const void* kernel, int threads, size_t smem);
 bool index64_forced();
+bool persistent_disabled();                // test seam: the streaming paths only
+size_t max_dynamic_shared_memory();        // the opt-in maximum (227 KB, sm_90)
+int64_t max_co_resident_threads();         // what a cooperative launch may hold (fibers)
 void set_max_dynamic_shared_memory(const void* kernel, int bytes);
 // The max_threads of the kernel's __launch_bounds__, or 0 when it declares none.
 int launch_bound(const void* kernel);
 
 // ---- device side -------------------------------------------------------------------------------
 void syncthreads(const char* file, int line);
+// The grid-wide barrier (cooperative_groups::this_grid().sync()): only in a cooperative launch.
+void grid_sync(const char* file, int line);
 enum class ShflKind : int { kIdx = 0, kUp, kDown, kXor, kSyncWarp };
 uint64_t shfl_bits(ShflKind kind, const char* file, int line, unsigned mask, uint64_t bits,
                    int lane_arg, int width);
@@ -120,9 +135,14 @@ using BlockBody = void (*)(void* ctx);
 void run_launch(const void* kernel, dim3 grid, dim3 block, size_t smem, size_t param_bytes,
                 BlockBody body, void* ctx);
 
-template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t,
-            Args&&... args) {
+// The same for cudaLaunchCooperativeKernel: every block of the grid co-resident (each with its
+// own fibers and shared memory), switched at the grid barrier; a grid larger than SMs x resident
+// blocks per SM fails as CUDA's cudaErrorCooperativeLaunchTooLarge.
+void run_cooperative_launch(const void* kernel, dim3 grid, dim3 block, size_t smem,
+                            size_t param_bytes, BlockBody body, void* ctx);
+
+template <bool kCooperative, typename... Params, typename... Args>
+void launch_as(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
   // The arguments converted to the parameter types once, as the CUDA launch does; every thread
   // gets its own copy of the by-value parameters (std::apply passes the stored values).
   using Stored = std::tuple<std::decay_t<Params>...>;
@@ -131,12 +151,25 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaS
     Stored params;
   };
   Ctx ctx{kernel, Stored(std::forward<Args>(args)...)};
-  run_launch(reinterpret_cast<const void*>(kernel), grid, block, smem, sizeof(Stored),
-             [](void* p) {
-               Ctx* c = static_cast<Ctx*>(p);
-               std::apply(c->kernel, c->params);
-             },
-             &ctx);
+  (kCooperative ? run_cooperative_launch : run_launch)(
+      reinterpret_cast<const void*>(kernel), grid, block, smem, sizeof(Stored),
+      [](void* p) {
+        Ctx* c = static_cast<Ctx*>(p);
+        std::apply(c->kernel, c->params);
+      },
+      &ctx);
+}
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t,
+            Args&&... args) {
+  launch_as<false>(kernel, grid, block, smem, std::forward<Args>(args)...);
+}
+
+template <typename... Params, typename... Args>
+void launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                        cudaStream_t, Args&&... args) {
+  launch_as<true>(kernel, grid, block, smem, std::forward<Args>(args)...);
 }
 
 // ---- the op wrapper of the emulated op library ------------------------------------------------
@@ -214,6 +247,7 @@ struct OpWrap<R (*)(A...), f, mutating> {
       sizeof(type[count]), align, #name))
 
 #define __syncthreads() ::fusedbn_emu::syncthreads(__FILE__, __LINE__)
+#define FUSEDBN_EMU_GRID_SYNC() ::fusedbn_emu::grid_sync(__FILE__, __LINE__)
 #define __syncwarp(mask) \
   ((void)::fusedbn_emu::shfl_bits(::fusedbn_emu::ShflKind::kSyncWarp, __FILE__, __LINE__, \
                                   (mask), 0, 0, 32))

@@ -27,12 +27,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     config().blocks_per_sm = n;
   });
   m.def("set_force_index64", [](bool on) { config().force_index64 = on; });
+  m.def("set_persistent", [](bool on) { config().persistent = on; });
   m.def("set_seed", [](uint64_t seed) { set_seed(seed); });
   m.def("config", [] {
     const Config& c = config();
     return pybind11::dict(pybind11::arg("sm_count") = c.sm_count,
                           pybind11::arg("blocks_per_sm") = c.blocks_per_sm,
-                          pybind11::arg("force_index64") = c.force_index64);
+                          pybind11::arg("force_index64") = c.force_index64,
+                          pybind11::arg("persistent") = c.persistent);
   });
   m.def("stats", [] {
     const Stats& s = stats();

@@ -18,6 +18,7 @@
 #include <numeric>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "emu_fiber.h"
@@ -80,6 +81,8 @@ int sm_count() { return config().sm_count; }
 
 bool index64_forced() { return config().force_index64; }
 
+bool persistent_disabled() { return !config().persistent; }
+
 namespace {
 
 constexpr size_t kStaticSharedLimit = 48 * 1024;      // static + dynamic without opt-in
@@ -93,6 +96,7 @@ constexpr size_t kMaxStaticArrays = 64;
 constexpr size_t kStaticRegion = kStaticSharedLimit + kMaxStaticArrays * (kRedZone + 16);
 constexpr size_t kDynOffset = kRedZone + kStaticRegion + kRedZone;
 constexpr size_t kArenaBytes = kDynOffset + kOptInSharedLimit + kRedZone;
+constexpr uint64_t kMaxCoResidentThreads = uint64_t{1} << 14;  // fibers of a cooperative grid
 
 std::mutex g_attr_mu;
 std::map<const void*, int>& dyn_optin() {
@@ -117,6 +121,10 @@ static size_t dyn_limit(const void* kernel) {
   const auto it = dyn_optin().find(kernel);
   return it == dyn_optin().end() ? kStaticSharedLimit : static_cast<size_t>(it->second);
 }
+
+size_t max_dynamic_shared_memory() { return kOptInSharedLimit; }
+
+int64_t max_co_resident_threads() { return static_cast<int64_t>(kMaxCoResidentThreads); }
 
 int launch_bound(const void* kernel) {
   // Counts the NOPs __launch_bounds__ puts at the entry (emu.h). GCC never starts a function's
@@ -236,7 +244,7 @@ std::string kernel_name(const void* kernel) {
 
 namespace {
 
-enum class State : uint8_t { kRun, kBarrier, kShfl, kDone };
+enum class State : uint8_t { kRun, kBarrier, kShfl, kGrid, kDone };
 
 struct Fiber {
   Context ctx;
@@ -260,11 +268,31 @@ struct StaticArray {
   const char* name;
 };
 
+// Zero-initialized is "no access yet": epochs start at 1.
 struct ShadowCell {
   uint32_t w_epoch = 0;
   int32_t w_tid = -1;
   uint32_t r_epoch = 0;
   int32_t r_tid = -1;  // -2: several threads
+};
+
+// One block's resources: its threads' fibers, its shared-memory arena with the valid bytes and
+// the race detector's shadow, its static arrays. A normal launch runs its blocks one after
+// another in one Block (g_seq, reused); a cooperative launch gives every block of the grid its
+// own (co-resident blocks, switched at the grid barrier). The arena memory is mapped on demand,
+// so a block costs only the pages it touches.
+struct Block {
+  std::vector<Fiber> fibers;
+  unsigned char* arena = nullptr;  // kArenaBytes
+  uint8_t* valid = nullptr;        // per arena byte: 1 inside an array, 0 red zone / unused
+  ShadowCell* shadow = nullptr;    // per arena byte
+  uint32_t epoch = 1;              // one per barrier interval of this block
+  std::vector<StaticArray> statics;
+  size_t static_cursor = kRedZone;  // next free arena offset of the static region
+  size_t static_bytes = 0;
+  uint3 idx{0, 0, 0};
+  bool started = false, done = false;
+  std::vector<uint64_t> traffic;  // the traffic counter's bytes of a suspended block
 };
 
 struct Launch {
@@ -275,25 +303,20 @@ struct Launch {
   BlockBody body = nullptr;
   void* ctx = nullptr;
   int nthreads = 0;
+  bool cooperative = false;
   bool failed = false;
+  bool grid_error = false;  // the error concerns the grid (not one block)
   std::string error;
-  // block state
-  std::vector<StaticArray> statics;
-  size_t static_cursor = kRedZone;  // next free arena offset of the static region
-  size_t static_bytes = 0;
 };
 
 Launch* g_launch = nullptr;      // the running launch (launches are serialized)
+Block* g_blk = nullptr;          // the running block
 Fiber* g_cur = nullptr;          // the running fiber, nullptr on the scheduler
 Context g_sched;                 // the scheduler's context
-std::vector<Fiber> g_fibers;     // reused across launches (stacks kept)
-uint32_t g_epoch = 1;            // shared-memory epoch: one per block and barrier interval
+Block g_seq;                     // the block of normal launches (fiber stacks kept)
+std::vector<std::unique_ptr<Block>> g_pool;  // the blocks of cooperative launches (kept)
 uint64_t g_rng = 0x9e3779b97f4a7c15ull;
 std::mutex g_launch_mu;
-
-unsigned char* g_arena = nullptr;     // kArenaBytes
-uint8_t* g_valid = nullptr;           // per arena byte: 1 inside an array, 0 red zone / unused
-ShadowCell* g_shadow = nullptr;       // per arena byte
 
 }  // namespace
 
@@ -379,35 +402,66 @@ void resume(Fiber& f) {
   g_cur = nullptr;
 }
 
-void ensure_arena() {
-  if (g_arena != nullptr) return;
-  g_arena = static_cast<unsigned char*>(std::aligned_alloc(256, kArenaBytes));
-  g_valid = static_cast<uint8_t*>(std::calloc(kArenaBytes, 1));
-  g_shadow = new ShadowCell[kArenaBytes];
-  if (g_arena == nullptr || g_valid == nullptr) throw_error("out of memory for shared memory");
+void* map_zeroed(size_t bytes) {
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                 -1, 0);
+  if (p == MAP_FAILED) throw_error("out of memory for shared memory");
+  return p;
 }
 
-void begin_block(Launch& l) {
-  // Forget the previous block's arrays, poison and open the dynamic region.
-  std::memset(g_valid, 0, l.static_cursor + kRedZone);
-  l.statics.clear();
-  l.static_cursor = kRedZone;
-  l.static_bytes = 0;
+void ensure_arena(Block& b) {
+  if (b.arena != nullptr) return;
+  b.arena = static_cast<unsigned char*>(map_zeroed(kArenaBytes));
+  b.valid = static_cast<uint8_t*>(map_zeroed(kArenaBytes));
+  b.shadow = static_cast<ShadowCell*>(map_zeroed(kArenaBytes * sizeof(ShadowCell)));
+  static_assert(std::is_trivially_destructible<ShadowCell>::value, "mapped, never destroyed");
+}
+
+void ensure_fibers(Block& b, size_t n) {
+  if (b.fibers.size() < n) b.fibers.resize(n);
+}
+
+// Forgets the previous block's arrays, poisons and opens the dynamic region, creates the fibers.
+void begin_block(const Launch& l, Block& b, uint3 idx) {
+  std::memset(b.valid, 0, b.static_cursor + kRedZone);
+  b.statics.clear();
+  b.static_cursor = kRedZone;
+  b.static_bytes = 0;
   if (l.dyn_smem > 0) {
-    std::memset(g_arena + kDynOffset, 0xff, l.dyn_smem);
-    std::memset(g_valid + kDynOffset, 1, l.dyn_smem);
+    std::memset(b.arena + kDynOffset, 0xff, l.dyn_smem);
+    std::memset(b.valid + kDynOffset, 1, l.dyn_smem);
   }
-  ++g_epoch;
+  ++b.epoch;
+  b.idx = idx;
+  b.started = false;
+  b.done = false;
+  b.traffic.clear();
+  for (int i = 0; i < l.nthreads; ++i) {
+    Fiber& f = b.fibers[i];
+    if (f.stack == nullptr) f.stack = map_stack();
+    f.linear = i;
+    f.tid = tid_of(i);
+    f.state = State::kRun;
+    make_context(f.ctx, f.stack + kGuardBytes, kStackBytes, &fiber_entry);
+  }
 }
 
-void end_launch_arena(Launch& l) {
-  std::memset(g_valid, 0, l.static_cursor + kRedZone);
-  if (l.dyn_smem > 0) std::memset(g_valid + kDynOffset, 0, l.dyn_smem);
-  l.statics.clear();
-  l.static_cursor = kRedZone;
+void end_block_arena(const Launch& l, Block& b) {
+  std::memset(b.valid, 0, b.static_cursor + kRedZone);
+  if (l.dyn_smem > 0) std::memset(b.valid + kDynOffset, 0, l.dyn_smem);
+  b.statics.clear();
+  b.static_cursor = kRedZone;
 }
 
-std::string describe_offset(const Launch& l, size_t off) {
+// Makes b the running block: its arena is the one the instrumentation checks, its index is
+// blockIdx.
+void enter_block(Block& b) {
+  g_blk = &b;
+  blockIdx = b.idx;
+  set_arena_active(b.arena, kArenaBytes);
+}
+
+std::string describe_offset(const Launch& l, const Block& b, size_t off) {
   if (off >= kDynOffset) {
     const size_t rel = off - kDynOffset;
     if (rel < l.dyn_smem) return "dynamic shared memory + " + std::to_string(rel);
@@ -415,7 +469,7 @@ std::string describe_offset(const Launch& l, size_t off) {
            std::to_string(l.dyn_smem) + " bytes)";
   }
   const StaticArray* best = nullptr;
-  for (const StaticArray& a : l.statics)
+  for (const StaticArray& a : b.statics)
     if (a.offset <= off && (best == nullptr || a.offset > best->offset)) best = &a;
   if (best == nullptr) return "static shared memory before the first array";
   const size_t rel = off - best->offset;
@@ -454,6 +508,7 @@ std::string state_str(const Fiber& f) {
   switch (f.state) {
     case State::kDone: return "has exited";
     case State::kBarrier: return "waits at __syncthreads (" + where(f.file, f.line) + ")";
+    case State::kGrid: return "waits at the grid barrier (" + where(f.file, f.line) + ")";
     case State::kShfl:
       return "waits at " + std::string(kind_name(f.kind)) + " (" + where(f.file, f.line) +
              ") with mask " + hex(f.mask);
@@ -462,22 +517,26 @@ std::string state_str(const Fiber& f) {
   return "?";
 }
 
+bool same_site(const Fiber& a, const Fiber& b) {
+  return a.line == b.line && std::strcmp(a.file, b.file) == 0;
+}
+
 // Completes the shuffles whose lanes have all arrived; returns false (and fails the launch) when
 // a waiting shuffle can never complete. Released fibers are appended to `released`.
-bool resolve_shuffles(Launch& l, std::vector<int>& released) {
+bool resolve_shuffles(Launch& l, Block& b, std::vector<int>& released) {
   const int n = l.nthreads;
+  std::vector<Fiber>& fibers = b.fibers;
   for (int w0 = 0; w0 < n; w0 += 32) {
     const int lanes = std::min(32, n - w0);
     // Validate every waiting lane's group first.
     for (int i = 0; i < lanes; ++i) {
-      const Fiber& f = g_fibers[w0 + i];
+      const Fiber& f = fibers[w0 + i];
       if (f.state != State::kShfl) continue;
       for (int j = 0; j < lanes; ++j) {
         if (((f.mask >> j) & 1u) == 0 || j == i) continue;
-        const Fiber& g = g_fibers[w0 + j];
+        const Fiber& g = fibers[w0 + j];
         const bool same = g.state == State::kShfl && g.mask == f.mask && g.kind == f.kind &&
-                          g.line == f.line && std::strcmp(g.file, f.file) == 0 &&
-                          g.width == f.width;
+                          same_site(g, f) && g.width == f.width;
         if (!same) {
           fail_launch(std::string(kind_name(f.kind)) + " at " + where(f.file, f.line) +
                       " with mask " + hex(f.mask) + " by " + thread_str(w0 + i) + " (lane " +
@@ -493,12 +552,12 @@ bool resolve_shuffles(Launch& l, std::vector<int>& released) {
     }
     // Complete them.
     for (int i = 0; i < lanes; ++i) {
-      Fiber& f = g_fibers[w0 + i];
+      Fiber& f = fibers[w0 + i];
       if (f.state != State::kShfl) continue;
       const unsigned mask = f.mask;
       for (int j = 0; j < lanes; ++j) {
         if (((mask >> j) & 1u) == 0) continue;
-        Fiber& g = g_fibers[w0 + j];
+        Fiber& g = fibers[w0 + j];
         const int w = g.width;
         const int seg = j & ~(w - 1);
         int src = j;
@@ -516,14 +575,14 @@ bool resolve_shuffles(Launch& l, std::vector<int>& released) {
         if (src == j) {
           g.result = g.value;
         } else if (src < lanes && ((mask >> src) & 1u) != 0) {
-          g.result = g_fibers[w0 + src].value;
+          g.result = fibers[w0 + src].value;
         } else {
           g.result = ~uint64_t{0};  // a lane outside the mask or past the partial warp: poison
         }
       }
       for (int j = 0; j < lanes; ++j) {
         if (((mask >> j) & 1u) == 0) continue;
-        g_fibers[w0 + j].state = State::kRun;
+        fibers[w0 + j].state = State::kRun;
         released.push_back(w0 + j);
       }
     }
@@ -531,74 +590,100 @@ bool resolve_shuffles(Launch& l, std::vector<int>& released) {
   return true;
 }
 
-void run_block(Launch& l) {
-  begin_block(l);
+enum class Stop { kDone, kGrid, kFailed };
+
+// Runs block b (the running block, enter_block) until all its threads have exited (kDone) or
+// every live one waits at the grid barrier (kGrid: only in a cooperative launch, and only when
+// none has exited), or the launch fails.
+Stop run_block(Launch& l, Block& b) {
   const int n = l.nthreads;
-  for (int i = 0; i < n; ++i) {
-    Fiber& f = g_fibers[i];
-    if (f.stack == nullptr) f.stack = map_stack();
-    f.linear = i;
-    f.tid = tid_of(i);
-    f.state = State::kRun;
-    make_context(f.ctx, f.stack + kGuardBytes, kStackBytes, &fiber_entry);
-  }
-  std::vector<int> order(n);
-  std::iota(order.begin(), order.end(), 0);
+  std::vector<Fiber>& fibers = b.fibers;
+  std::vector<int> order;
+  order.reserve(n);
+  for (int i = 0; i < n; ++i)
+    if (fibers[i].state == State::kRun) order.push_back(i);
   shuffle(order);
   while (true) {
     for (int i : order) {
-      if (g_fibers[i].state == State::kRun) resume(g_fibers[i]);
-      if (l.failed) return;
+      if (fibers[i].state == State::kRun) resume(fibers[i]);
+      if (l.failed) return Stop::kFailed;
     }
     order.clear();
-    if (!resolve_shuffles(l, order)) return;
+    if (!resolve_shuffles(l, b, order)) return Stop::kFailed;
     if (!order.empty()) {
       shuffle(order);
       continue;
     }
     // Everybody waits at a barrier or has exited.
-    int first = -1;
+    int first = -1, first_grid = -1, first_done = -1;
     for (int i = 0; i < n; ++i) {
-      const Fiber& f = g_fibers[i];
-      if (f.state == State::kDone) continue;
+      const Fiber& f = fibers[i];
+      if (f.state == State::kDone) {
+        if (first_done < 0) first_done = i;
+        continue;
+      }
+      if (f.state == State::kGrid) {
+        if (first_grid < 0) {
+          first_grid = i;
+        } else if (!same_site(f, fibers[first_grid])) {
+          fail_launch("divergent grid barriers: " + thread_str(first_grid) + " " +
+                      state_str(fibers[first_grid]) + " but " + thread_str(i) + " " +
+                      state_str(f) + " -- every thread of the grid must reach the same one");
+          return Stop::kFailed;
+        }
+        continue;
+      }
       if (f.state != State::kBarrier) {  // a shuffle left waiting: reported by resolve_shuffles
         fail_launch(thread_str(i) + " " + state_str(f) + " and can never complete");
-        return;
+        return Stop::kFailed;
       }
       if (first < 0) {
         first = i;
       } else {
-        const Fiber& g = g_fibers[first];
-        if (f.line != g.line || std::strcmp(f.file, g.file) != 0) {
+        const Fiber& g = fibers[first];
+        if (!same_site(f, g)) {
           fail_launch("divergent barrier: " + thread_str(first) + " waits at __syncthreads (" +
                       where(g.file, g.line) + ") but " + thread_str(i) +
                       " waits at __syncthreads (" + where(f.file, f.line) +
                       ") -- every live thread of a block must reach the same barrier");
-          return;
+          return Stop::kFailed;
         }
       }
       order.push_back(i);
     }
-    if (order.empty()) return;  // the block is done
+    if (first_grid >= 0) {
+      if (first >= 0) {
+        fail_launch("divergent barrier: " + thread_str(first) + " " + state_str(fibers[first]) +
+                    " but " + thread_str(first_grid) + " " + state_str(fibers[first_grid]) +
+                    " -- every live thread of a block must reach the same barrier");
+        return Stop::kFailed;
+      }
+      if (first_done >= 0) {
+        fail_launch(thread_str(first_done) + " has exited while " + thread_str(first_grid) +
+                    " " + state_str(fibers[first_grid]) +
+                    ": the grid barrier waits for every thread of the grid, so on a GPU this "
+                    "deadlocks (an exited thread never arrives)");
+        return Stop::kFailed;
+      }
+      return Stop::kGrid;
+    }
+    if (order.empty()) return Stop::kDone;  // the block is done
     if (g_traffic_on) traffic_barrier();
-    ++g_epoch;
-    for (int i : order) g_fibers[i].state = State::kRun;
+    ++b.epoch;
+    for (int i : order) fibers[i].state = State::kRun;
     shuffle(order);
   }
 }
 
-}  // namespace
-
-void run_launch(const void* kernel, dim3 grid, dim3 block, size_t smem, size_t param_bytes,
-                BlockBody body, void* ctx) {
-  const std::lock_guard<std::mutex> lock(g_launch_mu);
-  const std::string name = kernel_name(kernel);
+// The checks of every launch (CUDA's limits); throws for a launch CUDA refuses.
+size_t check_launch(const void* kernel, const std::string& name, dim3 grid, dim3 block,
+                    size_t smem, size_t param_bytes, bool cooperative) {
   auto bad = [&](const std::string& what) {
-    throw_error("launch of " + name + " with grid (" + std::to_string(grid.x) + ", " +
-                std::to_string(grid.y) + ", " + std::to_string(grid.z) + "), block (" +
-                std::to_string(block.x) + ", " + std::to_string(block.y) + ", " +
-                std::to_string(block.z) + "), " + std::to_string(smem) +
-                " bytes of dynamic shared memory: " + what);
+    throw_error(std::string(cooperative ? "cooperative launch" : "launch") + " of " + name +
+                " with grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
+                std::to_string(grid.z) + "), block (" + std::to_string(block.x) + ", " +
+                std::to_string(block.y) + ", " + std::to_string(block.z) + "), " +
+                std::to_string(smem) + " bytes of dynamic shared memory: " + what);
   };
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
   if (block.x == 0 || block.y == 0 || block.z == 0 || grid.x == 0 || grid.y == 0 || grid.z == 0)
@@ -626,10 +711,27 @@ void run_launch(const void* kernel, dim3 grid, dim3 block, size_t smem, size_t p
   const uint64_t nblocks = uint64_t{grid.x} * grid.y * grid.z;
   if (nblocks * threads > (uint64_t{1} << 34))
     bad("too large to emulate (more than 2^34 threads)");
+  if (cooperative) {
+    // cudaLaunchCooperativeKernel: every block must be resident at once.
+    const int bps = blocks_per_sm(kernel, static_cast<int>(threads), smem);
+    const uint64_t resident = uint64_t(sm_count()) * static_cast<uint64_t>(bps);
+    if (nblocks > resident) {
+      bad("too many blocks in cooperative launch (cudaErrorCooperativeLaunchTooLarge): " +
+          std::to_string(nblocks) + " blocks, but at most " + std::to_string(resident) +
+          " can be resident (" + std::to_string(sm_count()) + " SMs x " + std::to_string(bps) +
+          " blocks per SM)");
+    }
+    if (nblocks * threads > kMaxCoResidentThreads) {
+      bad("too large to emulate co-resident: " + std::to_string(nblocks * threads) +
+          " threads, the emulator holds at most " + std::to_string(kMaxCoResidentThreads) +
+          " (set a smaller sm_count / blocks_per_sm in the test)");
+    }
+  }
+  return dmax;
+}
 
-  ensure_arena();
-  if (g_fibers.size() < threads) g_fibers.resize(threads);
-  Launch l;
+void start_launch(Launch& l, const void* kernel, const std::string& name, dim3 grid, dim3 block,
+                  size_t smem, size_t dmax, BlockBody body, void* ctx, bool cooperative) {
   l.kernel = kernel;
   l.name = name;
   l.grid = grid;
@@ -638,13 +740,40 @@ void run_launch(const void* kernel, dim3 grid, dim3 block, size_t smem, size_t p
   l.dyn_max = dmax;
   l.body = body;
   l.ctx = ctx;
-  l.nthreads = static_cast<int>(threads);
+  l.nthreads = static_cast<int>(uint64_t{block.x} * block.y * block.z);
+  l.cooperative = cooperative;
   g_launch = &l;
   blockDim = block;
   gridDim = grid;
+  const uint64_t nblocks = uint64_t{grid.x} * grid.y * grid.z;
   stats().launches += 1;
   stats().blocks += nblocks;
-  stats().threads += nblocks * threads;
+  stats().threads += nblocks * l.nthreads;
+}
+
+uint3 block_index(const Launch& l, uint64_t b) {
+  return {static_cast<unsigned>(b % l.grid.x), static_cast<unsigned>((b / l.grid.x) % l.grid.y),
+          static_cast<unsigned>(b / (uint64_t{l.grid.x} * l.grid.y))};
+}
+
+[[noreturn]] void throw_launch_error(const Launch& l, const Block* b) {
+  if (l.grid_error || b == nullptr) throw_error(l.name + ", grid: " + l.error);
+  throw_error(l.name + ", block " + fmt3(b->idx) + ": " + l.error);
+}
+
+}  // namespace
+
+void run_launch(const void* kernel, dim3 grid, dim3 block, size_t smem, size_t param_bytes,
+                BlockBody body, void* ctx) {
+  const std::lock_guard<std::mutex> lock(g_launch_mu);
+  const std::string name = kernel_name(kernel);
+  const size_t dmax = check_launch(kernel, name, grid, block, smem, param_bytes, false);
+  const uint64_t nblocks = uint64_t{grid.x} * grid.y * grid.z;
+  Launch l;
+  start_launch(l, kernel, name, grid, block, smem, dmax, body, ctx, false);
+  Block& b = g_seq;
+  ensure_arena(b);
+  ensure_fibers(b, static_cast<size_t>(l.nthreads));
 
   std::vector<uint32_t> order;
   const bool permute = nblocks <= (uint64_t{1} << 24);
@@ -655,23 +784,132 @@ void run_launch(const void* kernel, dim3 grid, dim3 block, size_t smem, size_t p
   }
   const bool count = g_traffic_on;
   if (count) traffic_launch_begin(name, grid, block);
-  set_arena_active(g_arena, kArenaBytes);
   for (uint64_t k = 0; k < nblocks && !l.failed; ++k) {
-    const uint64_t b = permute ? order[k] : k;
-    blockIdx = {static_cast<unsigned>(b % grid.x),
-                static_cast<unsigned>((b / grid.x) % grid.y),
-                static_cast<unsigned>(b / (uint64_t{grid.x} * grid.y))};
+    begin_block(l, b, block_index(l, permute ? order[k] : k));
+    enter_block(b);
     if (count) traffic_block_begin(l.nthreads);
-    run_block(l);
+    run_block(l, b);
     if (count) traffic_block_end();
   }
   if (count) traffic_launch_end();
   set_arena_active(nullptr, 0);
-  end_launch_arena(l);
+  end_block_arena(l, b);
   g_launch = nullptr;
-  if (l.failed) {
-    throw_error(name + ", block " + fmt3(blockIdx) + ": " + l.error);
+  g_blk = nullptr;
+  if (l.failed) throw_launch_error(l, &b);
+}
+
+void run_cooperative_launch(const void* kernel, dim3 grid, dim3 block, size_t smem,
+                            size_t param_bytes, BlockBody body, void* ctx) {
+  const std::lock_guard<std::mutex> lock(g_launch_mu);
+  const std::string name = kernel_name(kernel);
+  const size_t dmax = check_launch(kernel, name, grid, block, smem, param_bytes, true);
+  const uint64_t nblocks = uint64_t{grid.x} * grid.y * grid.z;
+  Launch l;
+  start_launch(l, kernel, name, grid, block, smem, dmax, body, ctx, true);
+  while (g_pool.size() < nblocks) g_pool.emplace_back(new Block);
+  for (uint64_t k = 0; k < nblocks; ++k) {
+    Block& b = *g_pool[k];
+    ensure_arena(b);
+    ensure_fibers(b, static_cast<size_t>(l.nthreads));
+    begin_block(l, b, block_index(l, k));
   }
+  const bool count = g_traffic_on;
+  if (count) traffic_launch_begin(name, grid, block);
+  // Rounds: every block that is not done runs until its threads wait at the grid barrier or
+  // exit, the blocks in an order shuffled per round; then the barrier is checked and released.
+  std::vector<uint32_t> order(nblocks);
+  std::iota(order.begin(), order.end(), 0u);
+  Block* last = nullptr;
+  while (!l.failed) {
+    shuffle(order);
+    for (uint32_t k : order) {
+      Block& b = *g_pool[k];
+      if (b.done) continue;
+      enter_block(b);
+      last = &b;
+      if (count) {
+        if (b.started) {
+          traffic_block_resume(l.nthreads, b.traffic);
+        } else {
+          traffic_block_begin(l.nthreads);
+        }
+      }
+      b.started = true;
+      const Stop stop = run_block(l, b);
+      if (stop == Stop::kFailed) break;
+      if (stop == Stop::kDone) {
+        b.done = true;
+        if (count) traffic_block_end();
+      } else if (count) {
+        traffic_block_suspend(b.traffic);
+      }
+    }
+    if (l.failed) break;
+    // Every block is done or waits at the grid barrier.
+    const Block* waiting = nullptr;
+    const Block* exited = nullptr;
+    for (uint64_t k = 0; k < nblocks; ++k) {
+      const Block& b = *g_pool[k];
+      if (b.done) {
+        if (exited == nullptr) exited = &b;
+        continue;
+      }
+      if (waiting == nullptr) {
+        waiting = &b;
+        continue;
+      }
+      const Fiber* fa = nullptr;
+      const Fiber* fb = nullptr;
+      for (int i = 0; i < l.nthreads && (fa == nullptr || fb == nullptr); ++i) {
+        if (fa == nullptr && waiting->fibers[i].state == State::kGrid) fa = &waiting->fibers[i];
+        if (fb == nullptr && b.fibers[i].state == State::kGrid) fb = &b.fibers[i];
+      }
+      if (!same_site(*fa, *fb)) {
+        l.grid_error = true;
+        fail_launch("divergent grid barriers: block " + fmt3(waiting->idx) + " " +
+                    thread_str(fa->linear) + " " + state_str(*fa) + " but block " +
+                    fmt3(b.idx) + " " + thread_str(fb->linear) + " " + state_str(*fb) +
+                    " -- every thread of the grid must reach the same one");
+        break;
+      }
+    }
+    if (l.failed || waiting == nullptr) break;  // failed, or every block is done
+    if (exited != nullptr) {
+      const Fiber* fa = nullptr;
+      for (int i = 0; i < l.nthreads && fa == nullptr; ++i)
+        if (waiting->fibers[i].state == State::kGrid) fa = &waiting->fibers[i];
+      l.grid_error = true;
+      fail_launch("block " + fmt3(exited->idx) + " has exited while block " +
+                  fmt3(waiting->idx) + " " + thread_str(fa->linear) + " " + state_str(*fa) +
+                  ": the grid barrier waits for every thread of the grid, so on a GPU this "
+                  "deadlocks (an exited thread never arrives)");
+      break;
+    }
+    // Release: the grid barrier is also a barrier of every block.
+    for (uint64_t k = 0; k < nblocks; ++k) {
+      Block& b = *g_pool[k];
+      ++b.epoch;
+      for (int i = 0; i < l.nthreads; ++i)
+        if (b.fibers[i].state == State::kGrid) b.fibers[i].state = State::kRun;
+    }
+  }
+  if (count) traffic_launch_end();
+  set_arena_active(nullptr, 0);
+  for (uint64_t k = 0; k < nblocks; ++k) {
+    Block& b = *g_pool[k];
+    end_block_arena(l, b);
+    // Give the pages back (the pool keeps the mappings): a zero shadow cell is "no access" and
+    // every used byte is poisoned again when a block starts, so nothing needs keeping.
+    madvise(b.arena, kArenaBytes, MADV_DONTNEED);
+    madvise(b.valid, kArenaBytes, MADV_DONTNEED);
+    madvise(b.shadow, kArenaBytes * sizeof(ShadowCell), MADV_DONTNEED);
+    for (Fiber& f : b.fibers)  // exited: make_context rebuilds the stack's top next time
+      if (f.stack != nullptr) madvise(f.stack + kGuardBytes, kStackBytes, MADV_DONTNEED);
+  }
+  g_launch = nullptr;
+  g_blk = nullptr;
+  if (l.failed) throw_launch_error(l, last);
 }
 
 // ---- device-side entry points ------------------------------------------------------------------
@@ -711,37 +949,49 @@ uint64_t shfl_bits(ShflKind kind, const char* file, int line, unsigned mask, uin
   return f.result;
 }
 
+void grid_sync(const char* file, int line) {
+  Fiber& f = current("the grid barrier");
+  if (!g_launch->cooperative) {
+    fail_in_fiber(thread_str(f.linear) + ": grid barrier (" + where(file, line) +
+                  ") in a launch that is not cooperative: this_grid().sync() needs "
+                  "cudaLaunchCooperativeKernel (launch_cooperative), else the grid's blocks need "
+                  "not be resident together");
+  }
+  wait_here(State::kGrid, file, line);
+}
+
 unsigned char* dynamic_shared_memory() {
   current("dynamic_shared_memory");
-  return g_arena + kDynOffset;
+  return g_blk->arena + kDynOffset;
 }
 
 void* static_shared(const void* tag, size_t bytes, size_t align, const char* name) {
   current("FUSEDBN_SHARED_ARRAY");
   Launch& l = *g_launch;
-  for (const StaticArray& a : l.statics)
-    if (a.tag == tag) return g_arena + a.offset;
-  if (l.statics.size() >= kMaxStaticArrays)
+  Block& b = *g_blk;
+  for (const StaticArray& a : b.statics)
+    if (a.tag == tag) return b.arena + a.offset;
+  if (b.statics.size() >= kMaxStaticArrays)
     fail_in_fiber("more than " + std::to_string(kMaxStaticArrays) + " static shared arrays");
-  if (l.static_bytes + bytes > kStaticSharedLimit) {
+  if (b.static_bytes + bytes > kStaticSharedLimit) {
     fail_in_fiber("static shared memory: '" + std::string(name) + "' (" + std::to_string(bytes) +
                   " bytes) brings the kernel's static shared memory to " +
-                  std::to_string(l.static_bytes + bytes) + " bytes, more than CUDA's 48 KB");
+                  std::to_string(b.static_bytes + bytes) + " bytes, more than CUDA's 48 KB");
   }
-  if (l.static_bytes + bytes + l.dyn_smem > std::max(kStaticSharedLimit, l.dyn_max)) {
-    fail_in_fiber("shared memory: " + std::to_string(l.static_bytes + bytes) +
+  if (b.static_bytes + bytes + l.dyn_smem > std::max(kStaticSharedLimit, l.dyn_max)) {
+    fail_in_fiber("shared memory: " + std::to_string(b.static_bytes + bytes) +
                   " bytes static + " + std::to_string(l.dyn_smem) +
                   " bytes dynamic exceed the kernel's limit of " +
                   std::to_string(std::max(kStaticSharedLimit, l.dyn_max)) + " bytes");
   }
   align = std::max<size_t>(align, 16);
-  const size_t off = (l.static_cursor + align - 1) / align * align;
-  l.statics.push_back({tag, off, bytes, name});
-  l.static_cursor = off + bytes + kRedZone;
-  l.static_bytes += bytes;
-  std::memset(g_arena + off, 0xff, bytes);
-  std::memset(g_valid + off, 1, bytes);
-  return g_arena + off;
+  const size_t off = (b.static_cursor + align - 1) / align * align;
+  b.statics.push_back({tag, off, bytes, name});
+  b.static_cursor = off + bytes + kRedZone;
+  b.static_bytes += bytes;
+  std::memset(b.arena + off, 0xff, bytes);
+  std::memset(b.valid + off, 1, bytes);
+  return b.arena + off;
 }
 
 void check_vector_access(const void* p, size_t bytes, size_t align, const char* what) {
@@ -760,27 +1010,28 @@ void check_vector_access(const void* p, size_t bytes, size_t align, const char* 
 
 void shared_access(uintptr_t offset, size_t n, bool write) {
   if (g_cur == nullptr || g_launch == nullptr) return;
-  Launch& l = *g_launch;
+  const Launch& l = *g_launch;
+  const Block& b = *g_blk;
   const int t = g_cur->linear;
   for (size_t k = 0; k < n; ++k) {
     const size_t off = offset + k;
-    if (g_valid[off] == 0) {
+    if (b.valid[off] == 0) {
       fail_in_fiber(thread_str(t) + ": shared-memory overrun: " + (write ? "write" : "read") +
-                    " of " + std::to_string(n) + " bytes at " + describe_offset(l, offset) +
-                    (off == offset ? std::string() : " reaches " + describe_offset(l, off)) +
+                    " of " + std::to_string(n) + " bytes at " + describe_offset(l, b, offset) +
+                    (off == offset ? std::string() : " reaches " + describe_offset(l, b, off)) +
                     ", outside every shared array");
     }
-    ShadowCell& c = g_shadow[off];
-    const uint32_t e = g_epoch;
+    ShadowCell& c = b.shadow[off];
+    const uint32_t e = b.epoch;
     if (write) {
       if (c.w_epoch == e && c.w_tid != t) {
         fail_in_fiber("shared-memory race: " + thread_str(t) + " writes " +
-                      describe_offset(l, off) + " that " + thread_str(c.w_tid) +
+                      describe_offset(l, b, off) + " that " + thread_str(c.w_tid) +
                       " wrote since the last __syncthreads");
       }
       if (c.r_epoch == e && c.r_tid != t) {
         fail_in_fiber("shared-memory race: " + thread_str(t) + " writes " +
-                      describe_offset(l, off) + " that " +
+                      describe_offset(l, b, off) + " that " +
                       (c.r_tid == -2 ? std::string("other threads") : thread_str(c.r_tid)) +
                       " read since the last __syncthreads");
       }
@@ -789,7 +1040,7 @@ void shared_access(uintptr_t offset, size_t n, bool write) {
     } else {
       if (c.w_epoch == e && c.w_tid != t) {
         fail_in_fiber("shared-memory race: " + thread_str(t) + " reads " +
-                      describe_offset(l, off) + " that " + thread_str(c.w_tid) +
+                      describe_offset(l, b, off) + " that " + thread_str(c.w_tid) +
                       " wrote since the last __syncthreads");
       }
       if (c.r_epoch != e) {

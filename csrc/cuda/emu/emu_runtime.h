@@ -16,6 +16,7 @@ struct Config {
   int sm_count = 132;       // H100 SXM
   int blocks_per_sm = 0;    // 0: the occupancy model of blocks_per_sm()
   bool force_index64 = false;
+  bool persistent = true;   // false: the ops take their streaming paths
 };
 Config& config();
 
@@ -93,6 +94,10 @@ void traffic_launch_begin(const std::string& kernel, dim3 grid, dim3 block);
 void traffic_block_begin(int nthreads);
 void traffic_barrier();
 void traffic_block_end();
+// A block of a cooperative launch leaves at the grid barrier (its warp accesses closed, its
+// bytes saved in `saved`) and comes back (traffic_block_resume) until traffic_block_end.
+void traffic_block_suspend(std::vector<uint64_t>& saved);
+void traffic_block_resume(int nthreads, std::vector<uint64_t>& saved);
 void traffic_launch_end();
 void traffic_access(const void* p, size_t n, bool write, const void* pc);
 void traffic_vector(const void* p, size_t n, bool write, const void* pc);

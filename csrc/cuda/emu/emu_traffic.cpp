@@ -286,6 +286,20 @@ FUSEDBN_EMU_NO_INSTRUMENT void traffic_block_end() {
   g_block_bytes.clear();
 }
 
+FUSEDBN_EMU_NO_INSTRUMENT void traffic_block_suspend(std::vector<uint64_t>& saved) {
+  const Busy busy;
+  if (g_launch == nullptr) return;
+  close_groups();
+  saved.swap(g_block_bytes);
+  g_block_bytes.clear();
+}
+
+FUSEDBN_EMU_NO_INSTRUMENT void traffic_block_resume(int nthreads, std::vector<uint64_t>& saved) {
+  traffic_block_begin(nthreads);
+  const Busy busy;
+  if (g_launch != nullptr) g_block_bytes.swap(saved);
+}
+
 FUSEDBN_EMU_NO_INSTRUMENT void traffic_launch_end() {
   const Busy busy;
   g_launch = nullptr;
