@@ -49,12 +49,7 @@ OPS = ["forward_train", "forward_eval", "backward", "act_forward_train", "act_fo
        "act_backward", "act_backward_dr"]
 
 # Known excess not fixed yet: (op or "*", layout or "*", dtype or "*", check) -> reason.
-_PLANES_SIZING = ("issue 15 item 1, not fixed yet: pass-1 block sizing of the planes/packed "
-                  "kernels (choose_splits with kMinValuesPerBlock = 8192, bn_reduce.cuh): a block "
-                  "gets 1.3-1.9 row iterations (the rows kernel's is fixed: >= 4)")
 XFAIL = {}
-for _layout in ("nchw56", "nchw28", "nchw7"):
-    XFAIL[("*", _layout, "*", "block_work")] = _PLANES_SIZING
 
 
 def xfail_reason(op, layout, dtype, check):
