@@ -54,6 +54,7 @@ struct ActEwArgs {
   acc_t slope = acc_t(0), inv_slope = acc_t(1);
   int act = 0;
   bool relu_bits = false;  // mask convention: relu (NaN counts as positive) or leaky_relu
+  bool dx_train = false;   // act_backward's dx passes: training mode (batch statistics)
   bool vec = false;        // every pointer aligned to a group
 };
 

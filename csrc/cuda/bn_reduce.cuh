@@ -127,23 +127,36 @@ Partials launch_pass1(Kernel kernel, ReduceArgs<typename Op::scalar_t, typename 
   return out;
 }
 
+// What some ops read beyond in0, in1 and chan (ReduceArgs): the third input of three-input ops
+// (undefined: zeros), the mask of kMaskedIn0 ops, the activation of act_backward's ops.
+struct ReduceExtras {
+  at::Tensor in2;
+  const uint8_t* mask = nullptr;
+  double slope = 0.0;
+  double inv_slope = 1.0;
+  bool mask_zero = false;
+  int act = 0;
+};
+
 // Pass 1 over the canonical input(s) (in1 undefined for one-input ops). chan: per-channel op
-// parameter of the accumulation type, or nullptr. Requires numel > 0. mask, mask_slope,
-// mask_zero: for ops with kMaskedIn0 (ReduceArgs).
+// parameters of the accumulation type, or nullptr. Requires numel > 0.
 template <class Op>
 Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
                       const typename Op::acc_t* chan, const Geometry& g,
-                      const uint8_t* mask = nullptr, double mask_slope = 0.0,
-                      bool mask_zero = false) {
+                      const ReduceExtras& ex = ReduceExtras()) {
   using T = typename Op::scalar_t;
   using Partial = typename Op::Partial;
   constexpr int VM = max_vec<T>();
   ReduceArgs<T, typename Op::acc_t> a;
-  a.mask = mask;
-  a.mask_slope = static_cast<typename Op::acc_t>(mask_slope);
-  a.mask_zero = mask_zero;
+  a.mask = ex.mask;
+  a.mask_slope = static_cast<typename Op::acc_t>(ex.slope);
+  a.inv_slope = static_cast<typename Op::acc_t>(ex.inv_slope);
+  a.mask_zero = ex.mask_zero;
+  a.act = ex.act;
+  const at::Tensor& in2 = ex.in2;
   a.in0 = in0.const_data_ptr<T>();
   a.in1 = in1.defined() ? in1.const_data_ptr<T>() : nullptr;
+  a.in2 = in2.defined() ? in2.const_data_ptr<T>() : nullptr;
   a.chan = chan;
   a.shift_stride = first_value_stride(g);
   a.N = g.N;
@@ -157,7 +170,7 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
 
   if (g.layout == Layout::kChannelsLast) {
     // The widest vector of channels that tiles C and is aligned in both inputs.
-    const int vw = widest_vec<T>(g.C, {a.in0, a.in1});
+    const int vw = widest_vec<T>(g.C, {a.in0, a.in1, a.in2});
     dispatch_index(use64, [&](auto itag) {
       using index_t = typename decltype(itag)::type;
       dispatch_vec_width<VM>(vw, [&](auto vtag) {
@@ -184,7 +197,7 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
   // Contiguous: vectors aligned to the address, so an input that starts inside a 16-byte line
   // keeps them (the planes and packed kernels mask the elements before a run's first boundary);
   // two inputs need the same position in their lines (else scalar).
-  const int mis = common_misalignment<T>({a.in0, a.in1});
+  const int mis = common_misalignment<T>({a.in0, a.in1, a.in2});
   const bool vec = mis >= 0;
   a.mis = vec ? mis : 0;
 

@@ -47,7 +47,8 @@ namespace cuda {
 template <typename T, typename acc_t>
 struct ReduceArgs {
   const T* in0 = nullptr;
-  const T* in1 = nullptr;       // second input of two-input ops
+  const T* in1 = nullptr;       // second input of two- and three-input ops
+  const T* in2 = nullptr;       // third input of three-input ops (nullptr: reads as zeros)
   const acc_t* chan = nullptr;  // per-channel op parameter, or nullptr
   int64_t shift_stride = 0;     // offset between channels' first values (ChannelShift)
   void* partials = nullptr;     // [C][P] Op::Partial
@@ -69,6 +70,9 @@ struct ReduceArgs {
   const uint8_t* mask = nullptr;
   acc_t mask_slope = acc_t(0);
   bool mask_zero = false;
+  // act_backward's three-input ops: the activation (Act) and its slope (mask_slope), 1 / slope.
+  int act = 0;
+  acc_t inv_slope = acc_t(1);
 };
 
 // An op that declares kMaskedIn0 rewrites elements [lo, hi) of the first input's group of V
@@ -100,17 +104,36 @@ __device__ __forceinline__ int64_t block_unit(int64_t units, unsigned x, unsigne
   return static_cast<int64_t>(x) * units / static_cast<int64_t>(gx);
 }
 
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> zero_vec() {
+  Vec<T, V> r;
+#pragma unroll
+  for (int j = 0; j < V; ++j) r.v[j] = static_cast<T>(0.0f);
+  return r;
+}
+
+// The vector at p + offset, or zeros when p is nullptr (an absent optional input).
+template <typename T, int V, typename index_t>
+__device__ __forceinline__ Vec<T, V> load_vec_or_zero(const T* p, index_t offset) {
+  return p != nullptr ? load_vec<T, V>(p + offset) : zero_vec<T, V>();
+}
+
 template <class Op, int V, typename index_t>
 __device__ __forceinline__ void load_group(
     const ReduceArgs<typename Op::scalar_t, typename Op::acc_t>& a, index_t offset, int lo, int hi,
-    Vec<typename Op::scalar_t, V>& r0, Vec<typename Op::scalar_t, V>& r1) {
+    Vec<typename Op::scalar_t, V>& r0, Vec<typename Op::scalar_t, V>& r1,
+    Vec<typename Op::scalar_t, V>& r2) {
   using T = typename Op::scalar_t;
   if (lo == 0 && hi == V) {
     r0 = load_vec<T, V>(a.in0 + offset);
-    if constexpr (Op::kInputs == 2) r1 = load_vec<T, V>(a.in1 + offset);
+    if constexpr (Op::kInputs >= 2) r1 = load_vec<T, V>(a.in1 + offset);
+    if constexpr (Op::kInputs == 3) r2 = load_vec_or_zero<T, V>(a.in2, offset);
   } else if (lo < hi) {
     r0 = load_partial<T, V>(a.in0 + offset, lo, hi);
-    if constexpr (Op::kInputs == 2) r1 = load_partial<T, V>(a.in1 + offset, lo, hi);
+    if constexpr (Op::kInputs >= 2) r1 = load_partial<T, V>(a.in1 + offset, lo, hi);
+    if constexpr (Op::kInputs == 3) {
+      r2 = a.in2 != nullptr ? load_partial<T, V>(a.in2 + offset, lo, hi) : zero_vec<T, V>();
+    }
   }
   if (lo < hi) mask_in0<Op, V>(a, offset, lo, hi, r0);
 }
@@ -121,17 +144,26 @@ __device__ __forceinline__ void to_acc(const Vec<T, V>& r, acc_t (&x)[V]) {
   for (int j = 0; j < V; ++j) x[j] = static_cast<acc_t>(r.v[j]);
 }
 
-// Pushes elements [lo, hi) of a loaded group.
+// Pushes elements [lo, hi) of a loaded group. Three-input ops take the third array too.
 template <class Op, int V>
 __device__ __forceinline__ void push_group(typename Op::Thread& s,
                                            const Vec<typename Op::scalar_t, V>& r0,
-                                           const Vec<typename Op::scalar_t, V>& r1, int lo, int hi,
+                                           const Vec<typename Op::scalar_t, V>& r1,
+                                           const Vec<typename Op::scalar_t, V>& r2, int lo, int hi,
                                            const typename Op::Param& par) {
   using acc_t = typename Op::acc_t;
   acc_t x0[V], x1[V];
   to_acc(r0, x0);
-  if constexpr (Op::kInputs == 2) to_acc(r1, x1);
-  if (lo == 0 && hi == V) {
+  if constexpr (Op::kInputs >= 2) to_acc(r1, x1);
+  if constexpr (Op::kInputs == 3) {
+    acc_t x2[V];
+    to_acc(r2, x2);
+    if (lo == 0 && hi == V) {
+      Op::push_all(s, x0, x1, x2, par);
+    } else {
+      Op::push(s, x0, x1, x2, lo, hi, par);
+    }
+  } else if (lo == 0 && hi == V) {
     Op::push_all(s, x0, Op::kInputs == 2 ? x1 : x0, par);
   } else {
     Op::push(s, x0, Op::kInputs == 2 ? x1 : x0, lo, hi, par);
@@ -183,7 +215,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     const typename Op::Param par = Op::param(a, c);
     typename Op::Thread st = Op::init();
     for (index_t n = blockIdx.y; n < N; n += static_cast<index_t>(G) * splits) {
-      Vec<T, V> r0[K], r1[K];
+      Vec<T, V> r0[K], r1[K], r2[K];
       int lo[K], hi[K];
 #pragma unroll
       for (int k = 0; k < K; ++k) {
@@ -198,12 +230,13 @@ __global__ void __launch_bounds__(kBlockThreads)
           lo[k] = q == 0 ? head : 0;
           hi[k] =
               q < nvec ? static_cast<int>(min(static_cast<index_t>(V), head + len - q * V)) : 0;
-          load_group<Op, V, index_t>(a, start - head + q * V, lo[k], hi[k], r0[k], r1[k]);
+          load_group<Op, V, index_t>(a, start - head + q * V, lo[k], hi[k], r0[k], r1[k],
+                                     r2[k]);
         }
       }
 #pragma unroll
       for (int k = 0; k < K; ++k)
-        if (lo[k] < hi[k]) push_group<Op, V>(st, r0[k], r1[k], lo[k], hi[k], par);
+        if (lo[k] < hi[k]) push_group<Op, V>(st, r0[k], r1[k], r2[k], lo[k], hi[k], par);
     }
 
     // Warp shuffles -> warp_parts (this unit's buffer) -> warp 0. The other buffer is the
@@ -264,7 +297,7 @@ __device__ __forceinline__ void reduce_packed_group(
   // Samples blockIdx.y, + splits, ...: the grid's blocks move through the samples together.
   const index_t N = a.N, splits = a.splits;
   for (index_t n = blockIdx.y; n < N; n += static_cast<index_t>(G) * splits) {
-    Vec<T, V> r0[K], r1[K];
+    Vec<T, V> r0[K], r1[K], r2[K];
     bool live[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -272,16 +305,16 @@ __device__ __forceinline__ void reduce_packed_group(
       live[k] = nn < N && lo[k] < hi[k];
       const index_t q = threadIdx.x + (k % kq) * kBlockThreads;
       if (live[k]) load_group<Op, V, index_t>(a, (nn * C + c0) * S - sh + q * V, lo[k], hi[k],
-                                               r0[k], r1[k]);
+                                               r0[k], r1[k], r2[k]);
     }
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       if (!live[k]) continue;
       if (lo[k] == 0 && bnd[k] == V) {
-        push_group<Op, V>(s0[k], r0[k], r1[k], 0, V, p0[k]);
+        push_group<Op, V>(s0[k], r0[k], r1[k], r2[k], 0, V, p0[k]);
       } else {
-        if (lo[k] < bnd[k]) push_group<Op, V>(s0[k], r0[k], r1[k], lo[k], bnd[k], p0[k]);
-        if (bnd[k] < hi[k]) push_group<Op, V>(s1[k], r0[k], r1[k], bnd[k], hi[k], p1[k]);
+        if (lo[k] < bnd[k]) push_group<Op, V>(s0[k], r0[k], r1[k], r2[k], lo[k], bnd[k], p0[k]);
+        if (bnd[k] < hi[k]) push_group<Op, V>(s1[k], r0[k], r1[k], r2[k], bnd[k], hi[k], p1[k]);
       }
     }
   }
@@ -403,26 +436,35 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (active) {
     for (index_t r = static_cast<index_t>(blockIdx.y) * chunk + ty; r < rows; r += stride) {
       const int cnt = static_cast<int>(min(static_cast<index_t>(K), (rows - r + TY - 1) / TY));
-      Vec<T, V> v0[K], v1[K];
+      Vec<T, V> v0[K], v1[K], v2[K];
 #pragma unroll
       for (int u = 0; u < K; ++u) {
         if (u < cnt) {
           const index_t offset = (r + static_cast<index_t>(u) * TY) * C + cv * V;
           v0[u] = load_vec<T, V>(a.in0 + offset);
           mask_in0<Op, V>(a, offset, 0, V, v0[u]);
-          if constexpr (Op::kInputs == 2) v1[u] = load_vec<T, V>(a.in1 + offset);
+          if constexpr (Op::kInputs >= 2) v1[u] = load_vec<T, V>(a.in1 + offset);
+          if constexpr (Op::kInputs == 3) v2[u] = load_vec_or_zero<T, V>(a.in2, offset);
         }
       }
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        acc_t x0[K], x1[K];
+        acc_t x0[K], x1[K], x2[K];
 #pragma unroll
         for (int u = 0; u < K; ++u) {
           x0[u] = u < cnt ? static_cast<acc_t>(v0[u].v[j]) : acc_t(0);
-          if constexpr (Op::kInputs == 2)
+          if constexpr (Op::kInputs >= 2)
             x1[u] = u < cnt ? static_cast<acc_t>(v1[u].v[j]) : acc_t(0);
+          if constexpr (Op::kInputs == 3)
+            x2[u] = u < cnt ? static_cast<acc_t>(v2[u].v[j]) : acc_t(0);
         }
-        if (cnt == K) {
+        if constexpr (Op::kInputs == 3) {
+          if (cnt == K) {
+            Op::push_all(st[j], x0, x1, x2, par[j]);
+          } else {
+            Op::push(st[j], x0, x1, x2, 0, cnt, par[j]);
+          }
+        } else if (cnt == K) {
           Op::push_all(st[j], x0, Op::kInputs == 2 ? x1 : x0, par[j]);
         } else {
           Op::push(st[j], x0, Op::kInputs == 2 ? x1 : x0, 0, cnt, par[j]);
