@@ -435,7 +435,12 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   if (active) {
     for (index_t r = static_cast<index_t>(blockIdx.y) * chunk + ty; r < rows; r += stride) {
-      const int cnt = static_cast<int>(min(static_cast<index_t>(K), (rows - r + TY - 1) / TY));
+      // Rows of this chunk in u-steps: K but in the last chunk (a 32-bit division there: the
+      // 64-bit one made ptxas spill the 64-bit-index double kernel).
+      const index_t left = rows - r;
+      const int cnt = left >= static_cast<index_t>(K) * TY
+                          ? K
+                          : (static_cast<int>(left) + TY - 1) / TY;
       Vec<T, V> v0[K], v1[K], v2[K];
 #pragma unroll
       for (int u = 0; u < K; ++u) {
