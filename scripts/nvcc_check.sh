@@ -5,6 +5,12 @@
 # python include paths, the CXX11 ABI of the installed torch), plus -Wall -Wextra for the host
 # side of our own code. A file whose output reports a warning is printed with that output.
 #
+# Register pressure: ptxas reports (-Xptxas -v) every kernel's registers, stack frame and spill
+# stores/loads; the script prints them as one table (kernels sorted by registers, demangled and
+# shortened) and fails when a kernel spills (spill stores or loads above 0 bytes), whatever the
+# other options. A stack frame without spills (a per-thread array ptxas keeps in local memory) is
+# listed apart, not failed.
+#
 # A CPU-only torch wheel lacks one generated header, c10/cuda/impl/cuda_cmake_macros.h; a stub of
 # it is written to a temporary include directory searched after torch's own (so a CUDA build of
 # torch uses its real one).
@@ -14,13 +20,16 @@
 #   PYTHON                python with torch installed (default: python3)
 #   MAX_JOBS              parallel nvcc processes (default: 2)
 #   NVCC_CHECK_ARCH       compute capability digits (default: 90)
-#   NVCC_CHECK_VERBOSE=1  add -Xptxas -v and print each kernel's register/spill/shared usage
+#   NVCC_CHECK_VERBOSE=1  also print each file's raw ptxas register/spill lines
+#   NVCC_CHECK_TABLE=FILE also write the register table (tab-separated) to FILE
+#   NVCC_CHECK_SPILLS     fail (default): a spilling kernel fails the check; warn: listed only
 #   NVCC_CHECK_WERROR=1   count a file with warnings as failed
 #   NVCC_CHECK_EXTRA_FLAGS  more nvcc flags, split on spaces
 #
 # Arguments: .cu files to check (default: every csrc/**/*.cu).
 #
-# Exit status: 0 when every file compiled (or when there is no .cu file at all), 1 otherwise.
+# Exit status: 0 when every file compiled without a spill (or when there is no .cu file at all),
+# 1 otherwise.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -92,7 +101,7 @@ FLAGS=(
 )
 for inc in "${INFO[@]:2}"; do FLAGS+=(-isystem "$inc"); done
 FLAGS+=(-isystem "$WORK/stub" -isystem "$CUDA_ROOT/include")
-if [ "${NVCC_CHECK_VERBOSE:-0}" = 1 ]; then FLAGS+=(-Xptxas -v); fi
+FLAGS+=(-Xptxas -v)
 # shellcheck disable=SC2206  # word splitting of the extra flags is intended
 if [ -n "${NVCC_CHECK_EXTRA_FLAGS:-}" ]; then FLAGS+=(${NVCC_CHECK_EXTRA_FLAGS}); fi
 
@@ -155,6 +164,53 @@ for src in "${FILES[@]}"; do
   fi
 done
 
+# The register table: per kernel (entry function) its registers, stack frame and spills, from the
+# ptxas lines of every log ("Compiling entry function 'X'", "Function properties for X", then
+# "N bytes stack frame, N bytes spill stores, N bytes spill loads" and "Used N registers").
+TABLE="$WORK/registers.tsv"
+for src in "${FILES[@]}"; do
+  tag="$(echo "$src" | tr '/.' '__')"
+  awk -v file="$(basename "$src")" '
+    /Compiling entry function/ { split($0, q, "\047"); entry = q[2]; next }
+    /Function properties for/ { fn = $NF; next }
+    /bytes stack frame/ { stack[fn] = $1; st[fn] = $5; ld[fn] = $9; next }
+    /Used [0-9]+ registers/ { match($0, /Used [0-9]+ registers/);
+                              regs = substr($0, RSTART + 5, RLENGTH - 15);
+                              if (entry != "") { print file "\t" entry "\t" regs; entry = "" } }
+    END { for (f in stack) print "#props\t" f "\t" stack[f] "\t" st[f] "\t" ld[f] }
+  ' "$WORK/log/$tag.log"
+done >"$WORK/raw.tsv"
+# Join the registers of each entry with its properties, demangle, shorten the names.
+awk -F '\t' '
+  $1 == "#props" { stack[$2] = $3; st[$2] = $4; ld[$2] = $5; next }
+  { file[NR] = $1; fn[NR] = $2; regs[NR] = $3; order[++n] = NR }
+  END { for (i = 1; i <= n; ++i) { r = order[i];
+          printf "%s\t%s\t%s\t%s\t%s\t%s\n", regs[r], stack[fn[r]] + 0, st[fn[r]] + 0,
+                 ld[fn[r]] + 0, file[r], fn[r] } }
+' "$WORK/raw.tsv" | sort -t "$(printf '\t')" -k1,1nr -k5,5 >"$WORK/joined.tsv"
+cut -f6 "$WORK/joined.tsv" | "$DEMANGLE" |
+  sed -e 's/fusedbn::cuda:://g' -e 's/(anonymous namespace):://g' -e 's/c10:://g' \
+      -e 's/void //' -e 's/(.*$//' >"$WORK/names.txt"
+paste "$WORK/joined.tsv" "$WORK/names.txt" | cut -f1-5,7 >"$TABLE"
+kernels="$(wc -l <"$TABLE")"
+spilled="$(awk -F '\t' '$3 > 0 || $4 > 0' "$TABLE" | wc -l)"
+echo "nvcc_check: registers per kernel (sm_${ARCH}, ${kernels} kernels; stack and spills in bytes):"
+printf '  %5s %5s %6s %6s  %-22s %s\n' regs stack spillS spillL file kernel
+awk -F '\t' '{ printf "  %5s %5s %6s %6s  %-22s %s\n", $1, $2, $3, $4, $5, $6 }' "$TABLE"
+if [ -n "${NVCC_CHECK_TABLE:-}" ]; then cp "$TABLE" "$NVCC_CHECK_TABLE"; fi
+stacked="$(awk -F '\t' '$2 > 0 && $3 == 0 && $4 == 0' "$TABLE" | wc -l)"
+if [ "$stacked" -gt 0 ]; then
+  echo "nvcc_check: $stacked kernel(s) with a stack frame (local memory) but no spill:"
+  awk -F '\t' '$2 > 0 && $3 == 0 && $4 == 0 { printf "    %s (%s registers, stack %s)\n", \
+      $6, $1, $2 }' "$TABLE"
+fi
+if [ "$spilled" -gt 0 ]; then
+  echo "nvcc_check: FAILED: $spilled kernel(s) spill:"
+  awk -F '\t' '$3 > 0 || $4 > 0 { printf "    %s (%s registers, stack %s, spill stores %s, " \
+      "loads %s)\n", $6, $1, $2, $3, $4 }' "$TABLE"
+fi
+
 total="${#FILES[@]}"
-echo "nvcc_check: $((total - failed))/$total compiled, $failed failed, $warned with warnings"
-[ "$failed" -eq 0 ]
+echo "nvcc_check: $((total - failed))/$total compiled, $failed failed, $warned with warnings," \
+  "$spilled kernel(s) spilling"
+[ "$failed" -eq 0 ] && { [ "$spilled" -eq 0 ] || [ "${NVCC_CHECK_SPILLS:-fail}" = warn ]; }

@@ -256,3 +256,52 @@ def test_act_backward_mask_unaligned_same_position(shape, dtype, offset):
                                              "grad_residual"), (dx, dw, db, dz))):
             if out_mask[i]:
                 R.assert_rule(name, emu[i], cpu[i], ref)
+
+
+# ---- the act backward that recomputes dz (input and output sources) -----------------------------
+
+# (activation, negative_slope, source): the input source for every activation but identity (whose
+# dz is dy), the output source (memory-saving) for the invertible ones.
+RECOMPUTED = [(3, 0.0, 0), (4, 0.0, 0), (1, 0.0, 0), (2, 0.1, 0), (2, 0.1, 2), (0, 0.0, 2)]
+
+
+@pytest.mark.parametrize("act,slope,source", RECOMPUTED,
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("shape,cl,r_offset", [((2, 3, 40, 40), False, None),   # planes
+                                               ((4, 8, 7, 7), False, 0),        # packed
+                                               ((3, 12, 5, 7), True, 0),        # rows
+                                               ((8, 12), False, None),
+                                               ((2, 2, 33, 35), False, 1)],     # r 4 B off: scalar
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_act_backward_recomputed(act, slope, source, shape, cl, r_offset):
+    """The input and output sources form dz (and x_hat / invstd) where the reduction and the dx
+    pass read dy and x (y), and write dz only as grad_residual: training and eval mode, every
+    output mask, with and without a residual (one at another position in its 16-byte lines than
+    dy and x: the scalar kernels), against the CPU op and the long-double reference."""
+    x = placed(shape, torch.float32, 0, channels_last=cl)
+    dy = placed(shape, torch.float32, 0, channels_last=cl)
+    r = None if r_offset is None else placed(shape, torch.float32, r_offset, channels_last=cl)
+    w, b = params(shape[1], torch.float32)
+    y, mean, invstd, _, _ = CPU.act_forward_train(x, w, b, r, EPS, act, slope, False)
+    saved = y if source == 2 else x
+    for train in (True, False):
+        if not train:
+            mean, invstd = torch.randn(shape[1]), 0.5 + torch.rand(shape[1])
+            # the output source recovers x_hat with the statistics it is given: y from them
+            y = CPU.act_forward_eval(x, w, b, mean, 1 / invstd ** 2 - EPS, r, EPS, act, slope,
+                                     False)[0]
+            saved = y if source == 2 else x
+        z = R.act_z(x, w, b, r, R.ld(mean), R.ld(invstd))
+        dz = torch.from_numpy(R.act_grad(z, R.ld(dy), act, slope).astype(R.np.float64))
+        dx, dw, db = R.bwd(dz, x, w, mean, invstd, train)
+        for out_mask in ([True, True, True, False], [True, False, False, True],
+                         [False, True, True, True]):
+            args = (dy, saved, r, None, w, b, mean, invstd, train, act, slope, source, out_mask)
+            emu = run_emu("act_backward", *args)
+            cpu = CPU.act_backward(*args)
+            for i, (name, ref) in enumerate(zip(("grad_input", "grad_weight", "grad_bias",
+                                                 "grad_residual"), (dx, dw, db, dz))):
+                if out_mask[i]:
+                    R.assert_rule("%s (train %s)" % (name, train), emu[i], cpu[i], ref)
+                else:
+                    assert emu[i].numel() == 0, name

@@ -10,13 +10,18 @@
 // The zero-weight precondition of the output source is the caller's (fusedbn/act_ops.py checks
 // it before choosing that source); checking it here would need a host synchronization.
 //
-// The mask source with batch norm's gradients asked for does not store dz to read it back
-// (7 |x| of traffic): backward_from_mask computes dz from dy and the mask bits where it reads
-// them -- in the split reduction (MaskedGradOp, the kMaskedIn0 hook of bn_reduce_kernels.cuh)
-// and in the dx pass (DxFromMaskFn) -- and writes dz only as grad_residual, from the dx pass:
-// dy and x are read twice, dx written once (5 |x|, 6 with grad_residual), plus the mask twice.
-// dz is rounded to the input's dtype where it is formed, as the stored dz was, so the results are
-// those of the unfused passes.
+// With batch norm's gradients asked for, no source stores dz to read it back (7 |x| of traffic,
+// 10 for the output source, which also stored x_hat / invstd): dz (and x_hat / invstd) is formed
+// where dy (and x or y) are read -- in the split reduction and in the dx pass -- and dz is written
+// only as grad_residual, from the dx pass:
+//   mask:   MaskedGradOp (the kMaskedIn0 hook of bn_reduce_kernels.cuh), DxFromMaskFn: dy and x
+//           read twice, dx written once (5 |x|, 6 with grad_residual), plus the mask twice;
+//   input:  InputGradOp (a three-input op over dy, x, r), DxFromInputFn: dy and x (and r) read
+//           twice, z and act'(z) computed in both passes (5 |x|, + 2 |r|, + 1 with grad_residual);
+//   output: OutputGradOp over dy, y, r, DxFromOutputFn: the same count, y in place of x.
+// dz and x_hat / invstd are rounded to the input's dtype where they are formed, as the stored ones
+// were, so the results are those of the unfused passes. Identity from the input is batch norm's
+// backward of dy itself.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -117,38 +122,163 @@ struct MaskedGradOp : GradOp<T> {
   }
 };
 
-// Per channel, from the merged sums: grad_weight, grad_bias and the dx pass's coefficients [4][C]
-// (train: channel_grad's; eval: (0, w * invstd, 0, 0)), as BackwardEpilogue of bn_backward.cu.
+// act'(z) * dy for the run-time activation (uniform over the grid), rounded to T as a stored dz.
+template <typename T, typename acc_t>
+__device__ __forceinline__ acc_t act_grad_rounded(int act, acc_t z, acc_t dy, acc_t slope) {
+  acc_t g;
+  switch (static_cast<Act>(act)) {
+    case Act::kRelu: g = ActFn<Act::kRelu>::grad(z, dy, slope); break;
+    case Act::kLeakyRelu: g = ActFn<Act::kLeakyRelu>::grad(z, dy, slope); break;
+    case Act::kSilu: g = ActFn<Act::kSilu>::grad(z, dy, slope); break;
+    case Act::kGeluTanh: g = ActFn<Act::kGeluTanh>::grad(z, dy, slope); break;
+    default: g = dy; break;
+  }
+  return static_cast<acc_t>(static_cast<T>(g));
+}
+
+// GradOp over (dz, x) for the input source: inputs dy, x, r (r absent: zeros, and z + 0 gives
+// every activation the same act'(z) as z), dz = act'(z) * dy with z = (x - mean) * scale + bias
+// + r formed as the reduction loads them. Param: the channel's (mean, w * invstd, bias) from
+// chan [3][C] (GradFromInputFn's), the slope and the activation (ReduceArgs::mask_slope, act).
+template <typename T>
+struct InputGradOp : GradOp<T> {
+  using Base = GradOp<T>;
+  using acc_t = typename Base::acc_t;
+  using Thread = typename Base::Thread;
+  static constexpr int kInputs = 3;
+  struct Param {
+    acc_t mean, scale, bias, slope;
+    int act;
+  };
+  template <class Args>
+  __device__ __forceinline__ static Param param(const Args& a, int64_t c) {
+    return {a.chan[c], a.chan[a.C + c], a.chan[2 * a.C + c], a.mask_slope, a.act};
+  }
+  template <int L>
+  __device__ __forceinline__ static void push(Thread& s, const acc_t (&dy)[L], const acc_t (&x)[L],
+                                              const acc_t (&r)[L], int lo, int hi,
+                                              const Param& p) {
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      if (j >= lo && j < hi) {
+        const acc_t z = (x[j] - p.mean) * p.scale + p.bias + r[j];
+        Base::push_one(s, act_grad_rounded<T>(p.act, z, dy[j], p.slope), x[j], p.mean);
+      }
+    }
+  }
+  template <int L>
+  __device__ __forceinline__ static void push_all(Thread& s, const acc_t (&dy)[L],
+                                                  const acc_t (&x)[L], const acc_t (&r)[L],
+                                                  const Param& p) {
+    push(s, dy, x, r, 0, L, p);
+  }
+};
+
+// GradOp over (dz, x_hat / invstd) for the output source (identity: slope 1, or leaky_relu):
+// inputs dy, y, r; z = y > 0 ? y : y / slope, x_hat / invstd = (z - b - r) / (w * invstd),
+// dz = y > 0 ? dy : slope * dy (RecoverFn's), both rounded to T; the mean is 0 (x_hat / invstd
+// is centred). Param: (b, 1 / (w * invstd)) from chan [2][C], the slope and its inverse.
+template <typename T>
+struct OutputGradOp : GradOp<T> {
+  using Base = GradOp<T>;
+  using acc_t = typename Base::acc_t;
+  using Thread = typename Base::Thread;
+  static constexpr int kInputs = 3;
+  struct Param {
+    acc_t bias, inv_scale, slope, inv_slope;
+  };
+  template <class Args>
+  __device__ __forceinline__ static Param param(const Args& a, int64_t c) {
+    return {a.chan[c], a.chan[a.C + c], a.mask_slope, a.inv_slope};
+  }
+  template <int L>
+  __device__ __forceinline__ static void push(Thread& s, const acc_t (&dy)[L], const acc_t (&y)[L],
+                                              const acc_t (&r)[L], int lo, int hi,
+                                              const Param& p) {
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      if (j >= lo && j < hi) {
+        const acc_t dz = static_cast<acc_t>(
+            static_cast<T>(ActFn<Act::kLeakyRelu>::grad(y[j], dy[j], p.slope)));
+        const acc_t z = inverse_leaky(y[j], p.inv_slope) - p.bias - r[j];
+        const acc_t xc = static_cast<acc_t>(static_cast<T>(z * p.inv_scale));
+        Base::push_one(s, dz, xc, acc_t(0));
+      }
+    }
+  }
+  template <int L>
+  __device__ __forceinline__ static void push_all(Thread& s, const acc_t (&dy)[L],
+                                                  const acc_t (&y)[L], const acc_t (&r)[L],
+                                                  const Param& p) {
+    push(s, dy, y, r, 0, L, p);
+  }
+};
+
+// The dx pass of the input source: in: dy, x, r; out: dx (nullptr: not written), dz (nullptr:
+// not written); params (mean, w * invstd, b, k0, k3): z's, then channel_grad's k0 and k3 (its
+// k1 = w * invstd, k2 = mean) in training mode; in eval mode dx = dz * w * invstd.
+struct DxFromInputFn {
+  static constexpr int kIn = 3, kOut = 2, kParams = 5;
+  static constexpr bool kUsesAct = true;
+  template <Act A, typename acc_t, typename T>
+  __device__ __forceinline__ static void apply(const acc_t (&in)[kIn], const acc_t* p, bool,
+                                               acc_t (&out)[kOut], bool&,
+                                               const ActEwArgs<T>& a) {
+    acc_t z = (in[1] - p[0]) * p[1] + p[2];
+    if (a.in[2] != nullptr) z += in[2];
+    const acc_t dz = static_cast<acc_t>(static_cast<T>(ActFn<A>::grad(z, in[0], a.slope)));
+    out[0] = a.dx_train ? (dz - p[3]) * p[1] - (in[1] - p[0]) * p[4] : dz * p[1];
+    out[1] = dz;
+  }
+};
+
+// The dx pass of the output source: in: dy, y, r; out: dx, dz; params (b, 1 / (w * invstd), k0,
+// k1, k3): RecoverFn's, then channel_grad's with k2 = 0 in training mode; eval: dx = dz * k1.
+struct DxFromOutputFn {
+  static constexpr int kIn = 3, kOut = 2, kParams = 5;
+  static constexpr bool kUsesAct = false;
+  template <Act, typename acc_t, typename T>
+  __device__ __forceinline__ static void apply(const acc_t (&in)[kIn], const acc_t* p, bool,
+                                               acc_t (&out)[kOut], bool&,
+                                               const ActEwArgs<T>& a) {
+    const acc_t dz =
+        static_cast<acc_t>(static_cast<T>(ActFn<Act::kLeakyRelu>::grad(in[1], in[0], a.slope)));
+    acc_t z = inverse_leaky(in[1], a.inv_slope) - p[0];
+    if (a.in[2] != nullptr) z -= in[2];
+    const acc_t xc = static_cast<acc_t>(static_cast<T>(z * p[1]));
+    out[0] = a.dx_train ? (dz - p[2]) * p[3] - xc * p[4] : dz * p[3];
+    out[1] = dz;
+  }
+};
+
+// The dx coefficients of the merged sums (GradEpilogueBase, bn_reduce_ops.cuh) at coeffs[row * C
+// + c] for the rows k0, k1, k2, k3 given (-1: not stored; k2 is the channel's mean, or 0 when mean
+// is nullptr); in eval mode k0, k2, k3 are 0. coeffs nullptr: dx not asked for.
 template <typename acc_t>
-struct MaskEpilogue {
+struct ActEpilogue : GradEpilogueBase<acc_t> {
   const acc_t* mean;
-  const acc_t* invstd;
-  ChannelPtr weight;
-  ChannelPtr grad_weight;  // kNone when not asked for
-  ChannelPtr grad_bias;    // kNone when not asked for
-  acc_t* coeffs;           // nullptr when dx is not asked for
+  acc_t* coeffs;
   int64_t C;
-  acc_t inv_m;  // 1 / M
+  int rows[4];
   bool train;
 
   __device__ void operator()(int64_t c, const GradPartial<acc_t>& s) const {
-    const acc_t is = invstd[c];
-    const acc_t sum_dy = s.sum_dy.value(), sum_dy_xmu = s.sum_dy_xmu.value();
-    grad_weight.store(c, sum_dy_xmu * is);
-    grad_bias.store(c, sum_dy);
+    const ChannelDx<acc_t> d = this->grads(c, s);
     if (coeffs == nullptr) return;
-    const acc_t a = weight.load<acc_t>(c, acc_t(1)) * is;
-    coeffs[c] = train ? sum_dy * inv_m : acc_t(0);
-    coeffs[C + c] = a;
-    coeffs[2 * C + c] = train ? mean[c] : acc_t(0);
-    coeffs[3 * C + c] = train ? a * is * is * sum_dy_xmu * inv_m : acc_t(0);
+    const acc_t k[4] = {train ? d.k0 : acc_t(0), d.a,
+                        train && mean != nullptr ? mean[c] : acc_t(0),
+                        train ? d.k3 : acc_t(0)};
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (rows[i] >= 0) coeffs[rows[i] * C + c] = k[i];
   }
 };
 
 template <class Fn, typename T>
 void launch(const at::Tensor& in0, const at::Tensor& in1, const at::Tensor& in2,
             const at::Tensor& out0, const at::Tensor& out1, const at::Tensor& mask,
-            const at::Tensor& params, const Geometry& g, Act act, double slope) {
+            const at::Tensor& params, const Geometry& g, Act act, double slope,
+            bool dx_train = false) {
   using acc_t = at::opmath_type<T>;
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; };
   auto mut = [](const at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<T>() : nullptr; };
@@ -164,6 +294,7 @@ void launch(const at::Tensor& in0, const at::Tensor& in1, const at::Tensor& in2,
   a.inv_slope = static_cast<acc_t>(act == Act::kIdentity ? 1.0 : 1.0 / slope);
   a.act = static_cast<int>(act);
   a.relu_bits = act == Act::kRelu;
+  a.dx_train = dx_train;
   launch_act_ew<Fn, T>(a, g, in0.get_device());
 }
 
@@ -191,18 +322,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_from_mask(
     using acc_t = at::opmath_type<scalar_t>;
     if (need_sums) {
       using Op = MaskedGradOp<scalar_t>;
-      const Partials parts =
-          reduce_pass1<Op>(dy, x, mean_c.const_data_ptr<acc_t>(), g,
-                           mask.const_data_ptr<uint8_t>(), slope, act == Act::kRelu);
-      MaskEpilogue<acc_t> epi{mean_c.const_data_ptr<acc_t>(),
-                              invstd_c.const_data_ptr<acc_t>(),
-                              channel_ptr(weight),
+      ReduceExtras ex;
+      ex.mask = mask.const_data_ptr<uint8_t>();
+      ex.slope = slope;
+      ex.mask_zero = act == Act::kRelu;
+      const Partials parts = reduce_pass1<Op>(dy, x, mean_c.const_data_ptr<acc_t>(), g, ex);
+      // DxFromMaskFn's (k0, k1, k2, k3): channel_grad's; eval (0, a, 0, 0).
+      ActEpilogue<acc_t> epi{{invstd_c.const_data_ptr<acc_t>(), channel_ptr(weight),
                               need_dw ? channel_ptr(dw) : ChannelPtr{},
                               need_db ? channel_ptr(db) : ChannelPtr{},
-                              need_dx ? coeffs.mutable_data_ptr<acc_t>() : nullptr,
-                              g.C,
-                              acc_t(1) / static_cast<acc_t>(g.rows()),
-                              train};
+                              acc_t(1) / static_cast<acc_t>(g.rows())},
+                             mean_c.const_data_ptr<acc_t>(),
+                             need_dx ? coeffs.mutable_data_ptr<acc_t>() : nullptr,
+                             g.C,
+                             {0, 1, 2, 3},
+                             train};
       reduce_pass2<Op>(parts, g.C, epi);
     } else {  // eval mode, dx only
       const at::Tensor w = defined(weight) ? weight->to(acc_opts) : at::ones({g.C}, acc_opts);
@@ -215,6 +349,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_from_mask(
     } else if (need_dr) {
       launch<GradFromMaskFn, scalar_t>(dy, at::Tensor(), at::Tensor(), dz, at::Tensor(), mask,
                                        at::Tensor(), g, act, slope);
+    }
+  });
+  return {dx, dw, db, dz};
+}
+
+// The input source (act not identity) and the output source with some of batch norm's gradients
+// asked for (numel > 0); see the top. saved: x (input) or y (output); r: the residual or
+// undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_recomputed(
+    const at::Tensor& dy, const at::Tensor& saved, const at::Tensor& r, const Geometry& g,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& mean, const at::Tensor& invstd, bool train, Act act, double slope,
+    ActSource src, std::array<bool, 4> output_mask) {
+  const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2],
+             need_dr = output_mask[3];
+  const bool from_output = src == ActSource::kOutput;
+  const at::ScalarType acc = acc_dtype(saved.scalar_type());
+  const auto acc_opts = saved.options().dtype(acc);
+  const auto param_opts = saved.options().dtype(defined(weight) ? weight->scalar_type() : acc);
+  at::Tensor dx = need_dx ? empty_output(saved) : at::empty({0}, saved.options());
+  at::Tensor dw = at::empty({need_dw ? g.C : 0}, param_opts);
+  at::Tensor db = at::empty({need_db ? g.C : 0}, param_opts);
+  at::Tensor dz = need_dr ? empty_output(saved) : at::empty({0}, saved.options());
+  const bool need_sums = (train && need_dx) || need_dw || need_db;
+  const at::Tensor mean_c = mean.contiguous();
+  const at::Tensor invstd_c = invstd.contiguous();
+  const at::Tensor w = defined(weight) ? weight->to(acc_opts) : at::ones({g.C}, acc_opts);
+  const at::Tensor b = defined(bias) ? bias->to(acc_opts) : at::zeros({g.C}, acc_opts);
+  const at::Tensor zeros = at::zeros({g.C}, acc_opts);
+  // [5][C]: the first rows are the reduction's chan (GradFromInputFn's / RecoverFn's params),
+  // the dx pass's k0 and k3 are the epilogue's (zeros in eval mode).
+  //   input:  (mean, w * invstd, b, k0, k3);   output: (b, 1 / (w * invstd), k0, k1, k3).
+  const at::Tensor params =
+      from_output ? at::cat({b, (w * invstd_c).reciprocal(), zeros, w * invstd_c, zeros})
+                  : at::cat({mean_c, invstd_c * w, b, zeros, zeros});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(),
+                                  "fusedbn_act_backward_recomputed", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* p = params.mutable_data_ptr<acc_t>();
+    if (need_sums) {
+      ReduceExtras ex;
+      ex.in2 = r;
+      ex.slope = act == Act::kIdentity ? 1.0 : slope;
+      ex.inv_slope = act == Act::kIdentity ? 1.0 : 1.0 / slope;
+      ex.act = static_cast<int>(act);
+      ActEpilogue<acc_t> epi{{invstd_c.const_data_ptr<acc_t>(), channel_ptr(weight),
+                              need_dw ? channel_ptr(dw) : ChannelPtr{},
+                              need_db ? channel_ptr(db) : ChannelPtr{},
+                              acc_t(1) / static_cast<acc_t>(g.rows())},
+                             nullptr,
+                             need_dx ? p : nullptr,
+                             g.C,
+                             {from_output ? 2 : 3, -1, -1, 4},
+                             train};
+      if (from_output) {
+        using Op = OutputGradOp<scalar_t>;
+        reduce_pass2<Op>(reduce_pass1<Op>(dy, saved, p, g, ex), g.C, epi);
+      } else {
+        using Op = InputGradOp<scalar_t>;
+        reduce_pass2<Op>(reduce_pass1<Op>(dy, saved, p, g, ex), g.C, epi);
+      }
+    }
+    const at::Tensor dz_out = need_dr ? dz : at::Tensor();
+    if (need_dx && from_output) {
+      launch<DxFromOutputFn, scalar_t>(dy, saved, r, dx, dz_out, at::Tensor(), params, g, act,
+                                       slope, train);
+    } else if (need_dx) {
+      launch<DxFromInputFn, scalar_t>(dy, saved, r, dx, dz_out, at::Tensor(), params, g, act,
+                                      slope, train);
+    } else if (need_dr && from_output) {
+      launch<RecoverFn, scalar_t>(dy, saved, r, dz, at::Tensor(), at::Tensor(), params, g, act,
+                                  slope);
+    } else if (need_dr) {
+      launch<GradFromInputFn, scalar_t>(dy, saved, r, dz, at::Tensor(), at::Tensor(), params, g,
+                                        act, slope);
     }
   });
   return {dx, dw, db, dz};
@@ -242,6 +451,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> act_backward(
   if (src == ActSource::kMask && need_bn && g.numel() > 0) {
     return backward_from_mask(dy, x, *mask, g, weight, mean, invstd, train, act, negative_slope,
                               output_mask);
+  }
+  if (need_bn && g.numel() > 0 && (src == ActSource::kOutput || act != Act::kIdentity)) {
+    return backward_recomputed(dy, x, r, g, weight, bias, mean, invstd, train, act,
+                               negative_slope, src, output_mask);
   }
   const auto acc_opts = saved.options().dtype(acc_dtype(saved.scalar_type()));
   const at::Tensor w = defined(weight) ? weight->to(acc_opts) : at::ones({g.C}, acc_opts);

@@ -54,6 +54,7 @@ struct ActEwArgs {
   acc_t slope = acc_t(0), inv_slope = acc_t(1);
   int act = 0;
   bool relu_bits = false;  // mask convention: relu (NaN counts as positive) or leaky_relu
+  bool dx_train = false;   // act_backward's dx passes: training mode (batch statistics)
   bool vec = false;        // every pointer aligned to a group
 };
 
@@ -67,11 +68,37 @@ __device__ __forceinline__ void load_params(const acc_t* params, index_t C, inde
 template <int NP, typename acc_t>
 using GroupParams = acc_t[kGroup][NP > 0 ? NP : 1];  // the coefficients of each element
 
-// The group of n elements at e0: loads, Fn, stores, the mask byte; p: each element's coefficients.
-template <class Fn, Act A, typename T, typename index_t>
+// The coefficients of act_ew_apply's elements, asked for in element order (at(0), at(1), ...):
+// RowParams, the fixed channels of a act_ew_rows_kernel thread (element j: channel j);
+// WalkParams, the generic walk: one channel's set, re-read where the group crosses into the next
+// plane (channel), so that only one set is live (an [8][kParams] copy per group kept ~50
+// registers of double coefficients live and put them in local memory).
+template <int NP, typename acc_t>
+struct RowParams {
+  const GroupParams<NP, acc_t>& p;
+  __device__ __forceinline__ const acc_t* at(int j) const { return p[j]; }
+};
+
+template <int NP, typename acc_t, typename index_t>
+struct WalkParams {
+  const acc_t* params;
+  index_t C, S, pos, ch;
+  acc_t cur[NP > 0 ? NP : 1];
+  __device__ __forceinline__ const acc_t* at(int j) {
+    if (j > 0 && ++pos == S) {
+      pos = 0;
+      ch = ch + 1 == C ? 0 : ch + 1;
+      load_params<NP>(params, C, ch, cur);
+    }
+    return cur;
+  }
+};
+
+// The group of n elements at e0: loads, Fn, stores, the mask byte; ps.at(j): element j's
+// coefficients.
+template <class Fn, Act A, typename T, typename index_t, class Params>
 __device__ __forceinline__ void act_ew_apply(const ActEwArgs<T>& a, index_t e0, int n,
-                                             const GroupParams<Fn::kParams,
-                                                               at::opmath_type<T>>& p) {
+                                             Params& ps) {
   using acc_t = at::opmath_type<T>;
   Vec<T, kGroup> v[Fn::kIn];
 #pragma unroll
@@ -95,7 +122,7 @@ __device__ __forceinline__ void act_ew_apply(const ActEwArgs<T>& a, index_t e0, 
 #pragma unroll
       for (int i = 0; i < Fn::kIn; ++i) in[i] = static_cast<acc_t>(v[i].v[j]);
       bool bit = false;
-      Fn::template apply<A>(in, p[j], ((bits_in >> j) & 1u) != 0, out, bit, a);
+      Fn::template apply<A>(in, ps.at(j), ((bits_in >> j) & 1u) != 0, out, bit, a);
 #pragma unroll
       for (int k = 0; k < Fn::kOut; ++k) o[k].v[j] = static_cast<T>(out[k]);
       bits_out |= static_cast<unsigned>(bit) << j;
@@ -107,7 +134,11 @@ __device__ __forceinline__ void act_ew_apply(const ActEwArgs<T>& a, index_t e0, 
     if (n == kGroup && a.vec) {
       store_vec<T, kGroup>(a.out[k] + e0, o[k]);
     } else {
-      for (int j = 0; j < n; ++j) a.out[k][e0 + j] = o[k].v[j];
+      // Unrolled with a guard: a loop to the run-time n indexes o[k] dynamically, which puts it
+      // in local memory.
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j)
+        if (j < n) a.out[k][e0 + j] = o[k].v[j];
     }
   }
   if (a.mask_out != nullptr) a.mask_out[e0 >> 3] = static_cast<uint8_t>(bits_out);
@@ -120,21 +151,10 @@ __device__ __forceinline__ void act_ew_group(const ActEwArgs<T>& a, index_t e0, 
                                              index_t pos, index_t ch) {
   using acc_t = at::opmath_type<T>;
   constexpr int NP = Fn::kParams;
-  const index_t S = a.S, C = a.C;
-  GroupParams<NP, acc_t> p;
-  load_params<NP>(a.params, C, ch, p[0]);
-#pragma unroll
-  for (int j = 1; j < kGroup; ++j) {
-    if (j < n && ++pos == S) {
-      pos = 0;
-      ch = ch + 1 == C ? 0 : ch + 1;
-      load_params<NP>(a.params, C, ch, p[j]);
-    } else {
-#pragma unroll
-      for (int k = 0; k < NP; ++k) p[j][k] = p[j - 1][k];
-    }
-  }
-  act_ew_apply<Fn, A>(a, e0, n, p);
+  WalkParams<NP, acc_t, index_t> ps{a.params, static_cast<index_t>(a.C),
+                                    static_cast<index_t>(a.S), pos, ch, {}};
+  load_params<NP>(a.params, ps.C, ch, ps.cur);
+  act_ew_apply<Fn, A>(a, e0, n, ps);
 }
 
 // Runs the group with the activation a.act (uniform over the grid).
@@ -200,7 +220,8 @@ __global__ void __launch_bounds__(kBlockThreads) act_ew_rows_kernel(const ActEwA
        r += stride) {
     const index_t e0 = r * C + g * kGroup;
     act_ew_dispatch<Fn, T, index_t>(a, [&](auto act) {
-      act_ew_apply<Fn, decltype(act)::value>(a, e0, kGroup, p);
+      RowParams<NP, acc_t> ps{p};
+      act_ew_apply<Fn, decltype(act)::value>(a, e0, kGroup, ps);
     });
   }
 }

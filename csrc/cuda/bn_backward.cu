@@ -32,33 +32,26 @@ namespace {
 
 enum class DxCoeffs : int { kNone = 0, kTrain, kEval };
 
+// The dx coefficients of the merged sums (GradEpilogueBase, bn_reduce_ops.cuh) placed for
+// channel_grad (train) or channel_affine (eval).
 template <typename acc_t>
-struct BackwardEpilogue {
+struct BackwardEpilogue : GradEpilogueBase<acc_t> {
   const acc_t* mean;
-  const acc_t* invstd;
-  ChannelPtr weight;
-  ChannelPtr grad_weight;  // kNone when not asked for
-  ChannelPtr grad_bias;    // kNone when not asked for
   acc_t* coeffs;  // train: [4][C] (sum_dy/M, a, mean, k3); eval: [4][C] (0, 0, a, 0); or nullptr
   int64_t C;
-  acc_t inv_m;  // 1 / M
   DxCoeffs mode;
 
   __device__ void operator()(int64_t c, const GradPartial<acc_t>& s) const {
-    const acc_t is = invstd[c];
-    const acc_t sum_dy = s.sum_dy.value(), sum_dy_xmu = s.sum_dy_xmu.value();
-    grad_weight.store(c, sum_dy_xmu * is);
-    grad_bias.store(c, sum_dy);
-    const acc_t a = weight.load<acc_t>(c, acc_t(1)) * is;
+    const ChannelDx<acc_t> d = this->grads(c, s);
     if (mode == DxCoeffs::kTrain) {
-      coeffs[c] = sum_dy * inv_m;
-      coeffs[C + c] = a;
+      coeffs[c] = d.k0;
+      coeffs[C + c] = d.a;
       coeffs[2 * C + c] = mean[c];
-      coeffs[3 * C + c] = a * is * is * sum_dy_xmu * inv_m;
+      coeffs[3 * C + c] = d.k3;
     } else if (mode == DxCoeffs::kEval) {
       coeffs[c] = acc_t(0);
       coeffs[C + c] = acc_t(0);
-      coeffs[2 * C + c] = a;
+      coeffs[2 * C + c] = d.a;
       coeffs[3 * C + c] = acc_t(0);
     }
   }
@@ -117,14 +110,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     if (need_sums) {
       using Op = GradOp<scalar_t>;
       const Partials parts = reduce_pass1<Op>(dy, x, mean_c.const_data_ptr<acc_t>(), g);
-      BackwardEpilogue<acc_t> epi{mean_c.const_data_ptr<acc_t>(),
-                                  invstd_c.const_data_ptr<acc_t>(),
-                                  channel_ptr(weight),
-                                  need_dw ? channel_ptr(grad_weight) : ChannelPtr{},
-                                  need_db ? channel_ptr(grad_bias) : ChannelPtr{},
+      BackwardEpilogue<acc_t> epi{{invstd_c.const_data_ptr<acc_t>(), channel_ptr(weight),
+                                   need_dw ? channel_ptr(grad_weight) : ChannelPtr{},
+                                   need_db ? channel_ptr(grad_bias) : ChannelPtr{},
+                                   acc_t(1) / static_cast<acc_t>(g.rows())},
+                                  mean_c.const_data_ptr<acc_t>(),
                                   coeffs_ptr,
                                   g.C,
-                                  acc_t(1) / static_cast<acc_t>(g.rows()),
                                   mode};
       reduce_pass2<Op>(parts, g.C, epi);
     } else {

@@ -6,15 +6,15 @@
 //    32/TX rows per warp; grid.x covers the channels, grid.y splits the chunks of rows, each CTA
 //    at least kMinRowIterations chunks (K rows per thread each);
 //  * packed (contiguous, S < 256 vectors and C*S a multiple of the vector width, else scalar):
-//    groups of cb whole planes per CTA window (cb*S <= 256*K*V), grid.x = channel groups,
-//    grid.y splits the samples;
+//    balanced groups of at most cb whole planes per CTA window (cb*S <= 256*K*V), grid.y splits
+//    the samples, grid.x the groups (several per CTA when their samples are too little work);
 //  * planes (contiguous, large S): planes cut into segments of at most 256*K vectors,
-//    grid.x = C * segments, grid.y splits the samples.
+//    grid.y splits the samples, grid.x the C * segments (several per CTA, as packed).
 // The contiguous kernels keep 16-byte vectors for inputs that start inside a 16-byte line (the
 // common misalignment, a.mis; scalar only when two inputs sit differently in their lines).
 // The split count fills about one wave (SMs x resident blocks of the kernel) while giving each
-// CTA at least kMinValuesPerBlock values (rows: kMinRowIterations chunks), so the per-CTA merge
-// stays a small part of its time. Splits interleave (split y takes samples / row chunks y,
+// CTA at least kMinVectorsPerThread 16-byte vectors per thread (rows: kMinRowIterations chunks),
+// so the per-CTA merge stays a small part of its time (plan_units). Splits interleave (split y takes samples / row chunks y,
 // y + splits, ...), so a one-wave grid moves through the tensor as one front and ends at its last
 // samples / rows: the element-wise pass that follows walks the tensor backwards from there
 // (bn_elementwise.cu).
@@ -38,8 +38,17 @@ struct Partials {
   int64_t P = 0;
 };
 
-constexpr int64_t kMinValuesPerBlock = 8192;  // planes, packed: values per CTA, at least
-constexpr int64_t kMinRowIterations = 4;      // rows: chunks (K rows per thread each) per CTA
+// planes, packed: 16-byte vectors of each input per thread and CTA, at least (two iterations of
+// K = 4 loads in flight), so that the CTA's merge stays a small part of its time.
+constexpr int64_t kMinVectorsPerThread = 8;
+constexpr int64_t kMinRowIterations = 4;  // rows: chunks (K rows per thread each) per CTA
+
+// Values of T per CTA, at least, for the planes and packed kernels (whatever vector width the
+// inputs allow: the bound is in bytes).
+template <typename T>
+constexpr int64_t min_block_values() {
+  return int64_t{kBlockThreads} * kMinVectorsPerThread * max_vec<T>();
+}
 
 // Offset between the first values of consecutive channels of a canonical input (common.h).
 inline int64_t first_value_stride(const Geometry& g) {
@@ -61,6 +70,25 @@ inline int64_t choose_splits(int64_t blocks_x, int64_t target_blocks, int64_t un
   const int64_t by_work = std::max<int64_t>(1, units / std::max<int64_t>(min_units, 1));
   s = std::min({s, units, by_work, int64_t{65535}});
   return std::max<int64_t>(s, 1);
+}
+
+// The grid of the planes and packed kernels over `units` work units (plane segments, channel
+// groups) of at least unit_values values per sample: splits along the N samples as
+// choose_splits gives them and, when a unit of the fewest samples a split gets is still less
+// than min_values (few samples, e.g. N = 2), several units per CTA, so that every CTA gets
+// min_values (or the whole tensor): gx CTA columns take units [x * units / gx, ...) each.
+struct UnitGrid {
+  int64_t gx = 1, splits = 1;
+};
+inline UnitGrid plan_units(int64_t units, int64_t unit_values, int64_t N, int64_t target_blocks,
+                           int64_t min_values) {
+  UnitGrid r;
+  unit_values = std::max<int64_t>(unit_values, 1);
+  r.splits = choose_splits(units, target_blocks, N, ceil_div(min_values, unit_values));
+  const int64_t per_unit = unit_values * (N / r.splits);  // the CTA with the fewest samples
+  const int64_t per_block = ceil_div(min_values, per_unit);
+  r.gx = std::max<int64_t>(1, units / per_block);  // every CTA >= per_block units
+  return r;
 }
 
 // Lanes along channels (TX) of the rows kernel for cvecs channel vectors: the block's lanes
@@ -99,23 +127,36 @@ Partials launch_pass1(Kernel kernel, ReduceArgs<typename Op::scalar_t, typename 
   return out;
 }
 
+// What some ops read beyond in0, in1 and chan (ReduceArgs): the third input of three-input ops
+// (undefined: zeros), the mask of kMaskedIn0 ops, the activation of act_backward's ops.
+struct ReduceExtras {
+  at::Tensor in2;
+  const uint8_t* mask = nullptr;
+  double slope = 0.0;
+  double inv_slope = 1.0;
+  bool mask_zero = false;
+  int act = 0;
+};
+
 // Pass 1 over the canonical input(s) (in1 undefined for one-input ops). chan: per-channel op
-// parameter of the accumulation type, or nullptr. Requires numel > 0. mask, mask_slope,
-// mask_zero: for ops with kMaskedIn0 (ReduceArgs).
+// parameters of the accumulation type, or nullptr. Requires numel > 0.
 template <class Op>
 Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
                       const typename Op::acc_t* chan, const Geometry& g,
-                      const uint8_t* mask = nullptr, double mask_slope = 0.0,
-                      bool mask_zero = false) {
+                      const ReduceExtras& ex = ReduceExtras()) {
   using T = typename Op::scalar_t;
   using Partial = typename Op::Partial;
   constexpr int VM = max_vec<T>();
   ReduceArgs<T, typename Op::acc_t> a;
-  a.mask = mask;
-  a.mask_slope = static_cast<typename Op::acc_t>(mask_slope);
-  a.mask_zero = mask_zero;
+  a.mask = ex.mask;
+  a.mask_slope = static_cast<typename Op::acc_t>(ex.slope);
+  a.inv_slope = static_cast<typename Op::acc_t>(ex.inv_slope);
+  a.mask_zero = ex.mask_zero;
+  a.act = ex.act;
+  const at::Tensor& in2 = ex.in2;
   a.in0 = in0.const_data_ptr<T>();
   a.in1 = in1.defined() ? in1.const_data_ptr<T>() : nullptr;
+  a.in2 = in2.defined() ? in2.const_data_ptr<T>() : nullptr;
   a.chan = chan;
   a.shift_stride = first_value_stride(g);
   a.N = g.N;
@@ -129,7 +170,7 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
 
   if (g.layout == Layout::kChannelsLast) {
     // The widest vector of channels that tiles C and is aligned in both inputs.
-    const int vw = widest_vec<T>(g.C, {a.in0, a.in1});
+    const int vw = widest_vec<T>(g.C, {a.in0, a.in1, a.in2});
     dispatch_index(use64, [&](auto itag) {
       using index_t = typename decltype(itag)::type;
       dispatch_vec_width<VM>(vw, [&](auto vtag) {
@@ -156,7 +197,7 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
   // Contiguous: vectors aligned to the address, so an input that starts inside a 16-byte line
   // keeps them (the planes and packed kernels mask the elements before a run's first boundary);
   // two inputs need the same position in their lines (else scalar).
-  const int mis = common_misalignment<T>({a.in0, a.in1});
+  const int mis = common_misalignment<T>({a.in0, a.in1, a.in2});
   const bool vec = mis >= 0;
   a.mis = vec ? mis : 0;
 
@@ -172,14 +213,17 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
         auto kernel = reduce_packed_kernel<Op, V, KP, index_t>;
         const size_t smem = size_t{2} * kBlockThreads * KP * sizeof(Partial);
         const int bps = blocks_per_sm(kernel, kBlockThreads, smem);
-        const int64_t groups0 = ceil_div<int64_t>(g.C, std::max<int64_t>(packed_cap / g.S, 1));
-        a.cb = ceil_div<int64_t>(g.C, groups0);  // balanced groups
-        const int64_t groups = ceil_div<int64_t>(g.C, a.cb);
-        a.splits = choose_splits(groups, int64_t{sms} * bps, g.N,
-                                 ceil_div<int64_t>(kMinValuesPerBlock, a.cb * g.S));
+        // Balanced groups: group u holds channels [u * C / groups, (u + 1) * C / groups), of
+        // C / groups or cb = ceil(C / groups) <= packed_cap / S channels.
+        const int64_t groups = ceil_div<int64_t>(g.C, std::max<int64_t>(packed_cap / g.S, 1));
+        a.units = groups;
+        a.cb = ceil_div<int64_t>(g.C, groups);
+        const UnitGrid grid = plan_units(groups, g.C / groups * g.S, g.N, int64_t{sms} * bps,
+                                         min_block_values<T>());
+        a.splits = grid.splits;
         a.P = a.splits;
         result = launch_pass1<Op>(
-            kernel, a, dim3(static_cast<unsigned>(groups), static_cast<unsigned>(a.splits)),
+            kernel, a, dim3(static_cast<unsigned>(grid.gx), static_cast<unsigned>(a.splits)),
             dim3(kBlockThreads), smem, opts, stream);
       });
     });
@@ -200,13 +244,15 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
       // Vector slots per sample: a segment spans at most ceil((V - 1 + seg_len) / V) vectors.
       const int64_t seg_vecs = ceil_div<int64_t>(V - 1 + a.seg_len, V);
       a.kq = std::min<int64_t>(kReduceK, ceil_div<int64_t>(seg_vecs, kBlockThreads));
-      const int64_t gx = g.C * a.nseg;
-      a.splits = choose_splits(gx, int64_t{sms} * bps, g.N,
-                               ceil_div<int64_t>(kMinValuesPerBlock, a.seg_len));
+      a.units = g.C * a.nseg;
+      const int64_t last_seg = g.S - (a.nseg - 1) * a.seg_len;  // the shortest
+      const UnitGrid grid = plan_units(a.units, std::min(a.seg_len, last_seg), g.N,
+                                       int64_t{sms} * bps, min_block_values<T>());
+      a.splits = grid.splits;
       a.P = a.nseg * a.splits;
-      result = launch_pass1<Op>(kernel, a,
-                                dim3(static_cast<unsigned>(gx), static_cast<unsigned>(a.splits)),
-                                dim3(kBlockThreads), 0, opts, stream);
+      result = launch_pass1<Op>(
+          kernel, a, dim3(static_cast<unsigned>(grid.gx), static_cast<unsigned>(a.splits)),
+          dim3(kBlockThreads), 0, opts, stream);
     });
   });
   return result;

@@ -8,19 +8,23 @@
 // gives the same bits.
 //
 // Pass 1 has three shapes:
-//  * planes (contiguous, S >= 256 vectors): CTA = (channel, segment of the plane, samples).
+//  * planes (contiguous, S >= 256 vectors): CTA = (a range of plane segments, samples); it
+//    reduces one segment (a channel's plane or part of it) after the other.
 //    Each plane segment is read as 16-byte vectors aligned to the address (the input may start
 //    anywhere in a 16-byte line: a.mis); the partial vectors at either end are read element-wise.
 //    A segment is at most one iteration's K vectors per thread; short ones (1-2k values) take
 //    several samples per iteration, so K loads stay in flight. One state per thread, then warp
-//    shuffles -> shared memory -> one partial per CTA.
+//    shuffles -> shared memory -> one partial per segment and CTA.
 //  * packed (contiguous, small planes, e.g. 7x7, 14x14): the cb*S values of a group of cb
 //    channels of one sample are one contiguous run; a CTA reads that run for its samples
 //    with 16-byte vectors that cross plane boundaries (channel = position / S). Since C*S is a
 //    multiple of the vector width, every sample puts the same channels in the same lanes: each
 //    thread keeps two states per vector slot (a vector spans at most two channels, as V <= S),
 //    and the CTA merges the slots of each channel from shared memory at the end. A window of at
-//    most 256 * K/2 vectors takes several samples per iteration (K loads in flight).
+//    most 256 * K/2 vectors takes several samples per iteration (K loads in flight). A CTA takes
+//    a range of such groups, one after the other.
+//  Both take several units (segments, groups) when one unit of the CTA's samples is too little
+//  work (few samples, e.g. N = 2): the planner (bn_reduce.cuh) sizes the ranges.
 //  * rows (channels_last and (N, C)): lanes along C with one vector of V channels each (V: the
 //    widest that tiles C), 32/TX rows per warp, CTA rows along N*S; per-thread states for its
 //    channels, merged by shuffles within the warp, then across the warps in shared memory.
@@ -43,16 +47,20 @@ namespace cuda {
 template <typename T, typename acc_t>
 struct ReduceArgs {
   const T* in0 = nullptr;
-  const T* in1 = nullptr;       // second input of two-input ops
+  const T* in1 = nullptr;       // second input of two- and three-input ops
+  const T* in2 = nullptr;       // third input of three-input ops (nullptr: reads as zeros)
   const acc_t* chan = nullptr;  // per-channel op parameter, or nullptr
   int64_t shift_stride = 0;     // offset between channels' first values (ChannelShift)
   void* partials = nullptr;     // [C][P] Op::Partial
   int64_t N = 0, C = 0, S = 0;
   int64_t P = 0;         // partials per channel
   int64_t splits = 1;    // gridDim.y: ranges of samples (planes, packed) or of rows (rows)
+  int64_t units = 1;     // planes: plane segments (C * nseg); packed: channel groups; block x
+                         // takes units [x * units / gridDim.x, (x + 1) * units / gridDim.x)
   int64_t nseg = 1;      // planes: segments per plane
   int64_t seg_len = 0;   // planes: values per segment (a multiple of V)
-  int64_t cb = 1;        // packed: channels per group
+  int64_t cb = 1;        // packed: channels per group, at most (group g: channels
+                         // [g * C / units, (g + 1) * C / units))
   int64_t mis = 0;       // planes, packed: position of in0 (and in1) in its 16-byte line, in
                          // elements (both inputs share it, else V = 1)
   int64_t kq = 1;        // planes: vector slots per sample and iteration (K / kq samples at once)
@@ -62,6 +70,9 @@ struct ReduceArgs {
   const uint8_t* mask = nullptr;
   acc_t mask_slope = acc_t(0);
   bool mask_zero = false;
+  // act_backward's three-input ops: the activation (Act) and its slope (mask_slope), 1 / slope.
+  int act = 0;
+  acc_t inv_slope = acc_t(1);
 };
 
 // An op that declares kMaskedIn0 rewrites elements [lo, hi) of the first input's group of V
@@ -88,17 +99,41 @@ constexpr int64_t window_capacity(int K) {
   return int64_t{kBlockThreads} * K * V - (V - 1);
 }
 
+// The first work unit of block x of gx (planes, packed): units split as evenly as they go.
+__device__ __forceinline__ int64_t block_unit(int64_t units, unsigned x, unsigned gx) {
+  return static_cast<int64_t>(x) * units / static_cast<int64_t>(gx);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> zero_vec() {
+  Vec<T, V> r;
+#pragma unroll
+  for (int j = 0; j < V; ++j) r.v[j] = static_cast<T>(0.0f);
+  return r;
+}
+
+// The vector at p + offset, or zeros when p is nullptr (an absent optional input).
+template <typename T, int V, typename index_t>
+__device__ __forceinline__ Vec<T, V> load_vec_or_zero(const T* p, index_t offset) {
+  return p != nullptr ? load_vec<T, V>(p + offset) : zero_vec<T, V>();
+}
+
 template <class Op, int V, typename index_t>
 __device__ __forceinline__ void load_group(
     const ReduceArgs<typename Op::scalar_t, typename Op::acc_t>& a, index_t offset, int lo, int hi,
-    Vec<typename Op::scalar_t, V>& r0, Vec<typename Op::scalar_t, V>& r1) {
+    Vec<typename Op::scalar_t, V>& r0, Vec<typename Op::scalar_t, V>& r1,
+    Vec<typename Op::scalar_t, V>& r2) {
   using T = typename Op::scalar_t;
   if (lo == 0 && hi == V) {
     r0 = load_vec<T, V>(a.in0 + offset);
-    if constexpr (Op::kInputs == 2) r1 = load_vec<T, V>(a.in1 + offset);
+    if constexpr (Op::kInputs >= 2) r1 = load_vec<T, V>(a.in1 + offset);
+    if constexpr (Op::kInputs == 3) r2 = load_vec_or_zero<T, V>(a.in2, offset);
   } else if (lo < hi) {
     r0 = load_partial<T, V>(a.in0 + offset, lo, hi);
-    if constexpr (Op::kInputs == 2) r1 = load_partial<T, V>(a.in1 + offset, lo, hi);
+    if constexpr (Op::kInputs >= 2) r1 = load_partial<T, V>(a.in1 + offset, lo, hi);
+    if constexpr (Op::kInputs == 3) {
+      r2 = a.in2 != nullptr ? load_partial<T, V>(a.in2 + offset, lo, hi) : zero_vec<T, V>();
+    }
   }
   if (lo < hi) mask_in0<Op, V>(a, offset, lo, hi, r0);
 }
@@ -109,17 +144,26 @@ __device__ __forceinline__ void to_acc(const Vec<T, V>& r, acc_t (&x)[V]) {
   for (int j = 0; j < V; ++j) x[j] = static_cast<acc_t>(r.v[j]);
 }
 
-// Pushes elements [lo, hi) of a loaded group.
+// Pushes elements [lo, hi) of a loaded group. Three-input ops take the third array too.
 template <class Op, int V>
 __device__ __forceinline__ void push_group(typename Op::Thread& s,
                                            const Vec<typename Op::scalar_t, V>& r0,
-                                           const Vec<typename Op::scalar_t, V>& r1, int lo, int hi,
+                                           const Vec<typename Op::scalar_t, V>& r1,
+                                           const Vec<typename Op::scalar_t, V>& r2, int lo, int hi,
                                            const typename Op::Param& par) {
   using acc_t = typename Op::acc_t;
   acc_t x0[V], x1[V];
   to_acc(r0, x0);
-  if constexpr (Op::kInputs == 2) to_acc(r1, x1);
-  if (lo == 0 && hi == V) {
+  if constexpr (Op::kInputs >= 2) to_acc(r1, x1);
+  if constexpr (Op::kInputs == 3) {
+    acc_t x2[V];
+    to_acc(r2, x2);
+    if (lo == 0 && hi == V) {
+      Op::push_all(s, x0, x1, x2, par);
+    } else {
+      Op::push(s, x0, x1, x2, lo, hi, par);
+    }
+  } else if (lo == 0 && hi == V) {
     Op::push_all(s, x0, Op::kInputs == 2 ? x1 : x0, par);
   } else {
     Op::push(s, x0, Op::kInputs == 2 ? x1 : x0, lo, hi, par);
@@ -132,6 +176,9 @@ __device__ __forceinline__ Partial* shared_partials() {
 }
 
 // ---- planes ------------------------------------------------------------------------------
+// Block x takes the plane segments (units u = c * nseg + seg) of its range one after another: a
+// state per segment, reduced over the block and written as that segment's partial before the
+// next one starts (one barrier per unit: the warp results alternate between two buffers).
 template <class Op, int V, typename index_t>
 __global__ void __launch_bounds__(kBlockThreads)
     reduce_planes_kernel(const ReduceArgs<typename Op::scalar_t, typename Op::acc_t> a) {
@@ -139,13 +186,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   using Partial = typename Op::Partial;
   constexpr int K = kReduceK;
   const index_t C = a.C, S = a.S, N = a.N, nseg = a.nseg, splits = a.splits;
-  const index_t c = static_cast<index_t>(blockIdx.x) / nseg;
-  const index_t seg = static_cast<index_t>(blockIdx.x) - c * nseg;
-  const index_t off = seg * static_cast<index_t>(a.seg_len);
-  const index_t len = min(static_cast<index_t>(a.seg_len), S - off);
   const index_t mis = a.mis;
-  const typename Op::Param par = Op::param(a, c);
-  typename Op::Thread st = Op::init();
+  const int64_t u_begin = block_unit(a.units, blockIdx.x, gridDim.x);
+  const int64_t u_end = block_unit(a.units, blockIdx.x + 1, gridDim.x);
 
   // A segment is at most kBlockThreads * K vectors, so one iteration reads a whole segment of
   // each of its samples. Slot k holds vector qv[k] of sample n + sg[k] * splits: kq slots per
@@ -160,55 +203,71 @@ __global__ void __launch_bounds__(kBlockThreads)
     sg[k] = k / kq;
     qv[k] = static_cast<index_t>(threadIdx.x) + static_cast<index_t>(k % kq) * kBlockThreads;
   }
-  for (index_t n = blockIdx.y; n < N; n += static_cast<index_t>(G) * splits) {
-    Vec<T, V> r0[K], r1[K];
-    int lo[K], hi[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const index_t nn = n + static_cast<index_t>(sg[k]) * splits;
-      lo[k] = 0;
-      hi[k] = 0;
-      if (sg[k] < G && nn < N) {
-        const index_t start = (nn * C + c) * S + off;
-        const int head = static_cast<int>((start + mis) & (V - 1));  // vectors: address-aligned
-        const index_t nvec = (head + len + V - 1) / V;
-        const index_t q = qv[k];
-        lo[k] = q == 0 ? head : 0;
-        hi[k] = q < nvec ? static_cast<int>(min(static_cast<index_t>(V), head + len - q * V)) : 0;
-        load_group<Op, V, index_t>(a, start - head + q * V, lo[k], hi[k], r0[k], r1[k]);
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < K; ++k)
-      if (lo[k] < hi[k]) push_group<Op, V>(st, r0[k], r1[k], lo[k], hi[k], par);
-  }
-
-  FUSEDBN_SHARED_ARRAY(16, unsigned char, warp_buf, kBlockThreads / kWarpSize * sizeof(Partial));
-  Partial* warp_parts = reinterpret_cast<Partial*>(warp_buf);
+  FUSEDBN_SHARED_ARRAY(16, unsigned char, warp_buf,
+                       2 * kBlockThreads / kWarpSize * sizeof(Partial));
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  Partial p = warp_reduce<Op>(Op::finish(st));
-  if (lane == 0) warp_parts[warp] = p;
-  __syncthreads();
-  if (warp == 0) {
-    p = lane < kBlockThreads / kWarpSize ? warp_parts[lane] : Op::empty();
-    p = warp_reduce<Op>(p);
-    if (lane == 0) {
-      Partial* out = static_cast<Partial*>(a.partials);
-      out[static_cast<int64_t>(c) * a.P + static_cast<int64_t>(seg) * a.splits + blockIdx.y] = p;
+  int parity = 0;
+  for (int64_t u = u_begin; u < u_end; ++u, parity ^= 1) {
+    const index_t c = static_cast<index_t>(u) / nseg;
+    const index_t seg = static_cast<index_t>(u) - c * nseg;
+    const index_t off = seg * static_cast<index_t>(a.seg_len);
+    const index_t len = min(static_cast<index_t>(a.seg_len), S - off);
+    const typename Op::Param par = Op::param(a, c);
+    typename Op::Thread st = Op::init();
+    for (index_t n = blockIdx.y; n < N; n += static_cast<index_t>(G) * splits) {
+      Vec<T, V> r0[K], r1[K], r2[K];
+      int lo[K], hi[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const index_t nn = n + static_cast<index_t>(sg[k]) * splits;
+        lo[k] = 0;
+        hi[k] = 0;
+        if (sg[k] < G && nn < N) {
+          const index_t start = (nn * C + c) * S + off;
+          const int head = static_cast<int>((start + mis) & (V - 1));  // address-aligned vectors
+          const index_t nvec = (head + len + V - 1) / V;
+          const index_t q = qv[k];
+          lo[k] = q == 0 ? head : 0;
+          hi[k] =
+              q < nvec ? static_cast<int>(min(static_cast<index_t>(V), head + len - q * V)) : 0;
+          load_group<Op, V, index_t>(a, start - head + q * V, lo[k], hi[k], r0[k], r1[k],
+                                     r2[k]);
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+        if (lo[k] < hi[k]) push_group<Op, V>(st, r0[k], r1[k], r2[k], lo[k], hi[k], par);
+    }
+
+    // Warp shuffles -> warp_parts (this unit's buffer) -> warp 0. The other buffer is the
+    // previous unit's, which warp 0 read before it reached this unit's barrier.
+    Partial* warp_parts =
+        reinterpret_cast<Partial*>(warp_buf) + parity * (kBlockThreads / kWarpSize);
+    Partial p = warp_reduce<Op>(Op::finish(st));
+    if (lane == 0) warp_parts[warp] = p;
+    __syncthreads();
+    if (warp == 0) {
+      p = lane < kBlockThreads / kWarpSize ? warp_parts[lane] : Op::empty();
+      p = warp_reduce<Op>(p);
+      if (lane == 0) {
+        Partial* out = static_cast<Partial*>(a.partials);
+        out[static_cast<int64_t>(c) * a.P + static_cast<int64_t>(seg) * a.splits + blockIdx.y] =
+            p;
+      }
     }
   }
 }
 
 // ---- packed ------------------------------------------------------------------------------
+// One channel group of the packed kernel: channels [c0, c0 + cbn) (cbn * S <= the window).
 template <class Op, int V, int K, typename index_t>
-__global__ void __launch_bounds__(kBlockThreads)
-    reduce_packed_kernel(const ReduceArgs<typename Op::scalar_t, typename Op::acc_t> a) {
+__device__ __forceinline__ void reduce_packed_group(
+    const ReduceArgs<typename Op::scalar_t, typename Op::acc_t>& a, const index_t c0,
+    const int cbn) {
   using T = typename Op::scalar_t;
   using Partial = typename Op::Partial;
   const index_t C = a.C;
   const int S = static_cast<int>(a.S);  // S < window capacity here
-  const index_t c0 = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(a.cb);
-  const int cbn = static_cast<int>(min(static_cast<index_t>(a.cb), C - c0));
   const int W = cbn * S;
   // The window's position in its 16-byte line: the same for every sample, as C*S % V == 0.
   const int sh = static_cast<int>((c0 * S + static_cast<index_t>(a.mis)) & (V - 1));
@@ -238,7 +297,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   // Samples blockIdx.y, + splits, ...: the grid's blocks move through the samples together.
   const index_t N = a.N, splits = a.splits;
   for (index_t n = blockIdx.y; n < N; n += static_cast<index_t>(G) * splits) {
-    Vec<T, V> r0[K], r1[K];
+    Vec<T, V> r0[K], r1[K], r2[K];
     bool live[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -246,16 +305,16 @@ __global__ void __launch_bounds__(kBlockThreads)
       live[k] = nn < N && lo[k] < hi[k];
       const index_t q = threadIdx.x + (k % kq) * kBlockThreads;
       if (live[k]) load_group<Op, V, index_t>(a, (nn * C + c0) * S - sh + q * V, lo[k], hi[k],
-                                               r0[k], r1[k]);
+                                               r0[k], r1[k], r2[k]);
     }
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       if (!live[k]) continue;
       if (lo[k] == 0 && bnd[k] == V) {
-        push_group<Op, V>(s0[k], r0[k], r1[k], 0, V, p0[k]);
+        push_group<Op, V>(s0[k], r0[k], r1[k], r2[k], 0, V, p0[k]);
       } else {
-        if (lo[k] < bnd[k]) push_group<Op, V>(s0[k], r0[k], r1[k], lo[k], bnd[k], p0[k]);
-        if (bnd[k] < hi[k]) push_group<Op, V>(s1[k], r0[k], r1[k], bnd[k], hi[k], p1[k]);
+        if (lo[k] < bnd[k]) push_group<Op, V>(s0[k], r0[k], r1[k], r2[k], lo[k], bnd[k], p0[k]);
+        if (bnd[k] < hi[k]) push_group<Op, V>(s1[k], r0[k], r1[k], r2[k], bnd[k], hi[k], p1[k]);
       }
     }
   }
@@ -323,6 +382,22 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// Block x takes the channel groups of its range one after another (a barrier between two).
+template <class Op, int V, int K, typename index_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    reduce_packed_kernel(const ReduceArgs<typename Op::scalar_t, typename Op::acc_t> a) {
+  const int64_t C = a.C, units = a.units;
+  const int64_t u_begin = block_unit(units, blockIdx.x, gridDim.x);
+  const int64_t u_end = block_unit(units, blockIdx.x + 1, gridDim.x);
+  for (int64_t u = u_begin; u < u_end; ++u) {
+    // The previous group's merges read the pieces this one overwrites.
+    if (u != u_begin) __syncthreads();
+    const int64_t c0 = u * C / units;
+    reduce_packed_group<Op, V, K, index_t>(a, static_cast<index_t>(c0),
+                                           static_cast<int>((u + 1) * C / units - c0));
+  }
+}
+
 // ---- rows (channels_last) ----------------------------------------------------------------
 // 256 threads in 8 warps. Lane l of a warp takes channel vector tx = l % TX (of the block's TX)
 // and row k = l / TX of the warp's RW = 32 / TX rows; lanes with k >= RW (when TX does not divide
@@ -360,27 +435,41 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   if (active) {
     for (index_t r = static_cast<index_t>(blockIdx.y) * chunk + ty; r < rows; r += stride) {
-      const int cnt = static_cast<int>(min(static_cast<index_t>(K), (rows - r + TY - 1) / TY));
-      Vec<T, V> v0[K], v1[K];
+      // Rows of this chunk in u-steps: K but in the last chunk (a 32-bit division there: the
+      // 64-bit one made ptxas spill the 64-bit-index double kernel).
+      const index_t left = rows - r;
+      const int cnt = left >= static_cast<index_t>(K) * TY
+                          ? K
+                          : (static_cast<int>(left) + TY - 1) / TY;
+      Vec<T, V> v0[K], v1[K], v2[K];
 #pragma unroll
       for (int u = 0; u < K; ++u) {
         if (u < cnt) {
           const index_t offset = (r + static_cast<index_t>(u) * TY) * C + cv * V;
           v0[u] = load_vec<T, V>(a.in0 + offset);
           mask_in0<Op, V>(a, offset, 0, V, v0[u]);
-          if constexpr (Op::kInputs == 2) v1[u] = load_vec<T, V>(a.in1 + offset);
+          if constexpr (Op::kInputs >= 2) v1[u] = load_vec<T, V>(a.in1 + offset);
+          if constexpr (Op::kInputs == 3) v2[u] = load_vec_or_zero<T, V>(a.in2, offset);
         }
       }
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        acc_t x0[K], x1[K];
+        acc_t x0[K], x1[K], x2[K];
 #pragma unroll
         for (int u = 0; u < K; ++u) {
           x0[u] = u < cnt ? static_cast<acc_t>(v0[u].v[j]) : acc_t(0);
-          if constexpr (Op::kInputs == 2)
+          if constexpr (Op::kInputs >= 2)
             x1[u] = u < cnt ? static_cast<acc_t>(v1[u].v[j]) : acc_t(0);
+          if constexpr (Op::kInputs == 3)
+            x2[u] = u < cnt ? static_cast<acc_t>(v2[u].v[j]) : acc_t(0);
         }
-        if (cnt == K) {
+        if constexpr (Op::kInputs == 3) {
+          if (cnt == K) {
+            Op::push_all(st[j], x0, x1, x2, par[j]);
+          } else {
+            Op::push(st[j], x0, x1, x2, 0, cnt, par[j]);
+          }
+        } else if (cnt == K) {
           Op::push_all(st[j], x0, Op::kInputs == 2 ? x1 : x0, par[j]);
         } else {
           Op::push(st[j], x0, Op::kInputs == 2 ? x1 : x0, 0, cnt, par[j]);

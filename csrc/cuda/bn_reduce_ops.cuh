@@ -291,6 +291,40 @@ struct GradOp {
   }
 };
 
+// ---- batch norm's backward per channel, from GradOp's merged sums ------------------------
+// With M values per channel and a = w * invstd (the CPU backend's formulas, bn_backward.cu):
+// grad_weight = invstd * sum dy (x - mean), grad_bias = sum dy, and the dx coefficients of
+// channel_grad (bn_elementwise.cuh) k0 = sum dy / M, k1 = a, k3 = a * invstd^2 * sum dy (x - mean)
+// / M, from the compensated sums rounded once. The one place of these formulas: the epilogues of
+// backward (bn_backward.cu) and act_backward (bn_act_backward.cu) derive from GradEpilogueBase
+// and only place the coefficients where their dx pass reads them.
+template <typename acc_t>
+struct ChannelDx {
+  acc_t k0, a, k3;
+};
+
+template <typename acc_t>
+struct GradEpilogueBase {
+  const acc_t* invstd;
+  ChannelPtr weight;
+  ChannelPtr grad_weight;  // kNone when not asked for
+  ChannelPtr grad_bias;    // kNone when not asked for
+  acc_t inv_m;             // 1 / M
+
+  // Stores channel c's grad_weight and grad_bias (those asked for); returns its dx coefficients.
+  __device__ __forceinline__ ChannelDx<acc_t> grads(int64_t c, const GradPartial<acc_t>& s) const {
+    const acc_t is = invstd[c];
+    const acc_t sum_dy = s.sum_dy.value(), sum_dy_xmu = s.sum_dy_xmu.value();
+    grad_weight.store(c, sum_dy_xmu * is);
+    grad_bias.store(c, sum_dy);
+    ChannelDx<acc_t> d;
+    d.a = weight.load<acc_t>(c, acc_t(1)) * is;
+    d.k0 = sum_dy * inv_m;
+    d.k3 = d.a * is * is * sum_dy_xmu * inv_m;
+    return d;
+  }
+};
+
 // Tree merge across a full warp in a fixed order; the result is valid in lane 0.
 template <class Op>
 __device__ __forceinline__ typename Op::Partial warp_reduce(typename Op::Partial p) {
