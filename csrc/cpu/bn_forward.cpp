@@ -90,8 +90,15 @@ void normalize_all(const scalar_t* x, scalar_t* y, const Geometry& g,
                    const NormalizeConstants<acc_type<scalar_t>>& k) {
   if (g.layout == Layout::kChannelsLast) {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.C, 1));
-    at::parallel_for(0, g.rows(), grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) normalize_row(x + r * g.C, y + r * g.C, g.C, k);
+    const int64_t ahead = stream_ahead_rows<scalar_t>(g.C), R = g.rows();
+    at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        if (r + ahead < R) {  // (see kStreamAheadBytes, channel_reduce.h)
+          prefetch_plane(x + (r + ahead) * g.C, g.C);
+          prefetch_plane<true>(y + (r + ahead) * g.C, g.C);
+        }
+        normalize_row(x + r * g.C, y + r * g.C, g.C, k);
+      }
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1));
