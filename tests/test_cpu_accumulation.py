@@ -178,11 +178,13 @@ def test_float32_large_channels_within_torch_error(shape, layout, ratio):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape", [(8, 6, 40, 40), (64, 6, 7, 7)], ids=["40x40", "7x7"])
+@pytest.mark.parametrize("shape", [(8, 6, 40, 40), (64, 6, 7, 7), (32, 80, 6, 6)],
+                         ids=["40x40", "7x7", "80ch"])
 def test_float32_bits_independent_of_thread_count(shape, layout):
     """The float64 reductions are cut into chunks by a fixed rule: 1 thread and several give the
     same bits for every output of every op (per-channel and split paths included: C = 6 goes
-    per channel with 1, 2, 3 or 6 threads and split with 4)."""
+    per channel with 1, 2, 3 or 6 threads and split with 4; channels-last rows of 80 channels are
+    streamed whole, with prefetches, in 6 chunks of rows)."""
     x = in_layout(make_values(shape, 3.0), torch.float32, layout, "cpu")
     dy = in_layout(torch.randn(shape, dtype=torch.float64), torch.float32, layout, "cpu")
     w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])

@@ -90,8 +90,15 @@ void normalize_all(const scalar_t* x, scalar_t* y, const Geometry& g,
                    const NormalizeConstants<acc_type<scalar_t>>& k) {
   if (g.layout == Layout::kChannelsLast) {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.C, 1));
-    at::parallel_for(0, g.rows(), grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) normalize_row(x + r * g.C, y + r * g.C, g.C, k);
+    const int64_t ahead = stream_ahead_rows<scalar_t>(g.C), R = g.rows();
+    at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        if (r + ahead < R) {  // (see kStreamAheadBytes, channel_reduce.h)
+          prefetch_plane(x + (r + ahead) * g.C, g.C);
+          prefetch_plane<true>(y + (r + ahead) * g.C, g.C);
+        }
+        normalize_row(x + r * g.C, y + r * g.C, g.C, k);
+      }
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1));
@@ -162,17 +169,14 @@ void block_states(const scalar_t* x, const Geometry& g, int64_t c0, int64_t c1,
   chunk_states.resize(B * nchunks);
   for (int64_t k = 0; k < nchunks; ++k) {
     const int64_t begin = k * kChunk, end = std::min(M, begin + kChunk);
-    int64_t n = begin / S, s = begin % S;
-    const int64_t first = std::min(S - s, end - begin);
+    PlaneRuns w(S, begin, end);
     for (int64_t c = c0; c < c1; ++c)
-      pm[c - c0].start(x + (n * C + c) * S + s, first, static_cast<acc_t>(x[c * S]));
-    for (int64_t done = begin; done < end; s = 0, ++n) {
-      const int64_t len = std::min(S - s, end - done);
-      if (kBlockAhead > 0 && (n + kBlockAhead) * S < end)
-        prefetch_run(x + ((n + kBlockAhead) * C + c0) * S, B * S);
-      const scalar_t* p = x + (n * C + c0) * S + s;
-      for (int64_t j = 0; j < B; ++j, p += S) pm[j].add(p, len);
-      done += len;
+      pm[c - c0].start(x + (w.n * C + c) * S + w.s, w.len, static_cast<acc_t>(x[c * S]));
+    for (; w; w.next()) {
+      if (kBlockAhead > 0 && w.starts_inside(kBlockAhead))
+        prefetch_run(x + ((w.n + kBlockAhead) * C + c0) * S, B * S);
+      const scalar_t* p = x + (w.n * C + c0) * S + w.s;
+      for (int64_t j = 0; j < B; ++j, p += S) pm[j].add(p, w.len);
     }
     for (int64_t j = 0; j < B; ++j) chunk_states[j * nchunks + k] = pm[j].finish(end - begin);
   }

@@ -7,6 +7,7 @@
 #pragma once
 
 #include "apply.h"
+#include "channel_reduce.h"
 #include "common.h"
 
 #include <ATen/Parallel.h>
@@ -102,9 +103,17 @@ void grad_input_all(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const G
   const int64_t C = g.C;
   if (g.layout == Layout::kChannelsLast) {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
-    at::parallel_for(0, g.rows(), grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
+    const int64_t ahead = stream_ahead_rows<scalar_t>(C), R = g.rows();
+    at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        if (r + ahead < R) {  // (see kStreamAheadBytes)
+          const int64_t o = (r + ahead) * C;
+          prefetch_plane(dy + o, C);
+          if (train) prefetch_plane(x + o, C);
+          prefetch_plane<true>(dx + o, C);
+        }
         grad_input_row(dy + r * C, x + r * C, dx + r * C, C, k, train);
+      }
     });
     return;
   }

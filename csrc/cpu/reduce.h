@@ -284,6 +284,40 @@ inline bool is_small_plane(int64_t S) {
   return S * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchMaxPlaneBytes;
 }
 
+// The walk over values [begin, end) of one channel of a (N, C, S) tensor, run by run (value i of
+// the channel is value i % S of the plane of sample i / S):
+//   for (PlaneRuns w(S, begin, end); w; w.next()) { ... w.n, w.s, w.len ... }
+// visits sample w.n's run of w.len values from offset w.s of its plane, in order. Every
+// plane-walking reduction goes through it (the per-channel ones below, the channel blocks of
+// bn_forward.cpp). A cursor rather than a callback: the loop bodies stay in their functions, where
+// their sums stay in registers from one short run to the next and their prefetches are kept (GCC
+// 12 drops prefetches that sit in a lambda under an `if`). One division per walk: with 7x7 planes
+// a division pair per run cost more than the run.
+struct PlaneRuns {
+  int64_t S, end, n, s, len, done;
+  PlaneRuns(int64_t S_, int64_t begin, int64_t end_)
+      : S(S_), end(end_), n(begin < end_ ? begin / S_ : 0), s(begin < end_ ? begin % S_ : 0),
+        len(std::min(S_ - s, end_ - begin)), done(begin) {}
+  explicit operator bool() const { return done < end; }
+  void next() {
+    done += len;
+    s = 0;
+    ++n;
+    len = std::min(S, end - done);
+  }
+  // True when the plane of the sample `planes` ahead starts inside [begin, end) (the one that the
+  // walks prefetch).
+  bool starts_inside(int64_t planes) const { return (n + planes) * S < end; }
+};
+
+// f(offset, len) for the contiguous runs of values [begin, end) of channel c of a (N, C, S)
+// tensor, the offset counted from the tensor's start.
+template <typename F>
+inline void for_each_run(int64_t C, int64_t S, int64_t c, int64_t begin, int64_t end, const F& f) {
+  for (PlaneRuns w(S, begin, end); w; w.next()) f((w.n * C + c) * S + w.s, w.len);
+}
+
+
 // The shifted state of values [begin, end) of channel c of a (N, C, S) tensor, for small planes
 // (where Welford's lockstep lanes would leave much of every plane to a scalar tail), in ONE pass:
 // the sums of d and d^2, d = (x - shift) - center, from which mean = center + sum d / n and
@@ -390,16 +424,14 @@ WelfordState<red_type<scalar_t>> nchw_moments_state(const scalar_t* x, int64_t C
                                                     int64_t c, int64_t begin, int64_t end,
                                                     red_type<scalar_t> shift_s) {
   if (begin >= end) return {};
-  int64_t n = begin / S, s = begin % S;
+  PlaneRuns w(S, begin, end);
   PlaneMoments<scalar_t> pm;
-  pm.start(x + (n * C + c) * S + s, std::min(S - s, end - begin), shift_s);
+  pm.start(x + (w.n * C + c) * S + w.s, w.len, shift_s);
   const bool prefetch = is_small_plane<scalar_t>(S);
-  for (int64_t done = begin; done < end; s = 0, ++n) {
-    const int64_t len = std::min(S - s, end - done);
-    if (prefetch && (n + kPrefetchPlanes) * S < end)
-      prefetch_plane(x + ((n + kPrefetchPlanes) * C + c) * S, S);
-    pm.add(x + (n * C + c) * S + s, len);
-    done += len;
+  for (; w; w.next()) {
+    if (prefetch && w.starts_inside(kPrefetchPlanes))
+      prefetch_plane(x + ((w.n + kPrefetchPlanes) * C + c) * S, S);
+    pm.add(x + (w.n * C + c) * S + w.s, w.len);
   }
   return pm.finish(end - begin);
 }
@@ -421,18 +453,16 @@ void nchw_chunk_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t S
   AVec a0[K], a1[K], b0[K], b1[K];
   for (int j = 0; j < K; ++j) a0[j] = a1[j] = b0[j] = b1[j] = zero;
   const bool prefetch = is_small_plane<scalar_t>(S);
-  int64_t n = begin < end ? begin / S : 0, s = begin < end ? begin % S : 0;
-  for (int64_t done = begin; done < end; s = 0, ++n) {
-    const int64_t len = std::min(S - s, end - done);
-    const int64_t off = (n * C + c) * S + s;
+  for (PlaneRuns w(S, begin, end); w; w.next()) {
+    const int64_t len = w.len;
+    const int64_t off = (w.n * C + c) * S + w.s;
     const scalar_t* gp = dy + off;
     const scalar_t* xp = x + off;
-    if (prefetch && (n + kPrefetchPlanes) * S < end) {
-      const int64_t ahead = ((n + kPrefetchPlanes) * C + c) * S;
+    if (prefetch && w.starts_inside(kPrefetchPlanes)) {
+      const int64_t ahead = ((w.n + kPrefetchPlanes) * C + c) * S;
       prefetch_plane(dy + ahead, S);
       prefetch_plane(x + ahead, S);
     }
-    done += len;
     int64_t i = 0;
     for (; i + 2 * IO::kUnit <= len; i += 2 * IO::kUnit) {
       AVec g0[K], g1[K], v0[K], v1[K];
@@ -474,20 +504,6 @@ void nchw_chunk_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t S
   tree_sum(sb, 2 * K * L);
   out_dy = sa[0];
   out_dyx = sb[0];
-}
-
-// Calls f(ptr_offset, len) for the contiguous runs that make up values [begin, end) of channel c
-// in a (N, C, S) tensor, where value i of the channel lives at (i / S) * C * S + c * S + i % S.
-// (One division per call: with 7x7 planes a division pair per run cost more than the run.)
-template <typename F>
-inline void for_each_run(int64_t C, int64_t S, int64_t c, int64_t begin, int64_t end, const F& f) {
-  if (begin >= end) return;
-  int64_t n = begin / S, s = begin % S;
-  for (int64_t i = begin; i < end; s = 0, ++n) {
-    const int64_t len = std::min(S - s, end - i);
-    f((n * C + c) * S + s, len);
-    i += len;
-  }
 }
 
 inline int64_t num_chunks(int64_t count, int64_t chunk) { return (count + chunk - 1) / chunk; }
