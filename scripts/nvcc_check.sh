@@ -22,14 +22,16 @@
 #   NVCC_CHECK_ARCH       compute capability digits (default: 90)
 #   NVCC_CHECK_VERBOSE=1  also print each file's raw ptxas register/spill lines
 #   NVCC_CHECK_TABLE=FILE also write the register table (tab-separated) to FILE
-#   NVCC_CHECK_SPILLS     fail (default): a spilling kernel fails the check; warn: listed only
+#   NVCC_CHECK_SPILLS     fail (default): a spilling kernel fails the check; warn: listed only;
+#                         a number N: fails when more than N kernels spill (a ratchet for
+#                         known spills, .ci/run)
 #   NVCC_CHECK_WERROR=1   count a file with warnings as failed
 #   NVCC_CHECK_EXTRA_FLAGS  more nvcc flags, split on spaces
 #
 # Arguments: .cu files to check (default: every csrc/**/*.cu).
 #
-# Exit status: 0 when every file compiled without a spill (or when there is no .cu file at all),
-# 1 otherwise.
+# Exit status: 0 when every file compiled and the spills are within NVCC_CHECK_SPILLS (or when
+# there is no .cu file at all), 1 otherwise.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -204,8 +206,21 @@ if [ "$stacked" -gt 0 ]; then
   awk -F '\t' '$2 > 0 && $3 == 0 && $4 == 0 { printf "    %s (%s registers, stack %s)\n", \
       $6, $1, $2 }' "$TABLE"
 fi
+spill_policy="${NVCC_CHECK_SPILLS:-fail}"
+spill_ok=0
+case "$spill_policy" in
+  warn) spill_ok=1 ;;
+  fail) [ "$spilled" -eq 0 ] && spill_ok=1 ;;
+  *[!0-9]*|'') echo "nvcc_check: NVCC_CHECK_SPILLS must be fail, warn or a number, got '$spill_policy'" >&2
+    exit 2 ;;
+  *) [ "$spilled" -le "$spill_policy" ] && spill_ok=1 ;;
+esac
 if [ "$spilled" -gt 0 ]; then
-  echo "nvcc_check: FAILED: $spilled kernel(s) spill:"
+  if [ "$spill_ok" -eq 1 ]; then
+    echo "nvcc_check: $spilled kernel(s) spill (allowed: NVCC_CHECK_SPILLS=$spill_policy):"
+  else
+    echo "nvcc_check: FAILED: $spilled kernel(s) spill (NVCC_CHECK_SPILLS=$spill_policy):"
+  fi
   awk -F '\t' '$3 > 0 || $4 > 0 { printf "    %s (%s registers, stack %s, spill stores %s, " \
       "loads %s)\n", $6, $1, $2, $3, $4 }' "$TABLE"
 fi
@@ -213,4 +228,4 @@ fi
 total="${#FILES[@]}"
 echo "nvcc_check: $((total - failed))/$total compiled, $failed failed, $warned with warnings," \
   "$spilled kernel(s) spilling"
-[ "$failed" -eq 0 ] && { [ "$spilled" -eq 0 ] || [ "${NVCC_CHECK_SPILLS:-fail}" = warn ]; }
+[ "$failed" -eq 0 ] && [ "$spill_ok" -eq 1 ]
