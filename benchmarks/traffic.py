@@ -97,12 +97,19 @@ def count_case(shape, dname, fmt, ops, scale, counted_op, emu_config):
         name, what, floor = OPS[op]
         with emu_config(sm_count=sms, blocks_per_sm=0):
             call = counted_op(name, x, torch.randn_like(x), act=RELU, eps=EPS)
-        bulk = [t for t in call.tensors.values() if t.size >= xbytes // 2]
+        # The bulk tensors: the op's own of at least |x| / 2 (x, y, dy, dx, a mask...); at a
+        # scaled-down shape the partials of a many-channel layer may reach that size too, which
+        # they do not at full size: counted apart (workspace_x).
+        bulk = [t for t in call.tensors.values()
+                if t.size >= xbytes // 2 and t.role != "workspace"]
         out.append({
             "shape": list(shape), "scaled": list(small), "sms": sms, "dtype": dname,
             "layout": cases.layout_label(len(shape), fmt), "op": op, "what": what,
             "floor": floor, "x_bytes": xbytes,
-            "bulk_x": call.total(big=xbytes // 2) / xbytes,
+            "bulk_x": sum(t.moved for t in bulk) / xbytes,
+            "workspace_x": sum(t.moved for t in call.tensors.values()
+                               if t.role == "workspace") / xbytes,
+            "total_x": call.total() / xbytes,
             "sector_ratio": max([max(t.read.sector_ratio, t.write.sector_ratio) for t in bulk]
                                 or [1.0]),
             "kernels": call.kernels(), "tensors": describe(call, xbytes)})
@@ -111,8 +118,10 @@ def count_case(shape, dname, fmt, ops, scale, counted_op, emu_config):
 
 # The document --json / --commit-results write: {"schema", "env": {commit, torch}, "config",
 # "records"}; a record is one (case, op): the full shape and the scaled one it was counted at
-# (on `sms` emulated SMs), bulk_x = bytes moved over the bulk tensors (at least half of |x|) per
-# |x|, sector_ratio = the worst sectors per ideal sector of their warp accesses.
+# (on `sms` emulated SMs), bulk_x = bytes moved over the op's bulk tensors (its arguments and
+# outputs of at least half of |x|) per |x|, workspace_x = over its workspaces (partials),
+# total_x = over everything, sector_ratio = the worst sectors per ideal sector of the bulk
+# tensors' warp accesses.
 RESULTS_DOC = os.path.join(ROOT, "benchmarks", "results", "traffic.json")
 
 
@@ -167,8 +176,9 @@ def main(argv=None):
                     "x".join(map(str, r0["scaled"])), "x".join(map(str, shape)), r0["sms"],
                     dname, fmt, r0["x_bytes"]))
                 for r in recs:
-                    print("  %-10s %-44s %5.2f |x| over the bulk tensors (floor %d): %s" % (
-                        r["op"], r["what"], r["bulk_x"], r["floor"], " -> ".join(r["kernels"])))
+                    print("  %-10s %-44s %5.2f |x| over the bulk tensors (floor %d), %5.2f in all: "
+                          "%s" % (r["op"], r["what"], r["bulk_x"], r["floor"], r["total_x"],
+                                  " -> ".join(r["kernels"])))
                     print("\n".join(r["tensors"]))
                 records += recs
     if args.json:
