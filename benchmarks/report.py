@@ -35,13 +35,15 @@ def write_json(doc, path):
 
 def load_documents(pattern):
     """The results documents of this suite matching a glob pattern, sorted by file name (other
-    benchmarks' JSON files in the same folder, such as act_cpu.json, are skipped)."""
+    benchmarks' JSON files in the same folder, such as act_cpu.json and traffic.json, are
+    skipped)."""
     docs = []
     for path in sorted(glob.glob(pattern)):
         with open(path) as f:
             doc = json.load(f)
-        if not isinstance(doc, dict) or "env" not in doc or "records" not in doc:
-            continue
+        if (not isinstance(doc, dict) or "records" not in doc
+                or "device_slug" not in (doc.get("env") or {})):
+            continue  # another benchmark's file (act_cpu.json, traffic.json)
         doc["path"] = path
         docs.append(doc)
     return docs
