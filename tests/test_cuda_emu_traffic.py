@@ -138,9 +138,9 @@ def test_tensor_passes(op, layout, dtype):
         assert call.read("mask") <= 2 * mask_pass, call.table(xbytes)
 
 
-@pytest.mark.parametrize("op,layout,dtype", cases(check="sectors"))
-def test_sectors_per_warp_access(op, layout, dtype):
-    call, xbytes, C = measured(op, layout, dtype)
+def sector_excess(call, xbytes):
+    """Every access of a launch to a bulk tensor (at least |x| / 2) with more than 1.1x the ideal
+    sectors per warp access, as lines."""
     bad = []
     for l in call.launches:
         for t in l.tensors.values():
@@ -150,6 +150,13 @@ def test_sectors_per_warp_access(op, layout, dtype):
                 if d.accesses and d.sector_ratio > 1.1:
                     bad.append("%s %s %s: %d sectors for %d ideal (%.2fx)" % (
                         l.kernel, t.name, direction, d.sectors, d.ideal, d.sector_ratio))
+    return bad
+
+
+@pytest.mark.parametrize("op,layout,dtype", cases(check="sectors"))
+def test_sectors_per_warp_access(op, layout, dtype):
+    call, xbytes, C = measured(op, layout, dtype)
+    bad = sector_excess(call, xbytes)
     assert not bad, "\n".join(bad)
 
 
@@ -290,14 +297,7 @@ def test_act_backward_recomputed_passes(act, layout, dtype, residual, dr):
     if dr:
         assert call.written("grad_residual") == xbytes, call.table(xbytes)
         assert call.read("grad_residual") == 0, call.table(xbytes)
-    bad = []
-    for l in call.launches:
-        for t in l.tensors.values():
-            if t.size < xbytes // 2:
-                continue
-            for direction, d in (("read", t.read), ("write", t.write)):
-                if d.accesses and d.sector_ratio > 1.1:
-                    bad.append("%s %s %s: %.2fx" % (l.kernel, t.name, direction, d.sector_ratio))
+    bad = sector_excess(call, xbytes)
     assert not bad, "\n".join(bad)
 
 
