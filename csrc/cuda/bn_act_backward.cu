@@ -274,6 +274,47 @@ struct ActEpilogue : GradEpilogueBase<acc_t> {
   }
 };
 
+// act_backward's outputs (dx, dweight, dbias, grad_residual) allocated for output_mask, like the
+// saved tensor (x or y), and what the reductions' epilogue needs of them.
+struct ActGrads {
+  bool need_dx, need_dw, need_db, need_dr;
+  bool need_sums;  // batch norm's sums: train and dx asked for, or dweight / dbias
+  at::TensorOptions acc_opts;
+  at::Tensor dx, dw, db, dz, mean, invstd;  // mean / invstd: contiguous
+
+  ActGrads(const at::Tensor& saved, const Geometry& g, const c10::optional<at::Tensor>& weight,
+           const at::Tensor& mean_in, const at::Tensor& invstd_in, bool train,
+           std::array<bool, 4> output_mask)
+      : need_dx(output_mask[0]),
+        need_dw(output_mask[1]),
+        need_db(output_mask[2]),
+        need_dr(output_mask[3]),
+        need_sums((train && need_dx) || need_dw || need_db),
+        acc_opts(saved.options().dtype(acc_dtype(saved.scalar_type()))),
+        mean(mean_in.contiguous()),
+        invstd(invstd_in.contiguous()) {
+    const auto param_opts =
+        defined(weight) ? saved.options().dtype(weight->scalar_type()) : acc_opts;
+    dx = need_dx ? empty_output(saved) : at::empty({0}, saved.options());
+    dw = at::empty({need_dw ? g.C : 0}, param_opts);
+    db = at::empty({need_db ? g.C : 0}, param_opts);
+    dz = need_dr ? empty_output(saved) : at::empty({0}, saved.options());
+  }
+
+  // GradEpilogueBase's part of the epilogue: dweight / dbias where asked for.
+  template <typename acc_t>
+  GradEpilogueBase<acc_t> grads(const c10::optional<at::Tensor>& weight,
+                                const Geometry& g) const {
+    return {invstd.const_data_ptr<acc_t>(), channel_ptr(weight),
+            need_dw ? channel_ptr(dw) : ChannelPtr{}, need_db ? channel_ptr(db) : ChannelPtr{},
+            acc_t(1) / static_cast<acc_t>(g.rows())};
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return {dx, dw, db, dz};
+  }
+};
+
 template <class Fn, typename T>
 void launch(const at::Tensor& in0, const at::Tensor& in1, const at::Tensor& in2,
             const at::Tensor& out0, const at::Tensor& out1, const at::Tensor& mask,
@@ -303,55 +344,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_from_mask(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask, const Geometry& g,
     const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd,
     bool train, Act act, double slope, std::array<bool, 4> output_mask) {
-  const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2],
-             need_dr = output_mask[3];
-  const at::ScalarType acc = acc_dtype(x.scalar_type());
-  const auto acc_opts = x.options().dtype(acc);
-  const auto param_opts = x.options().dtype(defined(weight) ? weight->scalar_type() : acc);
-  at::Tensor dx = need_dx ? empty_output(x) : at::empty({0}, x.options());
-  at::Tensor dw = at::empty({need_dw ? g.C : 0}, param_opts);
-  at::Tensor db = at::empty({need_db ? g.C : 0}, param_opts);
-  at::Tensor dz = need_dr ? empty_output(x) : at::empty({0}, x.options());
-  const bool need_sums = (train && need_dx) || need_dw || need_db;
-  const at::Tensor mean_c = mean.contiguous();
-  const at::Tensor invstd_c = invstd.contiguous();
+  ActGrads o(x, g, weight, mean, invstd, train, output_mask);
   at::Tensor coeffs;
-  if (need_dx) coeffs = at::empty({kGradParams * g.C}, acc_opts);
+  if (o.need_dx) coeffs = at::empty({kGradParams * g.C}, o.acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "fusedbn_act_backward_mask", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    if (need_sums) {
+    if (o.need_sums) {
       using Op = MaskedGradOp<scalar_t>;
       ReduceExtras ex;
       ex.mask = mask.const_data_ptr<uint8_t>();
       ex.slope = slope;
       ex.mask_zero = act == Act::kRelu;
-      const Partials parts = reduce_pass1<Op>(dy, x, mean_c.const_data_ptr<acc_t>(), g, ex);
+      const Partials parts = reduce_pass1<Op>(dy, x, o.mean.const_data_ptr<acc_t>(), g, ex);
       // DxFromMaskFn's (k0, k1, k2, k3): channel_grad's; eval (0, a, 0, 0).
-      ActEpilogue<acc_t> epi{{invstd_c.const_data_ptr<acc_t>(), channel_ptr(weight),
-                              need_dw ? channel_ptr(dw) : ChannelPtr{},
-                              need_db ? channel_ptr(db) : ChannelPtr{},
-                              acc_t(1) / static_cast<acc_t>(g.rows())},
-                             mean_c.const_data_ptr<acc_t>(),
-                             need_dx ? coeffs.mutable_data_ptr<acc_t>() : nullptr,
+      ActEpilogue<acc_t> epi{o.grads<acc_t>(weight, g),
+                             o.mean.const_data_ptr<acc_t>(),
+                             o.need_dx ? coeffs.mutable_data_ptr<acc_t>() : nullptr,
                              g.C,
                              {0, 1, 2, 3},
                              train};
       reduce_pass2<Op>(parts, g.C, epi);
     } else {  // eval mode, dx only
-      const at::Tensor w = defined(weight) ? weight->to(acc_opts) : at::ones({g.C}, acc_opts);
-      coeffs = at::cat(
-          {at::zeros({g.C}, acc_opts), w * invstd_c, at::zeros({2 * g.C}, acc_opts)});
+      const auto& opts = o.acc_opts;
+      const at::Tensor w = defined(weight) ? weight->to(opts) : at::ones({g.C}, opts);
+      coeffs = at::cat({at::zeros({g.C}, opts), w * o.invstd, at::zeros({2 * g.C}, opts)});
     }
-    if (need_dx) {
-      launch<DxFromMaskFn, scalar_t>(dy, train ? x : at::Tensor(), at::Tensor(), dx,
-                                     need_dr ? dz : at::Tensor(), mask, coeffs, g, act, slope);
-    } else if (need_dr) {
-      launch<GradFromMaskFn, scalar_t>(dy, at::Tensor(), at::Tensor(), dz, at::Tensor(), mask,
+    if (o.need_dx) {
+      launch<DxFromMaskFn, scalar_t>(dy, train ? x : at::Tensor(), at::Tensor(), o.dx,
+                                     o.need_dr ? o.dz : at::Tensor(), mask, coeffs, g, act,
+                                     slope);
+    } else if (o.need_dr) {
+      launch<GradFromMaskFn, scalar_t>(dy, at::Tensor(), at::Tensor(), o.dz, at::Tensor(), mask,
                                        at::Tensor(), g, act, slope);
     }
   });
-  return {dx, dw, db, dz};
+  return o.outputs();
 }
 
 // The input source (act not identity) and the output source with some of batch norm's gradients
@@ -362,19 +390,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_recomputed(
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& mean, const at::Tensor& invstd, bool train, Act act, double slope,
     ActSource src, std::array<bool, 4> output_mask) {
-  const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2],
-             need_dr = output_mask[3];
   const bool from_output = src == ActSource::kOutput;
-  const at::ScalarType acc = acc_dtype(saved.scalar_type());
-  const auto acc_opts = saved.options().dtype(acc);
-  const auto param_opts = saved.options().dtype(defined(weight) ? weight->scalar_type() : acc);
-  at::Tensor dx = need_dx ? empty_output(saved) : at::empty({0}, saved.options());
-  at::Tensor dw = at::empty({need_dw ? g.C : 0}, param_opts);
-  at::Tensor db = at::empty({need_db ? g.C : 0}, param_opts);
-  at::Tensor dz = need_dr ? empty_output(saved) : at::empty({0}, saved.options());
-  const bool need_sums = (train && need_dx) || need_dw || need_db;
-  const at::Tensor mean_c = mean.contiguous();
-  const at::Tensor invstd_c = invstd.contiguous();
+  ActGrads o(saved, g, weight, mean, invstd, train, output_mask);
+  const auto& acc_opts = o.acc_opts;
   const at::Tensor w = defined(weight) ? weight->to(acc_opts) : at::ones({g.C}, acc_opts);
   const at::Tensor b = defined(bias) ? bias->to(acc_opts) : at::zeros({g.C}, acc_opts);
   const at::Tensor zeros = at::zeros({g.C}, acc_opts);
@@ -382,24 +400,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_recomputed(
   // the dx pass's k0 and k3 are the epilogue's (zeros in eval mode).
   //   input:  (mean, w * invstd, b, k0, k3);   output: (b, 1 / (w * invstd), k0, k1, k3).
   const at::Tensor params =
-      from_output ? at::cat({b, (w * invstd_c).reciprocal(), zeros, w * invstd_c, zeros})
-                  : at::cat({mean_c, invstd_c * w, b, zeros, zeros});
+      from_output ? at::cat({b, (w * o.invstd).reciprocal(), zeros, w * o.invstd, zeros})
+                  : at::cat({o.mean, o.invstd * w, b, zeros, zeros});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(),
                                   "fusedbn_act_backward_recomputed", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* p = params.mutable_data_ptr<acc_t>();
-    if (need_sums) {
+    if (o.need_sums) {
       ReduceExtras ex;
       ex.in2 = r;
       ex.slope = act == Act::kIdentity ? 1.0 : slope;
       ex.inv_slope = act == Act::kIdentity ? 1.0 : 1.0 / slope;
       ex.act = static_cast<int>(act);
-      ActEpilogue<acc_t> epi{{invstd_c.const_data_ptr<acc_t>(), channel_ptr(weight),
-                              need_dw ? channel_ptr(dw) : ChannelPtr{},
-                              need_db ? channel_ptr(db) : ChannelPtr{},
-                              acc_t(1) / static_cast<acc_t>(g.rows())},
+      ActEpilogue<acc_t> epi{o.grads<acc_t>(weight, g),
                              nullptr,
-                             need_dx ? p : nullptr,
+                             o.need_dx ? p : nullptr,
                              g.C,
                              {from_output ? 2 : 3, -1, -1, 4},
                              train};
@@ -411,22 +426,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_recomputed(
         reduce_pass2<Op>(reduce_pass1<Op>(dy, saved, p, g, ex), g.C, epi);
       }
     }
-    const at::Tensor dz_out = need_dr ? dz : at::Tensor();
-    if (need_dx && from_output) {
-      launch<DxFromOutputFn, scalar_t>(dy, saved, r, dx, dz_out, at::Tensor(), params, g, act,
+    const at::Tensor dz_out = o.need_dr ? o.dz : at::Tensor();
+    if (o.need_dx && from_output) {
+      launch<DxFromOutputFn, scalar_t>(dy, saved, r, o.dx, dz_out, at::Tensor(), params, g, act,
                                        slope, train);
-    } else if (need_dx) {
-      launch<DxFromInputFn, scalar_t>(dy, saved, r, dx, dz_out, at::Tensor(), params, g, act,
+    } else if (o.need_dx) {
+      launch<DxFromInputFn, scalar_t>(dy, saved, r, o.dx, dz_out, at::Tensor(), params, g, act,
                                       slope, train);
-    } else if (need_dr && from_output) {
-      launch<RecoverFn, scalar_t>(dy, saved, r, dz, at::Tensor(), at::Tensor(), params, g, act,
+    } else if (o.need_dr && from_output) {
+      launch<RecoverFn, scalar_t>(dy, saved, r, o.dz, at::Tensor(), at::Tensor(), params, g, act,
                                   slope);
-    } else if (need_dr) {
-      launch<GradFromInputFn, scalar_t>(dy, saved, r, dz, at::Tensor(), at::Tensor(), params, g,
+    } else if (o.need_dr) {
+      launch<GradFromInputFn, scalar_t>(dy, saved, r, o.dz, at::Tensor(), at::Tensor(), params, g,
                                         act, slope);
     }
   });
-  return {dx, dw, db, dz};
+  return o.outputs();
 }
 
 }  // namespace
