@@ -71,6 +71,26 @@ C10_ALWAYS_INLINE void apply_run(const std::array<const scalar_t*, NIn>& in, sca
   IO::store_partial(out + i, rem, r);
 }
 
+// apply_run over a run of a long plane, in blocks of 1 KB, asking before each block for the output
+// lines kRunAheadBytes further on (up to the run's end; vec_io.h): the per-channel passes, whose
+// inputs are still in cache, write a plane at a time, and their stores wait on the lines' reads.
+template <int NIn, int NK, typename scalar_t, typename VF>
+C10_ALWAYS_INLINE void apply_run_ahead(const std::array<const scalar_t*, NIn>& in, scalar_t* out,
+                                       int64_t len,
+                                       const std::array<acc_type<scalar_t>, NK>& k, const VF& vf) {
+  constexpr int64_t kBlock = 1024 / static_cast<int64_t>(sizeof(scalar_t));
+  constexpr int64_t D = run_ahead_values<scalar_t>();
+  static_assert(kBlock % VecIO<scalar_t>::kUnit == 0, "blocks of whole units");
+  for (int64_t i = 0; i < len; i += kBlock) {
+    const int64_t n = std::min(kBlock, len - i);
+    const int64_t ahead = std::min(len, i + D + n) - (i + D);
+    if (ahead > 0) prefetch_plane<true>(out + i + D, ahead);
+    std::array<const scalar_t*, NIn> block;
+    for (int a = 0; a < NIn; ++a) block[a] = in[a] + i;
+    apply_run<NIn, NK, scalar_t>(block, out + i, n, k, vf);
+  }
+}
+
 // out[c] = f(in[0][c], ..., k[0][c], ...) over one row of C channels (constants are arrays).
 // The pointers are copied into locals first: stores through `out` may alias the caller's arrays,
 // and reloading them (and spilling the vectors) around every store cost a third of the pass.

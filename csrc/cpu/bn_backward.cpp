@@ -51,9 +51,14 @@ void backward_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt,
         const bool prefetch = is_small_plane<scalar_t>(g.S);
         for (int64_t n = g.N - 1; n >= 0; --n) {  // newest in cache first
           const int64_t off = (n * C + c) * g.S;
-          if (prefetch && n >= kPrefetchPlanes)
-            prefetch_plane<true>(dx + off - kPrefetchPlanes * C * g.S, g.S);
-          grad_input_run(dy + off, x + off, dx + off, g.S, k, c, true);
+          if (prefetch) {
+            if (n >= kPrefetchPlanes)
+              prefetch_plane<true>(dx + off - kPrefetchPlanes * C * g.S, g.S);
+            grad_input_run(dy + off, x + off, dx + off, g.S, k, c, true);
+          } else {  // long planes: streamed ahead, and the next (lower) plane's head asked for
+            if (n > 0) prefetch_plane<true>(dx + off - C * g.S, run_ahead_values<scalar_t>());
+            grad_input_run<scalar_t, true>(dy + off, x + off, dx + off, g.S, k, c, true);
+          }
         }
       }
     });

@@ -16,7 +16,9 @@
 
 #include <ATen/ops/empty.h>
 
+#include <array>
 #include <cmath>
+#include <type_traits>
 
 namespace fusedbn::cpu {
 namespace {
@@ -56,16 +58,25 @@ struct MulAdd {
   V operator()(const V* in, const V* k) const { return at::vec::fmadd(in[0], k[0], k[1]); }
 };
 
-template <typename scalar_t>
+// kAhead: y's lines asked for ahead of the stores (apply_run_ahead), for long planes.
+template <typename scalar_t, bool kAhead = false>
 inline void normalize_run(const scalar_t* x, scalar_t* y, int64_t len, int64_t c,
                           const NormalizeConstants<acc_type<scalar_t>>& k) {
+  auto run = [&](const auto& kv, const auto& f) {
+    constexpr int NK = std::tuple_size_v<std::decay_t<decltype(kv)>>;
+    if constexpr (kAhead) {
+      apply_run_ahead<1, NK, scalar_t>({x}, y, len, kv, f);
+    } else {
+      apply_run<1, NK, scalar_t>({x}, y, len, kv, f);
+    }
+  };
+  using acc_t = acc_type<scalar_t>;
   if constexpr (kNormalizeByFma<scalar_t>) {
-    apply_run<1, 2, scalar_t>({x}, y, len, {k.scale[c], k.shift[c]}, MulAdd{});
+    run(std::array<acc_t, 2>{k.scale[c], k.shift[c]}, MulAdd{});
   } else if constexpr (kSplitMean<scalar_t>) {
-    apply_run<1, 4, scalar_t>({x}, y, len, {k.mean[c], k.scale[c], k.bias[c], k.mean_lo[c]},
-                              SplitSubMulAdd{});
+    run(std::array<acc_t, 4>{k.mean[c], k.scale[c], k.bias[c], k.mean_lo[c]}, SplitSubMulAdd{});
   } else {
-    apply_run<1, 3, scalar_t>({x}, y, len, {k.mean[c], k.scale[c], k.bias[c]}, SubMulAdd{});
+    run(std::array<acc_t, 3>{k.mean[c], k.scale[c], k.bias[c]}, SubMulAdd{});
   }
 }
 
@@ -131,15 +142,6 @@ constexpr int64_t kBlockBytes = 32768;
 constexpr int64_t kBlockAhead = 2;
 constexpr int64_t kBlockAheadY = kPrefetchPlanes;
 
-// Asks for the cache lines of len values at p.
-template <bool kWrite = false, typename scalar_t>
-inline void prefetch_run(const scalar_t* p, int64_t len) {
-  const char* q = reinterpret_cast<const char*>(p);
-  const int64_t bytes = len * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(q + b, kWrite ? 1 : 0);
-  __builtin_prefetch(q + bytes - 1, kWrite ? 1 : 0);
-}
-
 // Channels per block: kBlockBytes of input, and at most C / threads (every thread gets blocks;
 // the results do not depend on the block size), in blocks of nearly equal size.
 inline int64_t small_plane_block(const Geometry& g, int64_t elem_size) {
@@ -174,7 +176,7 @@ void block_states(const scalar_t* x, const Geometry& g, int64_t c0, int64_t c1,
       pm[c - c0].start(x + (w.n * C + c) * S + w.s, w.len, static_cast<acc_t>(x[c * S]));
     for (; w; w.next()) {
       if (kBlockAhead > 0 && w.starts_inside(kBlockAhead))
-        prefetch_run(x + ((w.n + kBlockAhead) * C + c0) * S, B * S);
+        prefetch_plane(x + ((w.n + kBlockAhead) * C + c0) * S, B * S);
       const scalar_t* p = x + (w.n * C + c0) * S + w.s;
       for (int64_t j = 0; j < B; ++j, p += S) pm[j].add(p, w.len);
     }
@@ -223,7 +225,7 @@ void forward_train_impl(const at::Tensor& xt, at::Tensor& yt, const Geometry& g,
         const int64_t c0 = blk * B, c1 = std::min(g.C, c0 + B);
         const int64_t run = (c1 - c0) * g.S;  // values of the block per sample
         for (int64_t n = 0; n < std::min(g.N, kBlockAheadY); ++n)
-          prefetch_run<true>(y + (n * g.C + c0) * g.S, run);
+          prefetch_plane<true>(y + (n * g.C + c0) * g.S, run);
         block_states(x, g, c0, c1, pm, chunk_states, st.data());
         for (int64_t c = c0; c < c1; ++c) {
           // A channel holding +-Inf or NaN (whose sums are not finite) is recomputed by the
@@ -236,7 +238,7 @@ void forward_train_impl(const at::Tensor& xt, at::Tensor& yt, const Geometry& g,
         }
         for (int64_t n = 0; n < g.N; ++n) {
           const int64_t off = (n * g.C + c0) * g.S;
-          if (n + kBlockAheadY < g.N) prefetch_run<true>(y + off + kBlockAheadY * g.C * g.S, run);
+          if (n + kBlockAheadY < g.N) prefetch_plane<true>(y + off + kBlockAheadY * g.C * g.S, run);
           for (int64_t c = c0; c < c1; ++c)
             normalize_run(x + off + (c - c0) * g.S, y + off + (c - c0) * g.S, g.S, c, k);
         }
@@ -256,9 +258,14 @@ void forward_train_impl(const at::Tensor& xt, at::Tensor& yt, const Geometry& g,
           prefetch_planes(x, g.C, g.S, c + 1, 0, std::min(g.N, kPrefetchPlanes));
         for (int64_t n = g.N - 1; n >= 0; --n) {  // newest in cache first
           const int64_t off = (n * g.C + c) * g.S;
-          if (prefetch && n >= kPrefetchPlanes)
-            prefetch_plane<true>(y + off - kPrefetchPlanes * g.C * g.S, g.S);
-          normalize_run(x + off, y + off, g.S, c, k);
+          if (prefetch) {
+            if (n >= kPrefetchPlanes)
+              prefetch_plane<true>(y + off - kPrefetchPlanes * g.C * g.S, g.S);
+            normalize_run(x + off, y + off, g.S, c, k);
+          } else {  // long planes: streamed ahead, and the next (lower) plane's head asked for
+            if (n > 0) prefetch_plane<true>(y + off - g.C * g.S, run_ahead_values<scalar_t>());
+            normalize_run<scalar_t, true>(x + off, y + off, g.S, c, k);
+          }
         }
       }
     });

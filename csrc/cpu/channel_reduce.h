@@ -36,9 +36,14 @@ WelfordState<red_type<scalar_t>> nchw_chunk_state(const scalar_t* x, const Geome
   if (g.S < kTwoPassMaxPlane) {
     st = nchw_moments_state(x, g.C, g.S, c, begin, end, shift);
   } else {
+    // Each run streamed ahead to its plane's end, and the head of the channel's next plane asked
+    // for as a run starts (kRunAheadBytes, vec_io.h).
+    const int64_t head = std::min(g.S, run_ahead_values<scalar_t>());
     LaneWelford<scalar_t> lw(shift);
-    for_each_run(g.C, g.S, c, begin, end,
-                 [&](int64_t off, int64_t len) { lw.push_run(x + off, len); });
+    for (PlaneRuns w(g.S, begin, end); w; w.next()) {
+      if (w.n + 1 < g.N) prefetch_plane(x + ((w.n + 1) * g.C + c) * g.S, head);
+      lw.push_run(x + (w.n * g.C + c) * g.S + w.s, w.len, g.S - w.s);
+    }
     st = lw.finish();
   }
   if (state_is_finite(st)) return st;
@@ -377,8 +382,8 @@ void nchw_channel_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
   if (nchunks == 0) return;
   c10::SmallVector<acc_t, 8> a(nchunks), b(nchunks);
   for (int64_t k = 0; k < nchunks; ++k)
-    nchw_chunk_sums(dy, x, g.C, g.S, c, k * kChunk, std::min(M, (k + 1) * kChunk), mean_c, a[k],
-                    b[k]);
+    nchw_chunk_sums(dy, x, g.N, g.C, g.S, c, k * kChunk, std::min(M, (k + 1) * kChunk), mean_c,
+                    a[k], b[k]);
   tree_sum(a.data(), nchunks);
   tree_sum(b.data(), nchunks);
   sum_dy = a[0];
@@ -397,7 +402,7 @@ void nchw_sums_split(const scalar_t* dy, const scalar_t* x, const Geometry& g,
   at::parallel_for(0, g.C * nchunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t c = w / nchunks, k = w % nchunks;
-      nchw_chunk_sums(dy, x, g.C, g.S, c, k * kChunk, std::min(M, (k + 1) * kChunk), mean[c],
+      nchw_chunk_sums(dy, x, g.N, g.C, g.S, c, k * kChunk, std::min(M, (k + 1) * kChunk), mean[c],
                       a[w], b[w]);
     }
   });

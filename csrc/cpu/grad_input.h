@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
+#include <type_traits>
 #include <vector>
 
 namespace fusedbn::cpu {
@@ -66,17 +68,30 @@ struct GradConstants {
   }
 };
 
-// dx of one contiguous run of channel c (an NCHW plane, or part of one).
-template <typename scalar_t>
+// dx of one contiguous run of channel c (an NCHW plane, or part of one). kAhead: dx's lines asked
+// for ahead of the stores (apply_run_ahead), for long planes.
+template <typename scalar_t, bool kAhead = false>
 inline void grad_input_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len,
                            const GradConstants<scalar_t>& k, int64_t c, bool train) {
+  auto run = [&](const auto& in, const auto& kv, const auto& f) {
+    constexpr int NIn = std::tuple_size_v<std::decay_t<decltype(in)>>;
+    constexpr int NK = std::tuple_size_v<std::decay_t<decltype(kv)>>;
+    if constexpr (kAhead) {
+      apply_run_ahead<NIn, NK, scalar_t>(in, dx, len, kv, f);
+    } else {
+      apply_run<NIn, NK, scalar_t>(in, dx, len, kv, f);
+    }
+  };
+  using acc_t = acc_type<scalar_t>;
+  using In1 = std::array<const scalar_t*, 1>;
+  using In2 = std::array<const scalar_t*, 2>;
   if (!train) {
-    apply_run<1, 1, scalar_t>({dy}, dx, len, {k.a[c]}, EvalGradOp{});
+    run(In1{dy}, std::array<acc_t, 1>{k.a[c]}, EvalGradOp{});
   } else if constexpr (kGradByFma<scalar_t>) {
-    apply_run<2, 3, scalar_t>({dy, x}, dx, len, {k.a[c], k.neg_ak[c], k.c0[c]}, TrainGradFmaOp{});
+    run(In2{dy, x}, std::array<acc_t, 3>{k.a[c], k.neg_ak[c], k.c0[c]}, TrainGradFmaOp{});
   } else {
-    apply_run<2, 4, scalar_t>({dy, x}, dx, len, {k.mean_dy[c], k.a[c], k.mean[c], k.ak[c]},
-                              TrainGradOp{});
+    run(In2{dy, x}, std::array<acc_t, 4>{k.mean_dy[c], k.a[c], k.mean[c], k.ak[c]},
+        TrainGradOp{});
   }
 }
 

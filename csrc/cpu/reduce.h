@@ -196,19 +196,29 @@ struct LaneWelford {
     return {m, q, n};
   }
 
-  // Adds len contiguous values.
-  inline void push_run(const scalar_t* p, int64_t len) {
+  // Adds len contiguous values. The values up to p + stream (a plane's end: stream >= len) are
+  // asked for kRunAheadBytes ahead as the run is read.
+  inline void push_run(const scalar_t* p, int64_t len, int64_t stream = 0) {
     if (len <= 0) return;
     if (len < kShortRun) {
       welford_merge(runs, run_state(p, len));
       return;
     }
+    constexpr int64_t D = run_ahead_values<scalar_t>();
+    constexpr int64_t kStepBytes = kStep * static_cast<int64_t>(sizeof(scalar_t));
+    static_assert(kStepBytes == 64 || kStepBytes == 128, "a step is one or two cache lines");
+    const int64_t ahead_end = stream - D;
     // Locals for the run, so that the states stay in registers (see nchw_deviation_sum).
     AVec m[kAcc], q[kAcc];
     for (int a = 0; a < kAcc; ++a) m[a] = mean[a], q[a] = m2[a];
     const AVec sh = shift;
     int64_t i = 0, n = steps;
     for (; i + kStep <= len; i += kStep) {
+      if (i < ahead_end) {
+        const char* ahead = reinterpret_cast<const char*>(p + i + D);
+        __builtin_prefetch(ahead);
+        if constexpr (kStepBytes > 64) __builtin_prefetch(ahead + 64);
+      }
       AVec v[kAcc];
       for (int u = 0; u < kUnitsPerStep; ++u) IO::load(p + i + u * IO::kUnit, v + u * IO::kVecs);
       const AVec rn(acc_t(1) / static_cast<acc_t>(++n));
@@ -259,15 +269,9 @@ void tree_sum(acc_t* values, int64_t n, int64_t step = 1) {
 constexpr int64_t kPrefetchPlanes = 4;
 constexpr int64_t kPrefetchMaxPlaneBytes = 4096;
 
-// kWrite: the plane is about to be written (the per-channel passes write their outputs at the
-// same stride, and a store that misses waits for its line to be read in).
-template <bool kWrite = false, typename scalar_t>
-inline void prefetch_plane(const scalar_t* plane, int64_t S) {
-  const char* p = reinterpret_cast<const char*>(plane);
-  const int64_t bytes = S * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, kWrite ? 1 : 0);
-  __builtin_prefetch(p + bytes - 1, kWrite ? 1 : 0);
-}
+// (prefetch_plane, vec_io.h, asks for a whole plane: kWrite when the per-channel passes are about
+// to write their outputs at the same stride.) Longer planes are streamed ahead instead
+// (kRunAheadBytes, vec_io.h).
 
 // Planes [n0, n1) of channel c of a (N, C, S) tensor. The per-channel passes prefetch
 // kPrefetchPlanes planes ahead as they walk a channel, so the planes a walk starts on would be
@@ -439,16 +443,21 @@ WelfordState<red_type<scalar_t>> nchw_moments_state(const scalar_t* x, int64_t C
 // Sums of dy and of dy * (x - mean) over values [begin, end) of channel c of a (N, C, S) tensor
 // (the backward reductions of one chunk). The runs are walked here, so that the sums stay in
 // registers from one short run to the next; a partial last unit loads zero-padded (dy = 0 adds
-// nothing).
+// nothing). Small planes are asked for kPrefetchPlanes planes ahead; longer ones are streamed
+// kRunAheadBytes ahead, to the end of the plane (not of the chunk: the next chunk goes on with it),
+// and the head of the channel's next plane is asked for as a run starts.
 template <typename scalar_t>
-void nchw_chunk_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t S, int64_t c,
-                     int64_t begin, int64_t end, red_type<scalar_t> mean_s,
+void nchw_chunk_sums(const scalar_t* dy, const scalar_t* x, int64_t N, int64_t C, int64_t S,
+                     int64_t c, int64_t begin, int64_t end, red_type<scalar_t> mean_s,
                      red_type<scalar_t>& out_dy, red_type<scalar_t>& out_dyx) {
   using IO = RedIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using AVec = typename IO::AVec;
   constexpr int K = IO::kVecs;
   constexpr int64_t L = AVec::size();
+  // One line of each input per iteration of the main loop, asked for D values ahead.
+  static_assert(2 * IO::kUnit * sizeof(scalar_t) == 64, "two units are one cache line");
+  constexpr int64_t D = run_ahead_values<scalar_t>();
   const AVec mean(mean_s), zero(acc_t(0));
   AVec a0[K], a1[K], b0[K], b1[K];
   for (int j = 0; j < K; ++j) a0[j] = a1[j] = b0[j] = b1[j] = zero;
@@ -463,9 +472,20 @@ void nchw_chunk_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t S
       prefetch_plane(dy + ahead, S);
       prefetch_plane(x + ahead, S);
     }
+    if (!prefetch && w.n + 1 < N) {
+      const int64_t next = ((w.n + 1) * C + c) * S;
+      prefetch_plane(dy + next, D);
+      prefetch_plane(x + next, D);
+    }
+    // Iterations before this one ask for the line D values ahead (within the plane).
+    const int64_t ahead_end = prefetch ? 0 : S - w.s - D;
     int64_t i = 0;
     for (; i + 2 * IO::kUnit <= len; i += 2 * IO::kUnit) {
       AVec g0[K], g1[K], v0[K], v1[K];
+      if (i < ahead_end) {
+        __builtin_prefetch(gp + i + D);
+        __builtin_prefetch(xp + i + D);
+      }
       IO::load(gp + i, g0);
       IO::load(gp + i + IO::kUnit, g1);
       IO::load(xp + i, v0);

@@ -114,6 +114,33 @@ inline void split_mean(red_t mean, acc_t& hi, acc_t& lo) {
   lo = static_cast<acc_t>(mean - static_cast<red_t>(hi));
 }
 
+// ---- prefetching --------------------------------------------------------------------------
+
+// Asks for the cache lines of n values at p (kWrite: they are about to be written; a store that
+// misses waits for its line to be read in).
+template <bool kWrite = false, typename scalar_t>
+inline void prefetch_plane(const scalar_t* p, int64_t n) {
+  const char* q = reinterpret_cast<const char*>(p);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(q + b, kWrite ? 1 : 0);
+  __builtin_prefetch(q + bytes - 1, kWrite ? 1 : 0);
+}
+
+// How far ahead the walks over long contiguous runs (NCHW planes of more than a few KB) ask for
+// the lines they will read or write, and, as a run starts, for the head of the run after it. The
+// hardware prefetchers follow such a run, but not far enough ahead for one core to keep memory
+// busy, and they stop at the run's end: a channel's next plane lies C * S values further on.
+// Measured (32x64x56x56 float32, cold, 2 threads, A/B in one process): the backward's sums 2.18 ->
+// 1.48 ms (256 bytes ahead 1.95, 1 KB 1.59, 4 KB 1.63, 8 KB 1.89), the whole backward 3.94 -> 2.79
+// ms with the dx pass asking for its output lines too (512 bytes to 4 KB within 3% of each other);
+// the forward (statistics and normalize) 3.08 -> 2.01 ms.
+constexpr int64_t kRunAheadBytes = 2048;
+
+template <typename scalar_t>
+constexpr int64_t run_ahead_values() {
+  return kRunAheadBytes / static_cast<int64_t>(sizeof(scalar_t));
+}
+
 // Per-channel parameters and statistics come as float32 or the input's dtype; the kernels read them
 // once, as the accumulation type, into a small host array (C values, negligible next to the data).
 template <typename acc_t>
