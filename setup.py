@@ -127,7 +127,7 @@ def main():
     include_dirs = [os.path.join(ROOT, "csrc")]
 
     extensions = []
-    lib_sources = ["csrc/schema.cpp", "csrc/bindings.cpp", "csrc/eager.cpp"]
+    lib_sources = ["csrc/schema.cpp", "csrc/composite.cpp", "csrc/bindings.cpp", "csrc/eager.cpp"]
     arch = ""
     if build_cuda:
         arch = cuda_arch_list()

@@ -220,6 +220,12 @@ inline at::Tensor match_layout(const at::Tensor& grad_output, const at::Tensor& 
   return at::empty_like(x, at::MemoryFormat::Preserve).copy_(grad_output);
 }
 
+// The count of the running-statistics update: values per channel of (N, C, *) input (0 for none).
+inline int64_t update_count(const at::Tensor& input) {
+  const int64_t C = input.dim() >= 2 ? input.size(1) : 0;
+  return C > 0 ? input.numel() / C : 0;
+}
+
 // Arguments of update_running_stats, for every backend.
 inline void check_update_running_stats_args(const at::Tensor& running_mean,
                                             const at::Tensor& running_var, const at::Tensor& mean,

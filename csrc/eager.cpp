@@ -60,10 +60,10 @@ const auto& backward_op() {
   return op;
 }
 
-const auto& update_running_stats_op() {
-  static const auto op = find_op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      const at::Tensor&, c10::SymInt, std::optional<double>,
-                                      const OptTensor&)>("fusedbn::update_running_stats");
+const auto& forward_train_update_op() {
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const OptTensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+      const OptTensor&, std::optional<double>, double)>("fusedbn::forward_train_update");
   return op;
 }
 
@@ -145,23 +145,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(const at::Tensor& inp
                                                            const StatsArgs& s,
                                                            bool stats_for_backward) {
   if (s.use_batch_stats) {
-    const bool update = s.running_mean.has_value();
-    if (update) {
+    if (s.running_mean.has_value()) {
       check_running_stats(input, *s.running_mean, *s.running_var);
       check_update_count(input);
+      // The forward, the counter and the update in one op, which checks everything before the
+      // counter moves: a rejected batch is not counted.
+      auto [output, mean, invstd, var] = forward_train_update_op().call(
+          input, weight, bias, *s.running_mean, *s.running_var, s.counter, s.momentum, s.eps);
+      return {std::move(output), std::move(mean), std::move(invstd)};
     }
     auto [output, mean, invstd, var] = forward_train_op().call(input, weight, bias, s.eps);
-    const OptTensor batches = s.momentum.has_value() ? std::nullopt : s.counter;
-    const int64_t C = input.size(1);
-    const int64_t count = C ? input.numel() / C : 0;
-    // Every check of the update before the counter moves: a rejected batch is not counted.
-    if (update)
-      check_update_running_stats_args(*s.running_mean, *s.running_var, mean, var, count,
-                                      s.momentum, batches);
     if (s.counter.has_value()) s.counter->add_(1);
-    if (update)
-      update_running_stats_op().call(*s.running_mean, *s.running_var, mean, var,
-                                     c10::SymInt(count), s.momentum, batches);
     return {std::move(output), std::move(mean), std::move(invstd)};
   }
   TORCH_CHECK(s.running_mean.has_value() && s.running_var.has_value(),

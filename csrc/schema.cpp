@@ -28,6 +28,17 @@ FUSEDBN_TORCH_LIBRARY(FUSEDBN_OP_NAMESPACE, m) {
   m.def(
       "forward_train(Tensor input, Tensor? weight, Tensor? bias, float eps)"
       " -> (Tensor output, Tensor mean, Tensor invstd, Tensor var)");
+  // forward_train, then the running-statistics update of update_running_stats below: once every
+  // argument is checked, num_batches_tracked (when given) advanced by one and the running
+  // statistics updated with momentum, or with 1/num_batches_tracked (the advanced count) when
+  // momentum is None. The eager path of the modules calls this one op per training step instead
+  // of three (forward, counter, update): on small layers those dispatches cost as much as a tenth
+  // of the step. The CPU kernel does it in one call; every other device runs the composite of
+  // csrc/composite.cpp (the three ops in turn).
+  m.def(
+      "forward_train_update(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!) running_mean,"
+      " Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, float? momentum, float eps)"
+      " -> (Tensor output, Tensor mean, Tensor invstd, Tensor var)");
   // Normalization with the running statistics (eval mode): a per-channel affine map.
   m.def(
       "forward_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean,"

@@ -68,7 +68,8 @@ def require_emu():
 
 def _sources():
     """The emulated build's sources: each .cu of csrc/cuda/ through a .cpp that includes it (so the
-    host compiler, not nvcc, compiles it), csrc/schema.cpp and the emulation's own files."""
+    host compiler, not nvcc, compiles it), csrc/schema.cpp, csrc/composite.cpp (the default kernel
+    of forward_train_update) and the emulation's own files."""
     src_dir = os.path.join(BUILD_DIR, "src")
     os.makedirs(src_dir, exist_ok=True)
     sources = []
@@ -82,6 +83,7 @@ def _sources():
                 f.write(text)
         sources.append(wrapper)
     sources.append(os.path.join(ROOT, "csrc", "schema.cpp"))
+    sources.append(os.path.join(ROOT, "csrc", "composite.cpp"))
     sources += sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "emu", "*.cpp")))
     return sources
 

@@ -319,6 +319,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(
   return {y, mean, invstd, var};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train_update(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+    const at::Tensor& running_var, const c10::optional<at::Tensor>& num_batches_tracked,
+    c10::optional<double> momentum, double eps) {
+  auto out = forward_train(input, weight, bias, eps);
+  const at::Tensor& mean = std::get<1>(out);
+  const at::Tensor& var = std::get<3>(out);
+  const int64_t count = update_count(input);
+  const auto batches = momentum.has_value() ? c10::nullopt : num_batches_tracked;
+  // Every check of the update before the counter moves: a rejected batch is not counted.
+  check_update_running_stats_args(running_mean, running_var, mean, var, count, momentum, batches);
+  if (defined(num_batches_tracked)) advance_counter(*num_batches_tracked);
+  update_running_stats(running_mean, running_var, mean, var, count, momentum, batches);
+  return out;
+}
+
 at::Tensor forward_eval(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                         const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
                         const at::Tensor& running_var, double eps) {

@@ -11,6 +11,41 @@
 #include <vector>
 
 namespace fusedbn::cpu {
+namespace {
+
+// True for a one-element CPU tensor of a real dtype: read and advanced in place below.
+bool is_host_counter(const at::Tensor& t) {
+  return t.is_cpu() && t.layout() == at::kStrided && t.numel() == 1 &&
+         (at::isFloatingType(t.scalar_type()) || at::isIntegralType(t.scalar_type(), false));
+}
+
+// The value of num_batches_tracked (a CPU tensor: checked by the caller), read in place rather
+// than by item(), a dispatch on every step.
+double counter_value(const at::Tensor& t) {
+  if (!is_host_counter(t)) return t.item<double>();
+  double v = 0;
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "fusedbn_counter", [&] {
+    v = static_cast<double>(*t.const_data_ptr<scalar_t>());
+  });
+  return v;
+}
+
+}  // namespace
+
+void advance_counter(const at::Tensor& counter) {
+  if (!is_host_counter(counter)) {
+    counter.add_(1);
+    return;
+  }
+  // First, so that an inference tensor outside InferenceMode is refused (as by add_) before its
+  // value changes.
+  counter.unsafeGetTensorImpl()->bump_version();
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, counter.scalar_type(), "fusedbn_counter",
+                             [&] {
+    scalar_t* p = counter.mutable_data_ptr<scalar_t>();
+    *p = static_cast<scalar_t>(*p + scalar_t(1));
+  });
+}
 
 void update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
                           const at::Tensor& mean, const at::Tensor& var, int64_t count,
@@ -26,7 +61,7 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
     // A CPU tensor: no device round trip. Below 1 (0 or negative from a hand-edited state_dict,
     // NaN) counts as 1, the first batch: the running statistics become the batch's, as on CUDA
     // (csrc/cuda/bn_running_stats.cu), where the kernel cannot raise without a synchronization.
-    factor = cumulative_average_factor(num_batches_tracked->item<double>());
+    factor = cumulative_average_factor(counter_value(*num_batches_tracked));
   }
   if (count == 0) return;  // an empty batch leaves the statistics untouched, as torch does
 

@@ -10,6 +10,7 @@
 
 TORCH_LIBRARY_IMPL(fusedbn, CPU, m) {
   m.impl("forward_train", &fusedbn::cpu::forward_train);
+  m.impl("forward_train_update", &fusedbn::cpu::forward_train_update);
   m.impl("forward_eval", &fusedbn::cpu::forward_eval);
   m.impl("backward", &fusedbn::cpu::backward);
   m.impl("update_running_stats", &fusedbn::cpu::update_running_stats);
