@@ -12,6 +12,12 @@
 //      fixed order, writes grad_weight/grad_bias (weight's dtype) and the dx coefficients;
 //      otherwise (eval, dx only) one per-channel kernel writes the dx coefficients;
 //   2. train: channel_grad(dy, x) -> dx; eval: channel_affine(dy) -> dx (x is not read).
+// In training mode with dx asked for, the rows layout (channels_last, (N, C)) takes the persistent
+// single-read backward instead where its slab of dy and x fits on chip in co-resident CTAs
+// (bn_persistent_backward.cuh: one cooperative launch per slab, dy and x read once, the same
+// GradOp, merge tree, epilogue and dx map): 3 tensor passes instead of 5. The launches above are
+// the fallback (too large, or the cooperative launch refused), and the path of every other case
+// (without dx the reduction reads dy and x once already; eval's dx reads dy alone).
 // grad_output is brought to the strides of the canonical input first (common.h match_layout: a
 // copy only when they differ), so that every pass reads dy and x at the same offsets.
 #include <ATen/Dispatch.h>
@@ -23,6 +29,7 @@
 
 #include "bn_cuda_ops.h"
 #include "bn_elementwise.cuh"
+#include "bn_persistent_backward.cuh"
 #include "bn_reduce.cuh"
 #include "common.h"
 
@@ -103,21 +110,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor coeffs;
   if (need_dx) coeffs = at::empty({(train ? kGradParams : kAffineParams) * g.C}, acc_opts);
 
+  bool persistent = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "fusedbn_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* coeffs_ptr = need_dx ? coeffs.mutable_data_ptr<acc_t>() : nullptr;
     if (need_sums) {
       using Op = GradOp<scalar_t>;
-      const Partials parts = reduce_pass1<Op>(dy, x, mean_c.const_data_ptr<acc_t>(), g);
+      const acc_t* mean_ptr = mean_c.const_data_ptr<acc_t>();
       BackwardEpilogue<acc_t> epi{{invstd_c.const_data_ptr<acc_t>(), channel_ptr(weight),
                                    need_dw ? channel_ptr(grad_weight) : ChannelPtr{},
                                    need_db ? channel_ptr(grad_bias) : ChannelPtr{},
                                    acc_t(1) / static_cast<acc_t>(g.rows())},
-                                  mean_c.const_data_ptr<acc_t>(),
+                                  mean_ptr,
                                   coeffs_ptr,
                                   g.C,
                                   mode};
+      if (mode == DxCoeffs::kTrain && g.layout == Layout::kChannelsLast) {
+        persistent = persistent_rows_backward<scalar_t>(dy, x, grad_input, g.rows(), g.C,
+                                                        mean_ptr, epi, coeffs);
+        if (persistent) return;
+      }
+      const Partials parts = reduce_pass1<Op>(dy, x, mean_ptr, g);
       reduce_pass2<Op>(parts, g.C, epi);
     } else {
       const auto blocks = static_cast<unsigned>(ceil_div<int64_t>(g.C, kBlockThreads));
@@ -126,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     }
   });
 
-  if (need_dx) {
+  if (need_dx && !persistent) {
     if (train) {
       channel_grad(dy, x, grad_input, g, coeffs);
     } else {

@@ -221,27 +221,26 @@ struct PersistentRowsPlan {
   size_t smem = 0;
 };
 
-// Tile capacity: a CTA holds R rows of TX * V channels, R * TX * V * sizeof(T) bytes of dynamic
-// shared memory next to the scratch. Every CTA gets at least min_rows = 8 * TY rows (8 vectors per
-// thread, the streaming reductions' rule of work per block) or the whole column. The candidate
-// budgets run from small to the device's opt-in maximum; for each, the occupancy API says how
-// many CTAs can be co-resident (SMs x blocks per SM); the first budget whose tile holds min_rows
-// rows and at which every column fits in one launch (gx * ceil(rows / R_max) co-resident CTAs)
-// wins -- the least shared memory, the most CTAs per SM --, else the largest at which a slab of
-// at least one column fits (slabs of as many columns as fit, one launch each). Then the rows are
-// spread over as many CTAs per column as the slab leaves room for, down to min_rows each.
-template <typename T, int V, typename Kernel>
-PersistentRowsPlan plan_persistent_rows(Kernel kernel, int64_t rows, int64_t C, int tx,
-                                        int device) {
-  using acc_t = at::opmath_type<T>;
+// Tile capacity: a CTA holds R rows of row_bytes each (the forward: TX * V channels of x,
+// R * TX * V * sizeof(T) bytes; the backward, bn_persistent_backward.cuh: those of dy and x, twice
+// that) of dynamic shared memory next to the kernel's scratch (scratch bytes). Every CTA gets at
+// least min_rows = 8 * TY rows (8 vectors per thread, the streaming reductions' rule of work per
+// block) or the whole column. The candidate budgets run from small to the device's opt-in
+// maximum; for each, the occupancy API says how many CTAs can be co-resident (SMs x blocks per
+// SM); the first budget whose tile holds min_rows rows and at which every column fits in one
+// launch (gx * ceil(rows / R_max) co-resident CTAs) wins -- the least shared memory, the most
+// CTAs per SM --, else the largest at which a slab of at least one column fits (slabs of as many
+// columns as fit, one launch each). Then the rows are spread over as many CTAs per column as the
+// slab leaves room for, down to min_rows each.
+template <typename Kernel>
+PersistentRowsPlan plan_persistent_tiles(Kernel kernel, int64_t rows, int64_t cvecs, int tx,
+                                         size_t row_bytes, size_t scratch_bytes, int device) {
   PersistentRowsPlan plan;
-  const int64_t cvecs = C / V;
   plan.gx = ceil_div<int64_t>(cvecs, tx);
   const int rw = kWarpSize / tx;
   const int64_t ty = int64_t{kBlockThreads / kWarpSize} * rw;
   const int64_t min_rows = std::min<int64_t>(rows, 8 * ty);
-  const size_t row_bytes = size_t(tx) * V * sizeof(T);
-  const size_t scratch = persistent_scratch_bytes<T, acc_t, V>(tx) + 16;
+  const size_t scratch = scratch_bytes + 16;  // + the tile's rounding to 16 bytes
   const size_t optin = max_dynamic_shared_memory(device);
   if (optin <= scratch + row_bytes * min_rows) return plan;
   set_max_dynamic_shared_memory(kernel, static_cast<int>(optin));
@@ -266,10 +265,18 @@ PersistentRowsPlan plan_persistent_rows(Kernel kernel, int64_t rows, int64_t C, 
       best_gy, std::min<int64_t>({cap / best_slab, rows / min_rows, int64_t{65535}}));
   plan.gy = gy;
   plan.R = ceil_div<int64_t>(rows, gy);  // <= r_max of the budget, as gy >= its gy_min
-  plan.smem = (size_t(plan.R) * row_bytes + 15) / 16 * 16 +
-              persistent_scratch_bytes<T, acc_t, V>(tx);
+  plan.smem = (size_t(plan.R) * row_bytes + 15) / 16 * 16 + scratch_bytes;
   plan.ok = plan.smem <= best_smem;
   return plan;
+}
+
+// The forward's plan: a tile of x.
+template <typename T, int V, typename Kernel>
+PersistentRowsPlan plan_persistent_rows(Kernel kernel, int64_t rows, int64_t C, int tx,
+                                        int device) {
+  using acc_t = at::opmath_type<T>;
+  return plan_persistent_tiles(kernel, rows, C / V, tx, size_t(tx) * V * sizeof(T),
+                               persistent_scratch_bytes<T, acc_t, V>(tx), device);
 }
 
 // The persistent forward over the rows x [rows][C] -> y, running epi (the streaming path's

@@ -1,0 +1,288 @@
+// The persistent single-read training backward (issue 15) for the rows layout (channels_last and
+// (N, C)): the forward's scheme (bn_persistent.cuh) with two tiles, dy and x, held in shared
+// memory from their one read to the write of dx. One cooperative launch per slab of channel
+// columns, every CTA of it co-resident:
+//   1. the CTA reads the saved mean of its TX * V channels once (through shared memory: GradOp's
+//      parameter), loads its rows [y * rows / gy, (y + 1) * rows / gy) of dy and x (the streaming
+//      rows kernel's lanes: TX along C, one V-channel vector each, 32 / TX rows per warp) into
+//      the two tiles, growing per-thread GradOp states on the way (the compensated sums of dy and
+//      dy * (x - mean), groups of K rows, push_all / push, as reduce_rows_kernel), merges them
+//      within the warp by the same shuffle tree and across the warps in warp order, and writes
+//      one partial per channel: partials[c][y];
+//   2. grid barrier;
+//   3. the channels of the slab dealt out to its CTAs (channel j of a column to CTA j % gy); a
+//      warp per channel merges its gy partials as the forward does (lane l: partials l, l + 32,
+//      ... in order, then the warp's shuffle tree) -- a fixed order whatever the order the CTAs
+//      ran in -- and runs the streaming path's epilogue (BackwardEpilogue of bn_backward.cu:
+//      GradEpilogueBase's grad_weight, grad_bias and the dx coefficients k0, a, mean, k3);
+//   4. grid barrier;
+//   5. each CTA reads the coefficients of its channels (once per CTA, through shared memory) and
+//      computes dx = (dy - k0) * a - (x - mean) * k3 (channel_grad's map, GradFn of
+//      bn_elementwise.cu) from the tiles it holds, and writes dx.
+// Global traffic: dy and x read once each, dx written once; per channel: the mean read once per
+// CTA (gy C values) and once by the epilogue, invstd and weight once, grad_weight / grad_bias
+// written once, partials C * gy written and read, coefficients 4 C written and 4 C per CTA read.
+// Numerics: the per-thread sums, the merges and the dx map are the streaming path's (GradOp of
+// bn_reduce_ops.cuh, the same trees, the same epilogue and formula); only the partition of the
+// rows into partials differs (contiguous ranges per CTA instead of interleaved chunks), which
+// changes the rounding of the compensated sums at O(eps^2), not their error bound.
+// Used for training mode with dx asked for (bn_backward.cu); without dx the streaming reduction
+// already reads dy and x once each, and eval mode's dx reads dy alone.
+// The planner (plan_persistent_tiles) sizes the tiles: 2 * TX * V * sizeof(T) bytes per row, so
+// half the rows of the forward's fit; a slab that does not fit, or a cooperative launch that is
+// refused, leaves the streaming path to the caller.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "bn_persistent.cuh"
+#include "bn_reduce_ops.cuh"
+#include "bn_utils.cuh"
+
+namespace fusedbn {
+namespace cuda {
+
+template <typename T, typename acc_t>
+struct PersistentGradArgs {
+  const T* dy = nullptr;
+  const T* x = nullptr;
+  T* dx = nullptr;
+  const acc_t* mean = nullptr;             // the saved mean [C]: GradOp's parameter
+  GradPartial<acc_t>* partials = nullptr;  // [C][gy]
+  const acc_t* coeffs = nullptr;           // [4][C] (k0, a, mean, k3), written by the epilogue
+  int64_t rows = 0, C = 0;
+  int64_t col0 = 0;  // the slab's first CTA column (TX channel vectors each)
+  int64_t R = 0;     // rows per CTA, at most (the tiles' capacity)
+  int64_t gy = 1;    // CTAs per column = partials per channel
+  int32_t tx = 32;   // lanes along channels
+};
+
+// Shared memory of the kernel: the tiles [R][TX] vectors of dy, then of x, then the cross-warp
+// merge [8][TX] partials, then the CTA's means / coefficients [4][TX * V].
+template <typename T, typename acc_t, int V>
+constexpr size_t persistent_grad_scratch_bytes(int tx) {
+  return size_t{kBlockThreads / kWarpSize} * tx * sizeof(GradPartial<acc_t>) +
+         size_t{4} * tx * V * sizeof(acc_t);
+}
+
+template <typename T, int V, typename index_t, class Epilogue>
+__global__ void __launch_bounds__(kBlockThreads)
+    persistent_rows_backward_kernel(const PersistentGradArgs<T, at::opmath_type<T>> a,
+                                    const Epilogue epi) {
+  using Op = GradOp<T>;
+  using acc_t = typename Op::acc_t;
+  using Partial = typename Op::Partial;
+  constexpr int K = kReduceK;
+  constexpr int kWarps = kBlockThreads / kWarpSize;
+  const int TX = a.tx, RW = kWarpSize / TX, TY = kWarps * RW;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int tx = lane % TX, k = lane / TX;
+  const int ty = warp * RW + k;
+  const index_t C = a.C;
+  const index_t col = static_cast<index_t>(a.col0) + static_cast<index_t>(blockIdx.x);
+  const index_t cv = col * TX + tx;  // vector of channels
+  const bool active = k < RW && cv < C / V;
+  // Balanced contiguous ranges, as the forward: at most R = ceil(rows / gy) rows per CTA.
+  const index_t r0 = static_cast<index_t>(static_cast<int64_t>(blockIdx.y) * a.rows / a.gy);
+  const index_t r1 = static_cast<index_t>((static_cast<int64_t>(blockIdx.y) + 1) * a.rows / a.gy);
+  const index_t R = a.R;
+
+  unsigned char* smem = dynamic_shared_memory();
+  Vec<T, V>* tile_dy = reinterpret_cast<Vec<T, V>*>(smem);  // [R][TX]
+  Vec<T, V>* tile_x = tile_dy + static_cast<size_t>(R) * TX;  // [R][TX]
+  const size_t tile_bytes =
+      (size_t{2} * static_cast<size_t>(R) * TX * sizeof(Vec<T, V>) + 15) / 16 * 16;
+  Partial* sm = reinterpret_cast<Partial*>(smem + tile_bytes);  // [kWarps][TX]
+  acc_t* chan = reinterpret_cast<acc_t*>(sm + kWarps * TX);      // [4][TX * V]
+
+  // The saved mean of each channel, read once per CTA (by the lanes of row 0).
+  if (ty == 0 && cv < C / V) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) chan[tx * V + j] = a.mean[cv * V + j];
+  }
+  __syncthreads();
+
+  typename Op::Param mu[V];
+  typename Op::Thread st[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    mu[j] = active ? chan[tx * V + j] : acc_t(0);
+    st[j] = Op::init();
+  }
+  if (active) {
+    for (index_t r = r0 + ty; r < r1; r += static_cast<index_t>(TY) * K) {
+      // Rows of this group in u-steps (32-bit division, as reduce_rows_kernel: r1 - r <= R).
+      const index_t left = r1 - r;
+      const int cnt = left >= static_cast<index_t>(K) * TY
+                          ? K
+                          : (static_cast<int>(left) + TY - 1) / TY;
+      Vec<T, V> dv[K], xv[K];
+#pragma unroll
+      for (int u = 0; u < K; ++u) {
+        if (u < cnt) {
+          const index_t rr = r + static_cast<index_t>(u) * TY;
+          const index_t offset = rr * C + cv * V;
+          dv[u] = load_vec<T, V>(a.dy + offset);
+          xv[u] = load_vec<T, V>(a.x + offset);
+          tile_dy[(rr - r0) * TX + tx] = dv[u];
+          tile_x[(rr - r0) * TX + tx] = xv[u];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        acc_t d0[K], x0[K];
+#pragma unroll
+        for (int u = 0; u < K; ++u) {
+          d0[u] = u < cnt ? static_cast<acc_t>(dv[u].v[j]) : acc_t(0);
+          x0[u] = u < cnt ? static_cast<acc_t>(xv[u].v[j]) : acc_t(0);
+        }
+        if (cnt == K) {
+          Op::push_all(st[j], d0, x0, mu[j]);
+        } else {
+          Op::push(st[j], d0, x0, 0, cnt, mu[j]);
+        }
+      }
+    }
+  }
+
+  // The CTA's partial per channel: within the warp over its RW rows, then the warps in order.
+  Partial p[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) p[j] = Op::finish(st[j]);
+  int span = 1;
+  while (span < RW) span <<= 1;
+  for (int off = span >> 1; off > 0; off >>= 1) {
+    const bool take = k < off && k + off < RW;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const Partial other = Op::shfl_down(p[j], off * TX);
+      if (take) Op::merge(p[j], other);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    if (k == 0) sm[warp * TX + tx] = p[j];
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < TX) {
+      const int x = static_cast<int>(threadIdx.x);
+      const index_t cw = col * TX + x;
+      if (cw < C / V) {
+        Partial acc = sm[x];
+        for (int w = 1; w < kWarps; ++w) Op::merge(acc, sm[w * TX + x]);
+        a.partials[(static_cast<int64_t>(cw) * V + j) * a.gy + blockIdx.y] = acc;
+      }
+    }
+    __syncthreads();
+  }
+  const index_t gy = a.gy;
+
+  FUSEDBN_GRID_SYNC();
+
+  // The column's TX * V channels dealt out to its gy CTAs, a warp per channel.
+  {
+    const index_t nch = min(static_cast<index_t>(TX) * V, C - col * TX * V);
+    for (index_t q = static_cast<index_t>(blockIdx.y) + static_cast<index_t>(warp) * gy;
+         q < nch; q += static_cast<index_t>(kWarps) * gy) {
+      const int64_t c = static_cast<int64_t>(col) * TX * V + q;
+      Partial acc = Op::empty();
+      for (int64_t i = lane; i < a.gy; i += kWarpSize) Op::merge(acc, a.partials[c * a.gy + i]);
+      acc = warp_reduce<Op>(acc);
+      if (lane == 0) epi(c, acc);
+    }
+  }
+
+  FUSEDBN_GRID_SYNC();
+
+  // dx from the tiles: the coefficients once per CTA through shared memory.
+  const int nc = TX * V;
+  for (int i = threadIdx.x; i < 4 * nc; i += kBlockThreads) {
+    const int kk = i / nc, q = i % nc;
+    const index_t c = col * nc + q;
+    if (c < C) chan[i] = a.coeffs[static_cast<int64_t>(kk) * C + c];
+  }
+  __syncthreads();
+  if (active) {
+    acc_t cf[V][4];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) cf[j][kk] = chan[kk * nc + tx * V + j];
+    }
+    for (index_t r = r0 + ty; r < r1; r += TY) {
+      const Vec<T, V> dv = tile_dy[(r - r0) * TX + tx];
+      const Vec<T, V> xv = tile_x[(r - r0) * TX + tx];
+      Vec<T, V> out;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const acc_t dj = static_cast<acc_t>(dv.v[j]), xj = static_cast<acc_t>(xv.v[j]);
+        out.v[j] = static_cast<T>((dj - cf[j][0]) * cf[j][1] - (xj - cf[j][2]) * cf[j][3]);
+      }
+      store_vec<T, V>(a.dx + r * C + cv * V, out);
+    }
+  }
+}
+
+// The persistent training backward over the rows dy, x [rows][C] -> dx, running epi (the
+// streaming path's BackwardEpilogue, writing grad_weight / grad_bias as asked and the dx
+// coefficients to coeffs) once per channel; mean: the saved mean. Returns false, having written
+// nothing, when the slab does not fit or a launch is refused (the caller runs the streaming
+// path, which rewrites every output).
+template <typename T, class Epilogue>
+bool persistent_rows_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx,
+                              int64_t rows, int64_t C, const at::opmath_type<T>* mean,
+                              const Epilogue& epi, const at::Tensor& coeffs) {
+  using acc_t = at::opmath_type<T>;
+  if (persistent_disabled()) return false;
+  constexpr int VM = max_vec<T>();
+  const T* dyp = dy.const_data_ptr<T>();
+  const T* xp = x.const_data_ptr<T>();
+  T* dxp = dx.mutable_data_ptr<T>();
+  const int vw = widest_vec<T>(C, {dyp, xp, dxp});
+  const bool use64 = !fits_int32(rows * C);
+  const int device = x.get_device();
+  bool done = false;
+  dispatch_index(use64, [&](auto itag) {
+    using index_t = typename decltype(itag)::type;
+    dispatch_vec_width<VM>(vw, [&](auto vtag) {
+      constexpr int V = decltype(vtag)::value;
+      auto kernel = persistent_rows_backward_kernel<T, V, index_t, Epilogue>;
+      const int tx = rows_lanes(C / V);
+      const PersistentRowsPlan plan = plan_persistent_tiles(
+          kernel, rows, C / V, tx, size_t{2} * tx * V * sizeof(T),
+          persistent_grad_scratch_bytes<T, acc_t, V>(tx), device);
+      if (!plan.ok) return;
+      at::Tensor parts = at::empty(
+          {C * plan.gy * static_cast<int64_t>(sizeof(GradPartial<acc_t>))},
+          x.options().dtype(at::kByte));
+      PersistentGradArgs<T, acc_t> a;
+      a.dy = dyp;
+      a.x = xp;
+      a.dx = dxp;
+      a.mean = mean;
+      a.partials = reinterpret_cast<GradPartial<acc_t>*>(parts.data_ptr());
+      a.coeffs = coeffs.const_data_ptr<acc_t>();
+      a.rows = rows;
+      a.C = C;
+      a.R = plan.R;
+      a.gy = plan.gy;
+      a.tx = tx;
+      const cudaStream_t stream = current_stream();
+      for (int64_t c0 = 0; c0 < plan.gx; c0 += plan.gx_slab) {
+        a.col0 = c0;
+        const int64_t n = std::min(plan.gx_slab, plan.gx - c0);
+        const bool launched = launch_cooperative(
+            kernel, dim3(static_cast<unsigned>(n), static_cast<unsigned>(plan.gy)),
+            dim3(kBlockThreads), plan.smem, stream, a, epi);
+        if (!launched) return;
+      }
+      done = true;
+    });
+  });
+  return done;
+}
+
+}  // namespace cuda
+}  // namespace fusedbn
