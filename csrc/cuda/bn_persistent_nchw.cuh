@@ -3,7 +3,7 @@
 // co-resident, each holding its tile of x in shared memory from the one read of x to the write
 // of y. The work is cut as the streaming pass 1 of bn_reduce_kernels.cuh cuts it:
 //  * packed (S <= 256 vectors - V + 1, C * S a multiple of the vector width, else scalar): a unit
-//    is a balanced group of cb whole planes, channels [u * C / units, (u + 1) * C / units); the
+//    is a balanced group of cb or cb - 1 whole planes (the first C % units groups take cb); the
 //    cb * S values of one sample are one contiguous window, read as 16-byte vectors aligned to
 //    the address that cross plane boundaries (a vector spans at most two channels, V <= S);
 //  * planes (larger S): a unit is one channel; its planes are cut into nseg windows (segments)
@@ -11,8 +11,8 @@
 //    with the partial vectors at either end read element-wise.
 // A window is at most 256 vectors: thread t holds vector t of it, for K = 4 samples at a time
 // (slot k: sample n + k), as the streaming packed kernel does with one vector slot per thread.
-// CTA column x takes units [x * units / gx, (x + 1) * units / gx) (whole channels: a channel is
-// never split between slabs), CTA row y takes samples [y * N / gy, (y + 1) * N / gy):
+// CTA column x takes a balanced range of the units (whole channels: a channel is never split
+// between slabs), CTA row y a balanced range of the samples:
 //   1. per unit: the channels' shifts (their first values) read once per CTA into shared memory;
 //      the windows of its samples loaded into the tile, growing per-slot WelfordOp states on the
 //      way (two per slot: the vector's channel and the next one; push_group with the element
@@ -60,10 +60,16 @@ struct PersistentNchwArgs {
   fusedbn::WelfordState<acc_t>* partials = nullptr;  // [C][gy]
   const acc_t* coeffs = nullptr;                     // [4][C], written by the epilogue
   int64_t N = 0, C = 0, S = 0;
-  int64_t units = 0;    // channel groups (packed) or channels (planes)
-  int64_t gx = 1;       // CTA columns in all: column x takes units [x * units / gx, ...)
-  int64_t col0 = 0;     // the launch's first column
-  int64_t gy = 1;       // CTAs per column: sample ranges = partials per channel
+  // Balanced ranges without a division in the kernel (a 64-bit one is a subroutine call that
+  // made ptxas spill): item i of `parts` starts at i * q + min(i, r), q = total / parts,
+  // r = total % parts (the first r get q + 1).
+  int64_t units = 0;            // channel groups (packed) or channels (planes)
+  int64_t cq = 1, cr = 0;       // packed: channels of group u (C over units)
+  int64_t gx = 1;               // CTA columns in all
+  int64_t uq = 1, ur = 0;       // units of column x (units over gx)
+  int64_t col0 = 0;             // the launch's first column
+  int64_t gy = 1;               // CTAs per column: sample ranges = partials per channel
+  int64_t sq = 1, sr = 0;      // samples of CTA row y (N over gy)
   int64_t nseg = 1;     // planes: windows per plane; packed: 1
   int64_t seg_len = 0;  // planes: values per window (a multiple of V)
   int32_t packed = 0;   // 1: units are groups of whole planes, one window per sample
@@ -76,6 +82,10 @@ struct PersistentNchwArgs {
 };
 
 // Shared memory next to the tile: two pieces per thread, the unit's channel values [4][cbmax].
+__host__ __device__ __forceinline__ int64_t balanced_start(int64_t i, int64_t q, int64_t r) {
+  return i * q + (i < r ? i : r);
+}
+
 template <typename acc_t>
 constexpr size_t persistent_nchw_scratch_bytes(int cbmax) {
   return size_t{2} * kBlockThreads * sizeof(fusedbn::WelfordState<acc_t>) +
@@ -101,9 +111,11 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int t = threadIdx.x;
   const int lane = t % kWarpSize, warp = t / kWarpSize;
   const int64_t col = a.col0 + static_cast<int64_t>(blockIdx.x);
-  const int64_t u_begin = col * a.units / a.gx, u_end = (col + 1) * a.units / a.gx;
-  const index_t n0 = static_cast<index_t>(static_cast<int64_t>(blockIdx.y) * a.N / a.gy);
-  const index_t n1 = static_cast<index_t>((static_cast<int64_t>(blockIdx.y) + 1) * a.N / a.gy);
+  const int64_t u_begin = balanced_start(col, a.uq, a.ur);
+  const int64_t u_end = balanced_start(col + 1, a.uq, a.ur);
+  const int64_t row = blockIdx.y;
+  const index_t n0 = static_cast<index_t>(balanced_start(row, a.sq, a.sr));
+  const index_t n1 = static_cast<index_t>(balanced_start(row + 1, a.sq, a.sr));
   const int nw = a.packed ? 1 : static_cast<int>(a.nseg);
   const int nq = a.nq, spc = a.spc, cbmax = a.cbmax;
   const index_t mis = a.mis;
@@ -118,8 +130,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   // Unit u: channels [c0, c0 + cbn).
   auto unit_channels = [&](int64_t u, int64_t& c0, int& cbn) {
     if (a.packed) {
-      c0 = u * a.C / a.units;
-      cbn = static_cast<int>((u + 1) * a.C / a.units - c0);
+      c0 = balanced_start(u, a.cq, a.cr);
+      cbn = static_cast<int>(a.cq + (u < a.cr ? 1 : 0));
     } else {
       c0 = u;
       cbn = 1;
@@ -472,8 +484,14 @@ bool persistent_nchw_forward(const at::Tensor& x, const at::Tensor& y, const Geo
       a.C = g.C;
       a.S = g.S;
       a.units = plan.units;
+      a.cq = g.C / plan.units;
+      a.cr = g.C % plan.units;
       a.gx = plan.gx;
+      a.uq = plan.units / plan.gx;
+      a.ur = plan.units % plan.gx;
       a.gy = plan.gy;
+      a.sq = g.N / plan.gy;
+      a.sr = g.N % plan.gy;
       a.nseg = plan.nseg;
       a.seg_len = plan.seg_len;
       a.packed = plan.packed ? 1 : 0;
