@@ -422,11 +422,11 @@ PersistentNchwPlan plan_persistent_nchw(Kernel kernel, int64_t N, int64_t C, int
   const int64_t cap = cooperative_capacity(kernel, kBlockThreads, best_smem, device);
   int64_t gx = best_gx, gy = best_gy, slab = best_slab;
   if (slab == gx && gy == 1) {
-    // Fewer units per column while the columns fit and each CTA keeps min_values.
+    // More columns (fewer units each) while they fit and each keeps min_values: every column
+    // gets at least floor(units / gx) >= min_units units.
     const int64_t min_units = ceil_div<int64_t>(min_values, N * unit_values);
-    const int64_t upc = std::min<int64_t>(
-        best_upc, std::max<int64_t>(ceil_div<int64_t>(p.units, cap), min_units));
-    gx = ceil_div<int64_t>(p.units, upc);
+    gx = std::max(ceil_div<int64_t>(p.units, best_upc),
+                  std::min(cap, std::max<int64_t>(p.units / min_units, 1)));
     slab = gx;
   }
   // More sample ranges while the slab's CTAs fit and each CTA keeps min_values.
