@@ -13,7 +13,8 @@ across two grid barriers (the emulator runs them co-resident and switches betwee
   packed groups of small planes (16-byte vectors and scalars), segmented large planes (plane
   lengths not a multiple of the vector: each sample's window sits differently in its lines),
   NCDHW, (N, C, L), several sample ranges per channel, inputs that start inside a 16-byte line,
-  weight and bias None, large means, +-Inf and NaN (as the streaming path treats them);
+  weight and bias None, large means, +-Inf and NaN (as the streaming path treats them), the
+  64-bit index kernels (bit for bit the 32-bit ones');
 - persistent == streaming within the rule, on the traffic test's ResNet-50 shapes;
 - traffic: forward_train reads x once -- |x| plus the per-channel shift, one value per channel
   and CTA row and one per channel for the epilogue -- and writes y once, with at most 1.1x the
@@ -160,6 +161,24 @@ def test_persistent_unaligned_input(shape, dtype, offset):
     with emu_config(sm_count=8, blocks_per_sm=0):
         assert kernels_of(x, w, b)[0] == [PERSISTENT]
         check_forward_train(x, w, b)
+
+
+@pytest.mark.parametrize("shape,dtype", [((4, 64, 7, 7), torch.float32),
+                                         ((2, 2, 45, 51), torch.bfloat16),
+                                         ((3, 5, 7, 7), torch.float64)], ids=sid)
+def test_persistent_index64(shape, dtype):
+    """The 64-bit index instantiations (forced through the test seam) give the 32-bit ones'
+    results bit for bit."""
+    x = nchw_input(shape, dtype)
+    w, b = params(shape[1], torch.float32)
+    res = []
+    with emu_config(sm_count=8, blocks_per_sm=0):
+        for force in (False, True):
+            with emu_config(force_index64=force):
+                assert kernels_of(x, w, b)[0] == [PERSISTENT]
+                res.append(emu_ops().forward_train(x, w, b, EPS))
+    for i, (a, c) in enumerate(zip(*res)):
+        R.assert_bitwise_equal(a, c, "output %d, 64-bit vs 32-bit index kernels" % i)
 
 
 def test_persistent_without_affine():

@@ -391,16 +391,25 @@ PersistentNchwPlan plan_persistent_nchw(Kernel kernel, int64_t N, int64_t C, int
   const size_t optin = max_dynamic_shared_memory(device);
   const int64_t numel = N * C * S;
   const int64_t min_values = std::min<int64_t>(numel, min_block_values<T>());
-  // The smallest tile worth a CTA: min_values of x in its tile layout, or one unit-sample.
-  const size_t min_tile = std::max<size_t>(
-      ub, static_cast<size_t>(ceil_div<int64_t>(min_values, unit_values)) * ub);
+  // The smallest tile a budget must hold: twice the units (of all samples), or the samples (of
+  // one unit), that make min_values -- so that balanced ranges of at most the tile's capacity
+  // can still give every CTA at least min_values (a range's floor is at least half its ceiling)
+  // --, or the whole tensor.
+  size_t min_tile = 0;
+  if (N * unit_values >= min_values) {
+    const int64_t ms = ceil_div<int64_t>(min_values, unit_values);
+    min_tile = size_t(std::min<int64_t>(N, 2 * ms)) * ub;
+  } else {
+    const int64_t mu = ceil_div<int64_t>(min_values, N * unit_values);
+    min_tile = size_t(std::min<int64_t>(p.units, 2 * mu)) * size_t(N) * ub;
+  }
   if (optin <= scratch + ub) return p;
   set_max_dynamic_shared_memory(kernel, static_cast<int>(optin));
   const size_t budgets[] = {24 << 10, 48 << 10, 96 << 10, 160 << 10, optin};
   size_t best_smem = 0;
   int64_t best_slab = 0, best_gx = 0, best_gy = 0, best_upc = 0;
   for (size_t b : budgets) {
-    if (b > optin || b < scratch + std::min(min_tile, size_t(p.units * N) * ub)) continue;
+    if (b > optin || b < scratch + min_tile) continue;
     const size_t tile_cap = b - scratch;
     const int64_t cap = cooperative_capacity(kernel, kBlockThreads, b, device);
     int64_t upc = 1, gy = 1;
