@@ -355,9 +355,12 @@ struct PersistentNchwPlan {
 // run from small to the device's opt-in maximum; for each, the occupancy API says how many CTAs
 // can be co-resident; the first budget at which every column fits one launch wins -- the least
 // shared memory, the most CTAs per SM --, else the largest at which a slab of at least one
-// column fits (slabs of as many columns as fit, one launch each). Then the work is spread over as
-// many CTAs as the slab leaves room for (fewer units per column, then more sample ranges), down
-// to min_values values of x per CTA (or the whole tensor).
+// column fits (slabs of as many columns as fit, one launch each). A budget counts only if its
+// tile holds twice the units (or samples) that make min_values = 8 16-byte vectors per thread
+// (the streaming reductions' rule of work per CTA), or the whole tensor: balanced ranges no
+// larger than the tile then still give every CTA at least min_values. Then the work is spread
+// over as many CTAs as the slab leaves room for (fewer units per column, then more sample
+// ranges), down to min_values values of x per CTA.
 template <typename T, int V, typename Kernel>
 PersistentNchwPlan plan_persistent_nchw(Kernel kernel, int64_t N, int64_t C, int64_t S,
                                         bool packed, int device) {
