@@ -5,7 +5,8 @@ between them there).
 
 - which path forward_train takes: persistent for the rows layout (channels_last, (N, C)) where
   the slab fits the co-resident CTAs, the streaming three launches where it does not (an SM count
-  and occupancy too small for it), when the persistent paths are turned off, and for NCHW;
+  and occupancy too small for it), when the persistent paths are turned off; NCHW takes its own
+  persistent kernel (tests/test_cuda_emu_persistent_nchw.py), never this one;
 - the persistent results against the CPU op and the long-double reference (the strict rule of
   tests/emu_reference.py, as tests/test_cuda_emu_ops.py), every dtype, odd channel counts (narrow
   vectors, idle lanes), several slabs, large means, +-Inf, under two seeds bit for bit (the
@@ -72,12 +73,12 @@ def test_streaming_when_the_slab_does_not_fit():
     assert ks == [PERSISTENT], ks
 
 
-def test_nchw_stays_streaming():
+def test_nchw_takes_its_own_kernel():
     x = rows_input((4, 8, 6, 6), torch.float32, channels_last=False)
     w, b = params(8, torch.float32)
     with emu_config(sm_count=8, blocks_per_sm=0):
         ks, _ = kernels_of(x, w, b)
-    assert PERSISTENT not in ks, ks
+    assert ks == ["persistent_nchw_kernel"], ks
 
 
 def test_slabs_launch_one_cooperative_grid_each():

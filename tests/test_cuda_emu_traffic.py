@@ -8,8 +8,12 @@ emulated GPU of 8 SMs (132 / 16): the grids the planners choose then give each b
 the tensor it gets on an H100 at full size. Inputs are 16-byte aligned (fresh tensors).
 
 What is asserted (issue 15):
-  * forward_train reads x at most 3 times (it reads it twice: statistics, normalize; plus the
-    per-channel shift of the Welford reduction) and writes y once; forward_eval moves 2|x|;
+  * forward_train reads x at most 3 times (the streaming path reads it twice: statistics,
+    normalize; plus the per-channel shift of the Welford reduction) and writes y once; where the
+    persistent forward applies -- every layout here, rows (bn_persistent.cuh) and contiguous
+    NCHW (bn_persistent_nchw.cuh) -- it reads x exactly once plus C * (gy + 1) shift values (one
+    per channel and CTA row, one per channel for the epilogue): 2.0003-2.02 passes in all;
+    forward_eval moves 2|x|;
   * backward moves at most 5 tensor passes (dy and x twice, dx once), 3 (dy and x read once, dx
     written once) where the persistent backward applies: the rows layouts whose dy and x fit on
     the 8 SMs' chip (every one but cl56 float32: 3.2 MB against 8 x 227 KB);
@@ -121,6 +125,21 @@ PERSISTENT_BACKWARD = {("cl14", "f32"), ("cl14", "bf16"), ("cl56", "bf16"), ("nc
                        ("nc", "bf16")}
 
 
+# (layout, dtype) -> the kernel forward_train runs, where it takes the persistent single-read
+# path: the rows layouts (bn_persistent.cuh) and the contiguous ones (bn_persistent_nchw.cuh), all
+# of which fit 8 x 227 KB at these shapes.
+PERSISTENT_FORWARD = {(l, d): ("persistent_nchw_kernel" if LAYOUTS[l][1] == "contiguous" and
+                               len(LAYOUTS[l][0]) > 2 else "persistent_rows_kernel")
+                      for l in LAYOUTS for d in DTYPES}
+
+
+def shift_reads(call, C, xbytes, dtype):
+    """Bytes of x the persistent forward reads beyond |x|: the shift of each channel, once per
+    CTA row (gy of them, every launch of a slab alike) and once in the epilogue."""
+    gy = call.launches[0].grid[1]
+    return C * (gy + 1) * DTYPES[dtype].itemsize
+
+
 def pass_bound(op, layout, dtype):
     if op == "backward" and (layout, dtype) in PERSISTENT_BACKWARD:
         return 3
@@ -137,6 +156,11 @@ def test_tensor_passes(op, layout, dtype):
         assert call.read("grad_output") == xbytes and call.read("input") == xbytes, (
             call.table(xbytes))
         assert call.written("grad_input") == xbytes, call.table(xbytes)
+    if op == "forward_train" and (layout, dtype) in PERSISTENT_FORWARD:
+        assert call.kernels() == [PERSISTENT_FORWARD[layout, dtype]], call.kernels()
+        extra = shift_reads(call, C, xbytes, dtype)
+        assert call.read("input") == xbytes + extra, call.table(xbytes)
+        assert extra <= 0.03 * xbytes and p <= 2 + extra / xbytes + 1e-9, call.table(xbytes)
     if op in ("forward_train", "act_forward_train"):
         assert call.read("input") <= 3 * xbytes, call.table(xbytes)
         assert call.written("output") == xbytes, call.table(xbytes)

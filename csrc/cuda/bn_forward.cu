@@ -9,10 +9,10 @@
 //      vectorized: the mean split in two (bn_elementwise.cuh), so that x - mean keeps the digits
 //      a mean rounded at its own magnitude loses when |mean| >> std.
 // Where the tensor (or a slab of its channels per launch) fits on chip in co-resident CTAs, the
-// rows layout (channels_last, (N, C)) takes the persistent single-read forward instead
-// (bn_persistent.cuh: one cooperative launch per slab, x read once, the same WelfordOp, merge
-// tree and epilogue); the three launches above are the fallback (too large, or the cooperative
-// launch refused).
+// persistent single-read forward runs instead (one cooperative launch per slab, x read once, the
+// same WelfordOp, merge tree and epilogue): bn_persistent.cuh for the rows layout (channels_last,
+// (N, C)), bn_persistent_nchw.cuh for the contiguous one (NCHW, NCDHW, (N, C, L)); the three
+// launches above are the fallback (too large, or the cooperative launch refused).
 //
 // forward_eval: one per-channel kernel computes (rm, 0, w / sqrt(rv + eps), b), then
 // channel_affine.
@@ -28,6 +28,7 @@
 #include "bn_cuda_ops.h"
 #include "bn_elementwise.cuh"
 #include "bn_persistent.cuh"
+#include "bn_persistent_nchw.cuh"
 #include "bn_reduce.cuh"
 #include "common.h"
 
@@ -111,13 +112,13 @@ void train_stats(const at::Tensor& x, const Geometry& g, const c10::optional<at:
   });
 }
 
-// The persistent forward of the rows layout (bn_persistent.cuh), or false (nothing written) where
-// it does not apply: the caller takes the streaming path.
+// The persistent forward (bn_persistent.cuh for the rows layout, bn_persistent_nchw.cuh for the
+// contiguous one), or false (nothing written) where it does not fit: the caller takes the
+// streaming path.
 bool persistent_train(const at::Tensor& x, const at::Tensor& out, const Geometry& g,
                       const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, double eps, at::Tensor& mean,
                       at::Tensor& invstd, at::Tensor& var, at::Tensor& coeffs) {
-  if (g.layout != Layout::kChannelsLast) return false;
   bool done = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "fusedbn_forward_train_persistent", [&] {
@@ -131,7 +132,9 @@ bool persistent_train(const at::Tensor& x, const at::Tensor& out, const Geometry
                                   channel_ptr(weight),
                                   channel_ptr(bias),
                                   channel_shift<scalar_t>(x, g)};
-    done = persistent_rows_forward<scalar_t>(x, out, g.rows(), g.C, epi, coeffs);
+    done = g.layout == Layout::kChannelsLast
+               ? persistent_rows_forward<scalar_t>(x, out, g.rows(), g.C, epi, coeffs)
+               : persistent_nchw_forward<scalar_t>(x, out, g, epi, coeffs);
   });
   return done;
 }
