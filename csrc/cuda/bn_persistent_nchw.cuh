@@ -81,11 +81,12 @@ struct PersistentNchwArgs {
   int32_t out_vec = 0;  // 1: y sits in its lines as x does (vector stores)
 };
 
-// Shared memory next to the tile: two pieces per thread, the unit's channel values [4][cbmax].
+// The start of item i of a balanced split (see PersistentNchwArgs).
 __host__ __device__ __forceinline__ int64_t balanced_start(int64_t i, int64_t q, int64_t r) {
   return i * q + (i < r ? i : r);
 }
 
+// Shared memory next to the tile: two pieces per thread, the unit's channel values [4][cbmax].
 template <typename acc_t>
 constexpr size_t persistent_nchw_scratch_bytes(int cbmax) {
   return size_t{2} * kBlockThreads * sizeof(fusedbn::WelfordState<acc_t>) +
