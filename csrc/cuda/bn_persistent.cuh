@@ -63,6 +63,95 @@ constexpr size_t persistent_scratch_bytes(int tx) {
          size_t{4} * tx * V * sizeof(acc_t);
 }
 
+// ---- the phases both persistent rows kernels share (this forward, bn_persistent_backward.cuh) ---
+// The thread mapping: TX lanes along the channels (one V-channel vector each), RW = 32 / TX rows
+// per warp; lane = tx + k * TX of warp `warp`.
+
+// The CTA's partial per channel of its column: p[j] (lane's vector slot j) merged within the warp
+// over its RW rows by the shuffle tree, then across the warps in warp order through sm
+// ([kWarps][TX] partials of shared memory, one slot j at a time), written to
+// partials[c][blockIdx.y] for the column's channels c < C.
+template <class Op, int V, typename index_t>
+__device__ __forceinline__ void write_cta_partials(typename Op::Partial (&p)[V],
+                                                   typename Op::Partial* sm,
+                                                   typename Op::Partial* partials, int TX,
+                                                   int RW, int tx, int k, int warp, index_t col,
+                                                   index_t C, int64_t gy) {
+  using Partial = typename Op::Partial;
+  constexpr int kWarps = kBlockThreads / kWarpSize;
+  int span = 1;
+  while (span < RW) span <<= 1;
+  for (int off = span >> 1; off > 0; off >>= 1) {
+    const bool take = k < off && k + off < RW;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const Partial other = Op::shfl_down(p[j], off * TX);
+      if (take) Op::merge(p[j], other);
+    }
+  }
+  // One vector slot j at a time through the [kWarps][TX] partials (V rounds: a small scratch
+  // next to the tile), merged in warp order by the first TX threads.
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    if (k == 0) sm[warp * TX + tx] = p[j];
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < TX) {
+      const int x = static_cast<int>(threadIdx.x);
+      const index_t cw = col * TX + x;
+      if (cw < C / V) {
+        Partial acc = sm[x];
+        for (int w = 1; w < kWarps; ++w) Op::merge(acc, sm[w * TX + x]);
+        partials[(static_cast<int64_t>(cw) * V + j) * gy + blockIdx.y] = acc;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// After the grid barrier: the column's TX * V channels dealt out to its gy CTAs (channel q to
+// CTA q % gy), a warp per channel merging its gy partials in a fixed order (lane l: partials
+// l, l + 32, ..., then the warp's shuffle tree) and running epi(c, merged) once.
+template <class Op, typename index_t, class Epilogue>
+__device__ __forceinline__ void merge_column_partials(const typename Op::Partial* partials,
+                                                      const Epilogue& epi, int TX, int V,
+                                                      int lane, int warp, index_t col, index_t C,
+                                                      int64_t gy) {
+  using Partial = typename Op::Partial;
+  constexpr int kWarps = kBlockThreads / kWarpSize;
+  const index_t g = static_cast<index_t>(gy);
+  const index_t nch = min(static_cast<index_t>(TX) * V, C - col * TX * V);
+  for (index_t q = static_cast<index_t>(blockIdx.y) + static_cast<index_t>(warp) * g; q < nch;
+       q += static_cast<index_t>(kWarps) * g) {
+    const int64_t c = static_cast<int64_t>(col) * TX * V + q;
+    Partial acc = Op::empty();
+    for (int64_t i = lane; i < gy; i += kWarpSize) Op::merge(acc, partials[c * gy + i]);
+    acc = warp_reduce<Op>(acc);
+    if (lane == 0) epi(c, acc);
+  }
+}
+
+// After the second grid barrier: the 4 per-channel coefficients [4][C] of the column's TX * V
+// channels read once per CTA through chan ([4][TX * V] of shared memory), then cf[j][k] = the
+// k-th coefficient of the lane's channel tx * V + j (for active lanes).
+template <typename acc_t, int V, typename index_t>
+__device__ __forceinline__ void load_column_coeffs(const acc_t* coeffs, acc_t* chan,
+                                                   acc_t (&cf)[V][4], int TX, int tx, bool active,
+                                                   index_t col, index_t C) {
+  const int nc = TX * V;
+  for (int i = threadIdx.x; i < 4 * nc; i += kBlockThreads) {
+    const int kk = i / nc, q = i % nc;
+    const index_t c = col * nc + q;
+    if (c < C) chan[i] = coeffs[static_cast<int64_t>(kk) * C + c];
+  }
+  __syncthreads();
+  if (!active) return;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) cf[j][kk] = chan[kk * nc + tx * V + j];
+  }
+}
+
 template <typename T, int V, typename index_t, class Epilogue>
 __global__ void __launch_bounds__(kBlockThreads)
     persistent_rows_kernel(const PersistentRowsArgs<T, at::opmath_type<T>> a, const Epilogue epi) {
@@ -137,67 +226,18 @@ __global__ void __launch_bounds__(kBlockThreads)
   Partial p[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) p[j] = Op::finish(st[j]);
-  int span = 1;
-  while (span < RW) span <<= 1;
-  for (int off = span >> 1; off > 0; off >>= 1) {
-    const bool take = k < off && k + off < RW;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const Partial other = Op::shfl_down(p[j], off * TX);
-      if (take) Op::merge(p[j], other);
-    }
-  }
-  // One vector slot j at a time through [kWarps][TX] partials of shared memory (V rounds: a
-  // small scratch next to the tile), merged in warp order by the first TX threads.
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    if (k == 0) sm[warp * TX + tx] = p[j];
-    __syncthreads();
-    if (static_cast<int>(threadIdx.x) < TX) {
-      const int x = static_cast<int>(threadIdx.x);
-      const index_t cw = col * TX + x;
-      if (cw < C / V) {
-        Partial acc = sm[x];
-        for (int w = 1; w < kWarps; ++w) Op::merge(acc, sm[w * TX + x]);
-        a.partials[(static_cast<int64_t>(cw) * V + j) * a.gy + blockIdx.y] = acc;
-      }
-    }
-    __syncthreads();
-  }
-  const index_t gy = a.gy;
+  write_cta_partials<Op, V, index_t>(p, sm, a.partials, TX, RW, tx, k, warp, col, C, a.gy);
 
   FUSEDBN_GRID_SYNC();
 
-  // The column's TX * V channels dealt out to its gy CTAs, a warp per channel.
-  {
-    const index_t nch = min(static_cast<index_t>(TX) * V, C - col * TX * V);
-    for (index_t q = static_cast<index_t>(blockIdx.y) + static_cast<index_t>(warp) * gy;
-         q < nch; q += static_cast<index_t>(kWarps) * gy) {
-      const int64_t c = static_cast<int64_t>(col) * TX * V + q;
-      Partial acc = Op::empty();
-      for (int64_t i = lane; i < a.gy; i += kWarpSize) Op::merge(acc, a.partials[c * a.gy + i]);
-      acc = warp_reduce<Op>(acc);
-      if (lane == 0) epi(c, acc);
-    }
-  }
+  merge_column_partials<Op, index_t>(a.partials, epi, TX, V, lane, warp, col, C, a.gy);
 
   FUSEDBN_GRID_SYNC();
 
   // Normalize the tile: the coefficients once per CTA through shared memory.
-  const int nc = TX * V;
-  for (int i = threadIdx.x; i < 4 * nc; i += kBlockThreads) {
-    const int kk = i / nc, q = i % nc;
-    const index_t c = col * nc + q;
-    if (c < C) chan[i] = a.coeffs[static_cast<int64_t>(kk) * C + c];
-  }
-  __syncthreads();
+  acc_t cf[V][4];
+  load_column_coeffs<acc_t, V, index_t>(a.coeffs, chan, cf, TX, tx, active, col, C);
   if (active) {
-    acc_t cf[V][4];
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) cf[j][kk] = chan[kk * nc + tx * V + j];
-    }
     for (index_t r = r0 + ty; r < r1; r += TY) {
       const Vec<T, V> xv = tile[(r - r0) * TX + tx];
       Vec<T, V> yv;

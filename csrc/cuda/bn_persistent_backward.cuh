@@ -152,65 +152,19 @@ __global__ void __launch_bounds__(kBlockThreads)
   Partial p[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) p[j] = Op::finish(st[j]);
-  int span = 1;
-  while (span < RW) span <<= 1;
-  for (int off = span >> 1; off > 0; off >>= 1) {
-    const bool take = k < off && k + off < RW;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const Partial other = Op::shfl_down(p[j], off * TX);
-      if (take) Op::merge(p[j], other);
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    if (k == 0) sm[warp * TX + tx] = p[j];
-    __syncthreads();
-    if (static_cast<int>(threadIdx.x) < TX) {
-      const int x = static_cast<int>(threadIdx.x);
-      const index_t cw = col * TX + x;
-      if (cw < C / V) {
-        Partial acc = sm[x];
-        for (int w = 1; w < kWarps; ++w) Op::merge(acc, sm[w * TX + x]);
-        a.partials[(static_cast<int64_t>(cw) * V + j) * a.gy + blockIdx.y] = acc;
-      }
-    }
-    __syncthreads();
-  }
-  const index_t gy = a.gy;
+  write_cta_partials<Op, V, index_t>(p, sm, a.partials, TX, RW, tx, k, warp, col, C, a.gy);
 
   FUSEDBN_GRID_SYNC();
 
-  // The column's TX * V channels dealt out to its gy CTAs, a warp per channel.
-  {
-    const index_t nch = min(static_cast<index_t>(TX) * V, C - col * TX * V);
-    for (index_t q = static_cast<index_t>(blockIdx.y) + static_cast<index_t>(warp) * gy;
-         q < nch; q += static_cast<index_t>(kWarps) * gy) {
-      const int64_t c = static_cast<int64_t>(col) * TX * V + q;
-      Partial acc = Op::empty();
-      for (int64_t i = lane; i < a.gy; i += kWarpSize) Op::merge(acc, a.partials[c * a.gy + i]);
-      acc = warp_reduce<Op>(acc);
-      if (lane == 0) epi(c, acc);
-    }
-  }
+  // The column's channels dealt out to its gy CTAs: merge + the backward epilogue.
+  merge_column_partials<Op, index_t>(a.partials, epi, TX, V, lane, warp, col, C, a.gy);
 
   FUSEDBN_GRID_SYNC();
 
   // dx from the tiles: the coefficients once per CTA through shared memory.
-  const int nc = TX * V;
-  for (int i = threadIdx.x; i < 4 * nc; i += kBlockThreads) {
-    const int kk = i / nc, q = i % nc;
-    const index_t c = col * nc + q;
-    if (c < C) chan[i] = a.coeffs[static_cast<int64_t>(kk) * C + c];
-  }
-  __syncthreads();
+  acc_t cf[V][4];
+  load_column_coeffs<acc_t, V, index_t>(a.coeffs, chan, cf, TX, tx, active, col, C);
   if (active) {
-    acc_t cf[V][4];
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) cf[j][kk] = chan[kk * nc + tx * V + j];
-    }
     for (index_t r = r0 + ty; r < r1; r += TY) {
       const Vec<T, V> dv = tile_dy[(r - r0) * TX + tx];
       const Vec<T, V> xv = tile_x[(r - r0) * TX + tx];
