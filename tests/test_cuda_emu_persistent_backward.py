@@ -22,7 +22,7 @@ import torch
 import emu_reference as R
 from emu_testing import emu_config, emu_ops, require_emu, traffic
 from test_cuda_emu_ops import CPU, EPS, check_backward, params
-from test_cuda_emu_persistent import DTYPE_PAIRS, rows_input
+from test_cuda_emu_persistent import DTYPE_PAIRS, pair_id, rows_input
 
 PERSISTENT = "persistent_rows_backward_kernel"
 STREAMING_CL = ["reduce_rows_kernel", "merge_partials_kernel", "ew_rows_kernel"]
@@ -45,10 +45,6 @@ def backward_call(dy, x, w, train=True, mask=ALL):
         emu_ops().backward(dy, x, w, mean, invstd, train, list(mask))
     assert len(t.calls) == 1
     return t.calls[0].kernels(), t.calls[0]
-
-
-def pair_id(p):
-    return "%s-%s" % (str(p[0])[6:], str(p[1])[6:])
 
 
 def shape_id(v):
