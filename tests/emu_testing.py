@@ -382,8 +382,8 @@ def traffic():
 
 
 # The ops counted_op runs, by the names of the tests and benchmarks.traffic.
-COUNTED_OPS = ("forward_train", "forward_eval", "backward", "act_forward_train",
-               "act_forward_eval", "act_backward", "act_backward_dr")
+COUNTED_OPS = ("forward_train", "forward_eval", "backward", "backward_eval", "act_forward_train",
+               "act_forward_eval", "act_backward", "act_backward_dr", "act_backward_eval")
 
 
 def counted_op(op, x, dy, act=1, eps=1e-5, seed=0):
@@ -391,8 +391,9 @@ def counted_op(op, x, dy, act=1, eps=1e-5, seed=0):
     backward ops) under the traffic counter and returns its OpTraffic. Parameters: weight in
     [0.5, 1.5), random bias, running statistics; the fused ops use activation `act`
     (csrc/activation.h, 1 = ReLU) without a residual and save the mask; the backward ops get
-    their saved statistics (and mask) from the CPU ops, outside the count. act_backward_dr also
-    asks for grad_residual."""
+    their saved statistics (and mask) from the CPU ops, outside the count (backward_eval: the
+    backward in eval mode with the batch's statistics). act_backward_dr also asks for
+    grad_residual; act_backward_eval is act_backward in eval mode."""
     require_emu()
     ops, cpu = emu_ops(), torch.ops.fusedbn
     torch.manual_seed(seed)
@@ -400,9 +401,9 @@ def counted_op(op, x, dy, act=1, eps=1e-5, seed=0):
     w = (0.5 + torch.rand(C)).to(x.dtype)
     b = torch.randn(C).to(x.dtype)
     rm, rv = torch.randn(C), 0.5 + torch.rand(C)
-    if op == "backward":
+    if op in ("backward", "backward_eval"):
         _, mean, invstd, _ = cpu.forward_train(x, w, b, eps)
-    elif op in ("act_backward", "act_backward_dr"):
+    elif op in ("act_backward", "act_backward_dr", "act_backward_eval"):
         _, mean, invstd, _, mask = cpu.act_forward_train(x, w, b, None, eps, act, 0.0, True)
     elif op not in COUNTED_OPS:
         raise ValueError("op: expected one of %s, got %r" % (", ".join(COUNTED_OPS), op))
@@ -413,12 +414,14 @@ def counted_op(op, x, dy, act=1, eps=1e-5, seed=0):
             ops.forward_eval(x, w, b, rm, rv, eps)
         elif op == "backward":
             ops.backward(dy, x, w, mean, invstd, True, [True, True, True])
+        elif op == "backward_eval":
+            ops.backward(dy, x, w, mean, invstd, False, [True, True, True])
         elif op == "act_forward_train":
             ops.act_forward_train(x, w, b, None, eps, act, 0.0, True)
         elif op == "act_forward_eval":
             ops.act_forward_eval(x, w, b, rm, rv, None, eps, act, 0.0, True)
         else:
-            ops.act_backward(dy, x, None, mask, w, b, mean, invstd, True, act, 0.0, 1,
-                             [True, True, True, op == "act_backward_dr"])
+            ops.act_backward(dy, x, None, mask, w, b, mean, invstd, op != "act_backward_eval",
+                             act, 0.0, 1, [True, True, True, op == "act_backward_dr"])
     assert len(t.calls) == 1, [c.op for c in t.calls]
     return t.calls[0]

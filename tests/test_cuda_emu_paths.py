@@ -13,7 +13,10 @@ the long-double reference (tests/emu_reference.py's rule), each under two seeds 
 - the planes kernel's short segments (1-2k values: two samples per iteration) with N odd;
 - the element-wise pass's backward walk: its output does not depend on the grid (the SM count,
   the occupancy), bit for bit;
-- the act backward from a saved mask with misaligned inputs (its mask bits read per vector group).
+- the act backward from a saved mask, training and eval mode, with misaligned inputs (its mask
+  bits read per vector group);
+- the backward in eval mode with the sums asked for, whose reduction writes dx: the same values as
+  the dx-only pass.
 """
 import pytest
 import torch
@@ -209,6 +212,44 @@ def test_planes_short_segments(shape, offset):
             check_backward(x, dy, w, True, (True, True, True))
 
 
+# ---- eval backward: dx written by the reduction ---------------------------------------------------
+
+@pytest.mark.parametrize("shape,dtype,offset,cl", [
+    ((2, 3, 40, 40), torch.float32, 0, False),    # planes
+    ((2, 3, 40, 40), torch.bfloat16, 3, False),   # planes, unaligned head: dx stored element-wise
+    ((3, 2, 70, 70), torch.float32, 1, False),    # planes, 2 segments
+    ((4, 8, 5, 5), torch.float16, 0, False),      # packed, vectors across planes
+    ((4, 3, 7, 7), torch.float32, 2, False),      # packed, scalar (C*S odd)
+    ((64, 12), torch.float64, 0, False),          # (N, C) rows
+    ((16, 6, 9, 9), torch.float32, 0, True),      # channels_last, 8-byte vectors
+    ((16, 32, 5, 5), torch.bfloat16, 1, True)])   # channels_last, offset: scalar
+def test_eval_backward_dx_from_the_reduction(shape, dtype, offset, cl):
+    """In eval mode with grad_weight / grad_bias asked for, pass 1 writes dx = dy * w * invstd
+    as it reads dy (bn_backward.cu EvalGradOp): the same bits as the dx-only path's element-wise
+    pass, whatever the grid (equal values: the element-wise pass's affine map adds +0, which
+    turns a -0 product into +0; the reduction stores dy * a as torch does), and under the rule."""
+    x = placed(shape, dtype, offset, channels_last=cl)
+    dy = placed(shape, dtype, offset, channels_last=cl)
+    C = shape[1]
+    w = params(C, torch.float32)[0]
+    mean, invstd = CPU.forward_train(x, w, None, EPS)[1:3]
+    mean, invstd = torch.randn_like(mean), 0.5 + torch.rand_like(invstd)
+    ops = emu_ops()
+    ref = R.bwd(dy, x, w, mean, invstd, False)
+    dx_only = ops.backward(dy, x, w, mean, invstd, False, [True, False, False])[0]
+    for sms, bps in ((132, 0), (1, 1), (3, 1)):
+        with emu_config(sm_count=sms, blocks_per_sm=bps):
+            for mask in ([True, True, True], [True, False, True], [True, True, False]):
+                out = ops.backward(dy, x, w, mean, invstd, False, mask)
+                assert torch.equal(dx_only, out[0]), "eval dx with the sums: %s" % mask
+                for i, nm in ((1, "grad_weight"), (2, "grad_bias")):
+                    if mask[i]:
+                        R.assert_rule(nm, out[i], CPU.backward(dy, x, w, mean, invstd, False,
+                                                               mask)[i], ref[i])
+    R.assert_rule("grad_input", dx_only,
+                  CPU.backward(dy, x, w, mean, invstd, False, [True, False, False])[0], ref[0])
+
+
 # ---- the element-wise pass walks backwards: independent of the grid -----------------------------
 
 # Sizes that take a one-CTA grid several iterations (2048 float32 elements per contiguous
@@ -230,32 +271,46 @@ def test_elementwise_pass_independent_of_grid(shape, offset, cl):
         R.assert_bitwise_equal(outs[0], o, "forward_eval under different grids")
 
 
-@pytest.mark.parametrize("dtype,offset", [(torch.float32, 1), (torch.float32, 3),
+@pytest.mark.parametrize("dtype,offset", [(torch.float32, 0), (torch.float32, 1),
+                                          (torch.float32, 3), (torch.bfloat16, 0),
                                           (torch.bfloat16, 3), (torch.bfloat16, 7)],
                          ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, int)
                          else "off%d" % v)
-@pytest.mark.parametrize("shape", [(2, 3, 17, 19), (4, 8, 7, 7), (3, 5, 40, 40)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_act_backward_mask_unaligned_same_position(shape, dtype, offset):
-    """The act backward from a saved mask with dy and x at the same position inside their 16-byte
-    lines: the reduction keeps its vectors, so a vector group starts at an element index that is
-    not a multiple of the width and its mask bits span two bytes of the packed mask."""
+@pytest.mark.parametrize("shape,cl", [((2, 3, 17, 19), False), ((4, 8, 7, 7), False),
+                                      ((3, 5, 40, 40), False), ((4, 16, 5, 5), True)],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else
+                         ("cl" if v else "nchw"))
+def test_act_backward_mask(shape, cl, dtype, offset):
+    """The act backward from a saved mask, training and eval mode (eval with dx and the sums: the
+    reduction writes dx and grad_residual, bn_reduce_ops.cuh EvalDxOp), every kernel shape, with
+    dy and x at the same position inside their 16-byte lines: the reduction keeps its vectors, so
+    a vector group starts at an element index that is not a multiple of the width and its mask
+    bits span two bytes of the packed mask; the fresh outputs are then stored element-wise."""
     relu, slope = 1, 0.0  # act 1: ReLU, whose backward reads the saved sign mask
-    x = placed(shape, dtype, offset)
-    dy = placed(shape, dtype, offset)
+    x = placed(shape, dtype, offset, channels_last=cl)
+    dy = placed(shape, dtype, offset, channels_last=cl)
     w, b = params(shape[1], torch.float32)
     _, mean, invstd, _, mask = CPU.act_forward_train(x, w, b, None, EPS, relu, slope, True)
-    z = R.act_z(x, w, b, None, R.ld(mean), R.ld(invstd))
-    dz = torch.from_numpy(R.act_grad(z, R.ld(dy), relu, slope).astype(R.np.float64))
-    dx, dw, db = R.bwd(dz, x, w, mean, invstd, True)
-    for out_mask in ([True, True, True, False], [True, True, True, True]):
-        args = (dy, x, None, mask, w, b, mean, invstd, True, relu, slope, 1, out_mask)
-        emu = run_emu("act_backward", *args)
-        cpu = CPU.act_backward(*args)
-        for i, (name, ref) in enumerate(zip(("grad_input", "grad_weight", "grad_bias",
-                                             "grad_residual"), (dx, dw, db, dz))):
-            if out_mask[i]:
-                R.assert_rule(name, emu[i], cpu[i], ref)
+    for train in (True, False):
+        if not train:  # the mask of an eval forward with the statistics the backward gets
+            mean, invstd = torch.randn(shape[1]), 0.5 + torch.rand(shape[1])
+            mask = CPU.act_forward_eval(x, w, b, mean, 1 / invstd ** 2 - EPS, None, EPS, relu,
+                                        slope, True)[1]
+        z = R.act_z(x, w, b, None, R.ld(mean), R.ld(invstd))
+        dz = torch.from_numpy(R.act_grad(z, R.ld(dy), relu, slope).astype(R.np.float64))
+        dx, dw, db = R.bwd(dz, x, w, mean, invstd, train)
+        for out_mask in ([True, True, True, False], [True, True, True, True],
+                         [True, False, True, True], [True, False, False, True]):
+            args = (dy, x, None, mask, w, b, mean, invstd, train, relu, slope, 1, out_mask)
+            emu = run_emu("act_backward", *args)
+            cpu = CPU.act_backward(*args)
+            for i, (name, ref) in enumerate(zip(("grad_input", "grad_weight", "grad_bias",
+                                                 "grad_residual"), (dx, dw, db, dz))):
+                if out_mask[i]:
+                    R.assert_rule("%s (train %s, mask %s)" % (name, train, out_mask), emu[i],
+                                  cpu[i], ref)
+                else:
+                    assert emu[i].numel() == 0, name
 
 
 # ---- the act backward that recomputes dz (input and output sources) -----------------------------

@@ -10,6 +10,10 @@
 // The zero-weight precondition of the output source is the caller's (fusedbn/act_ops.py checks
 // it before choosing that source); checking it here would need a host synchronization.
 //
+// In eval mode with dx and dweight or dbias asked for, the mask source's reduction writes dx = dz *
+// w * invstd (and dz as grad_residual) as it forms dz (EvalDxOp of bn_reduce_ops.cuh): dy, x and
+// the mask read once, dx written once (3 |x|, 4 with grad_residual); no dx pass (tensors of more
+// than 2^30 elements: the dx pass, as in training).
 // With batch norm's gradients asked for, no source stores dz to read it back (7 |x| of traffic,
 // 10 for the output source, which also stored x_hat / invstd): dz (and x_hat / invstd) is formed
 // where dy (and x or y) are read -- in the split reduction and in the dx pass -- and dz is written
@@ -356,6 +360,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_from_mask(
       ex.mask = mask.const_data_ptr<uint8_t>();
       ex.slope = slope;
       ex.mask_zero = act == Act::kRelu;
+      if (!train && o.need_dx && fits_int32(g.numel())) {
+        // Eval mode: dx = dz * w * invstd (and dz as grad_residual) written by the reduction as
+        // it forms dz (EvalDxOp): dy, x and the mask read once, dx (and dz) written once.
+        const at::Tensor params = at::empty({2 * g.C}, o.acc_opts);
+        const auto blocks = static_cast<unsigned>(ceil_div<int64_t>(g.C, kBlockThreads));
+        launch_kernel(eval_dx_params_kernel<acc_t>, blocks, kBlockThreads, 0, current_stream(),
+                      channel_ptr(weight), o.mean.const_data_ptr<acc_t>(),
+                      o.invstd.const_data_ptr<acc_t>(), params.mutable_data_ptr<acc_t>(), g.C);
+        ex.out0 = o.dx;
+        if (o.need_dr) ex.out1 = o.dz;
+        ActEpilogue<acc_t> epi{o.grads<acc_t>(weight, g), nullptr, nullptr, g.C, {-1, -1, -1, -1},
+                               train};
+        reduce_pass2<Op>(reduce_pass1<EvalDxOp<Op>>(dy, x, params.const_data_ptr<acc_t>(), g, ex),
+                         g.C, epi);
+        return;
+      }
       const Partials parts = reduce_pass1<Op>(dy, x, o.mean.const_data_ptr<acc_t>(), g, ex);
       // DxFromMaskFn's (k0, k1, k2, k3): channel_grad's; eval (0, a, 0, 0).
       ActEpilogue<acc_t> epi{o.grads<acc_t>(weight, g),

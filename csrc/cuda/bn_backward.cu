@@ -12,6 +12,10 @@
 //      fixed order, writes grad_weight/grad_bias (weight's dtype) and the dx coefficients;
 //      otherwise (eval, dx only) one per-channel kernel writes the dx coefficients;
 //   2. train: channel_grad(dy, x) -> dx; eval: channel_affine(dy) -> dx (x is not read).
+// Eval mode with dx and grad_weight or grad_bias asked for needs no sums for dx = dy * a, so pass
+// 1 writes it as it reads dy (EvalDxOp: a per-channel kernel places (mean, a) for it first) and
+// step 2 is not run: dy and x read once, dx written once (3 tensor passes instead of 4); tensors
+// of more than 2^30 elements keep the two steps.
 // In training mode with dx asked for, the rows layout (channels_last, (N, C)) takes the persistent
 // single-read backward instead where its slab of dy and x fits on chip in co-resident CTAs
 // (bn_persistent_backward.cuh: one cooperative launch per slab, dy and x read once, the same
@@ -37,14 +41,14 @@ namespace fusedbn {
 namespace cuda {
 namespace {
 
-enum class DxCoeffs : int { kNone = 0, kTrain, kEval };
+enum class DxCoeffs : int { kNone = 0, kTrain };
 
 // The dx coefficients of the merged sums (GradEpilogueBase, bn_reduce_ops.cuh) placed for
-// channel_grad (train) or channel_affine (eval).
+// channel_grad (training; eval mode's dx needs no sums).
 template <typename acc_t>
 struct BackwardEpilogue : GradEpilogueBase<acc_t> {
   const acc_t* mean;
-  acc_t* coeffs;  // train: [4][C] (sum_dy/M, a, mean, k3); eval: [4][C] (0, 0, a, 0); or nullptr
+  acc_t* coeffs;  // kTrain: [4][C] (sum_dy/M, a, mean, k3); kNone: nullptr
   int64_t C;
   DxCoeffs mode;
 
@@ -55,11 +59,6 @@ struct BackwardEpilogue : GradEpilogueBase<acc_t> {
       coeffs[C + c] = d.a;
       coeffs[2 * C + c] = mean[c];
       coeffs[3 * C + c] = d.k3;
-    } else if (mode == DxCoeffs::kEval) {
-      coeffs[c] = acc_t(0);
-      coeffs[C + c] = acc_t(0);
-      coeffs[2 * C + c] = d.a;
-      coeffs[3 * C + c] = acc_t(0);
     }
   }
 };
@@ -106,15 +105,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const at::Tensor dy = match_layout(grad_output, x);
   const at::Tensor mean_c = mean.contiguous();
   const at::Tensor invstd_c = invstd.contiguous();
-  const DxCoeffs mode = !need_dx ? DxCoeffs::kNone : train ? DxCoeffs::kTrain : DxCoeffs::kEval;
+  // Eval mode with grad_weight or grad_bias: the reduction writes dx (EvalDxOp, 32-bit indices).
+  const bool eval_fused = !train && need_dx && need_sums && fits_int32(g.numel());
+  const DxCoeffs mode = train && need_dx ? DxCoeffs::kTrain : DxCoeffs::kNone;
   at::Tensor coeffs;
-  if (need_dx) coeffs = at::empty({(train ? kGradParams : kAffineParams) * g.C}, acc_opts);
+  if (need_dx && !eval_fused) {
+    coeffs = at::empty({(train ? kGradParams : kAffineParams) * g.C}, acc_opts);
+  }
 
   bool persistent = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "fusedbn_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    acc_t* coeffs_ptr = need_dx ? coeffs.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* coeffs_ptr = coeffs.defined() ? coeffs.mutable_data_ptr<acc_t>() : nullptr;
     if (need_sums) {
       using Op = GradOp<scalar_t>;
       const acc_t* mean_ptr = mean_c.const_data_ptr<acc_t>();
@@ -131,6 +134,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                                                         mean_ptr, epi, coeffs);
         if (persistent) return;
       }
+      if (eval_fused) {  // dx from the reduction's read of dy
+        const at::Tensor params = at::empty({2 * g.C}, acc_opts);
+        const auto blocks = static_cast<unsigned>(ceil_div<int64_t>(g.C, kBlockThreads));
+        launch_kernel(eval_dx_params_kernel<acc_t>, blocks, kBlockThreads, 0, current_stream(),
+                      channel_ptr(weight), mean_ptr, invstd_c.const_data_ptr<acc_t>(),
+                      params.mutable_data_ptr<acc_t>(), g.C);
+        ReduceExtras ex;
+        ex.out0 = grad_input;
+        const Partials parts = reduce_pass1<EvalDxOp<Op>>(
+            dy, x, params.const_data_ptr<acc_t>(), g, ex);
+        reduce_pass2<Op>(parts, g.C, epi);
+        return;
+      }
       const Partials parts = reduce_pass1<Op>(dy, x, mean_ptr, g);
       reduce_pass2<Op>(parts, g.C, epi);
     } else {
@@ -140,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     }
   });
 
-  if (need_dx && !persistent) {
+  if (need_dx && !persistent && !eval_fused) {
     if (train) {
       channel_grad(dy, x, grad_input, g, coeffs);
     } else {

@@ -128,15 +128,30 @@ Partials launch_pass1(Kernel kernel, ReduceArgs<typename Op::scalar_t, typename 
 }
 
 // What some ops read beyond in0, in1 and chan (ReduceArgs): the third input of three-input ops
-// (undefined: zeros), the mask of kMaskedIn0 ops, the activation of act_backward's ops.
+// (undefined: zeros), the mask of kMaskedIn0 ops, the activation of act_backward's ops; and
+// what kStoresIn0 ops write: out0 (and out1, or undefined), of in0's shape and strides.
 struct ReduceExtras {
   at::Tensor in2;
+  at::Tensor out0, out1;
   const uint8_t* mask = nullptr;
   double slope = 0.0;
   double inv_slope = 1.0;
   bool mask_zero = false;
   int act = 0;
 };
+
+// dispatch_index for pass 1: kStoresIn0 ops are built for 32-bit indices only (their 64-bit
+// kernels spilled; a tensor of more than 2^30 elements takes the caller's unfused path, which
+// has them).
+template <class Op, typename F>
+void dispatch_pass1_index(bool use64, F&& f) {
+  if constexpr (stores_in0<Op>::value) {
+    TORCH_INTERNAL_ASSERT(!use64, "fusedbn: a kStoresIn0 reduction with 64-bit indices");
+    f(TypeTag<int32_t>{});
+  } else {
+    dispatch_index(use64, std::forward<F>(f));
+  }
+}
 
 // Pass 1 over the canonical input(s) (in1 undefined for one-input ops). chan: per-channel op
 // parameters of the accumulation type, or nullptr. Requires numel > 0.
@@ -157,6 +172,9 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
   a.in0 = in0.const_data_ptr<T>();
   a.in1 = in1.defined() ? in1.const_data_ptr<T>() : nullptr;
   a.in2 = in2.defined() ? in2.const_data_ptr<T>() : nullptr;
+  TORCH_INTERNAL_ASSERT(stores_in0<Op>::value == ex.out0.defined());
+  a.out0 = ex.out0.defined() ? ex.out0.mutable_data_ptr<T>() : nullptr;
+  a.out1 = ex.out1.defined() ? ex.out1.mutable_data_ptr<T>() : nullptr;
   a.chan = chan;
   a.shift_stride = first_value_stride(g);
   a.N = g.N;
@@ -171,7 +189,7 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
   if (g.layout == Layout::kChannelsLast) {
     // The widest vector of channels that tiles C and is aligned in both inputs.
     const int vw = widest_vec<T>(g.C, {a.in0, a.in1, a.in2});
-    dispatch_index(use64, [&](auto itag) {
+    dispatch_pass1_index<Op>(use64, [&](auto itag) {
       using index_t = typename decltype(itag)::type;
       dispatch_vec_width<VM>(vw, [&](auto vtag) {
         constexpr int V = decltype(vtag)::value;
@@ -184,6 +202,7 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
         const int64_t gx = ceil_div<int64_t>(cvecs, tx);
         const int64_t chunks = ceil_div<int64_t>(g.rows(), int64_t{ty} * kReduceK);
         a.tx = tx;
+        a.out_vec = widest_vec<T>(g.C, {a.out0, a.out1}) >= V;
         a.splits = choose_splits(gx, int64_t{sms} * bps, chunks, kMinRowIterations);
         a.P = a.splits;
         result = launch_pass1<Op>(
@@ -200,13 +219,14 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
   const int mis = common_misalignment<T>({a.in0, a.in1, a.in2});
   const bool vec = mis >= 0;
   a.mis = vec ? mis : 0;
+  a.out_vec = vec && common_misalignment<T>({a.in0, a.out0, a.out1}) == mis;
 
   // Packed when a group of whole small planes fits one CTA window.
   constexpr int KP = 2 * kBlockThreads * kReduceK * sizeof(Partial) <= 32768 ? kReduceK : 2;
   const bool packed_vec = vec && g.S >= VM && (g.C * g.S) % VM == 0;
   const int64_t packed_cap = packed_vec ? window_capacity<VM>(KP) : window_capacity<1>(KP);
   if (g.S < int64_t{kBlockThreads} * VM && g.S <= packed_cap) {
-    dispatch_index(use64, [&](auto itag) {
+    dispatch_pass1_index<Op>(use64, [&](auto itag) {
       using index_t = typename decltype(itag)::type;
       dispatch_vec<VM>(packed_vec, [&](auto vtag) {
         constexpr int V = decltype(vtag)::value;
@@ -230,7 +250,7 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
     return result;
   }
 
-  dispatch_index(use64, [&](auto itag) {
+  dispatch_pass1_index<Op>(use64, [&](auto itag) {
     using index_t = typename decltype(itag)::type;
     dispatch_vec<VM>(vec, [&](auto vtag) {
       constexpr int V = decltype(vtag)::value;

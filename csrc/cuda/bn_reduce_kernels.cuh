@@ -73,6 +73,12 @@ struct ReduceArgs {
   // act_backward's three-input ops: the activation (Act) and its slope (mask_slope), 1 / slope.
   int act = 0;
   acc_t inv_slope = acc_t(1);
+  // Ops with kStoresIn0 (backward in eval mode): out0 = in0 * Op::out_scale(channel parameter)
+  // and, when out1 is set, out1 = in0 (after mask_in0), written as in0 is read; out_vec: out0
+  // and out1 sit in their 16-byte lines as in0 does (vector stores), else element-wise.
+  T* out0 = nullptr;
+  T* out1 = nullptr;
+  bool out_vec = false;
 };
 
 // An op that declares kMaskedIn0 rewrites elements [lo, hi) of the first input's group of V
@@ -89,6 +95,47 @@ __device__ __forceinline__ void mask_in0(
     const ReduceArgs<typename Op::scalar_t, typename Op::acc_t>& a, index_t offset,
     int lo, int hi, Vec<typename Op::scalar_t, V>& r) {
   if constexpr (masks_in0<Op>::value) Op::template mask_in0<V>(a, offset, lo, hi, r);
+}
+
+// An op that declares kStoresIn0 writes elements [lo, hi) of in0's group at `offset`, scaled by
+// Op::out_scale of each element's channel parameter (param_of(j): element j's), to out0 at the
+// same offset, and unscaled to out1 when set, as the pass loads them: backward in eval mode forms
+// dx = dy * w * invstd, which needs no sums, from the reduction's own read of dy (3 |x| instead
+// of 4), and the act backward's grad_residual dz with it.
+// Elements [lo, hi) of v to p: one vector store when the group is whole and `whole_ok` (p
+// aligned to the vector), else element by element.
+template <typename T, int V>
+__device__ __forceinline__ void store_group(T* p, const Vec<T, V>& v, int lo, int hi,
+                                            bool whole_ok) {
+  if (lo == 0 && hi == V && whole_ok) {
+    store_vec<T, V>(p, v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      if (j >= lo && j < hi) p[j] = v.v[j];
+  }
+}
+
+template <class Op, class = void>
+struct stores_in0 : std::false_type {};
+template <class Op>
+struct stores_in0<Op, std::void_t<decltype(Op::kStoresIn0)>>
+    : std::bool_constant<Op::kStoresIn0> {};
+
+template <class Op, int V, typename index_t, class ParamOf>
+__device__ __forceinline__ void store_in0(
+    const ReduceArgs<typename Op::scalar_t, typename Op::acc_t>& a, index_t offset, int lo,
+    int hi, const Vec<typename Op::scalar_t, V>& r, ParamOf param_of) {
+  if constexpr (stores_in0<Op>::value) {
+    using T = typename Op::scalar_t;
+    using acc_t = typename Op::acc_t;
+    Vec<T, V> out;
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      out.v[j] = static_cast<T>(static_cast<acc_t>(r.v[j]) * Op::out_scale(param_of(j)));
+    store_group<T, V>(a.out0 + offset, out, lo, hi, a.out_vec);
+    if (a.out1 != nullptr) store_group<T, V>(a.out1 + offset, r, lo, hi, a.out_vec);
+  }
 }
 
 constexpr int kReduceK = 4;  // vectors in flight per thread and input
@@ -217,6 +264,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     for (index_t n = blockIdx.y; n < N; n += static_cast<index_t>(G) * splits) {
       Vec<T, V> r0[K], r1[K], r2[K];
       int lo[K], hi[K];
+      index_t at[K];
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         const index_t nn = n + static_cast<index_t>(sg[k]) * splits;
@@ -230,13 +278,17 @@ __global__ void __launch_bounds__(kBlockThreads)
           lo[k] = q == 0 ? head : 0;
           hi[k] =
               q < nvec ? static_cast<int>(min(static_cast<index_t>(V), head + len - q * V)) : 0;
-          load_group<Op, V, index_t>(a, start - head + q * V, lo[k], hi[k], r0[k], r1[k],
-                                     r2[k]);
+          at[k] = start - head + q * V;
+          load_group<Op, V, index_t>(a, at[k], lo[k], hi[k], r0[k], r1[k], r2[k]);
         }
       }
 #pragma unroll
-      for (int k = 0; k < K; ++k)
-        if (lo[k] < hi[k]) push_group<Op, V>(st, r0[k], r1[k], r2[k], lo[k], hi[k], par);
+      for (int k = 0; k < K; ++k) {
+        if (lo[k] < hi[k]) {
+          store_in0<Op, V, index_t>(a, at[k], lo[k], hi[k], r0[k], [&](int) { return par; });
+          push_group<Op, V>(st, r0[k], r1[k], r2[k], lo[k], hi[k], par);
+        }
+      }
     }
 
     // Warp shuffles -> warp_parts (this unit's buffer) -> warp 0. The other buffer is the
@@ -299,17 +351,23 @@ __device__ __forceinline__ void reduce_packed_group(
   for (index_t n = blockIdx.y; n < N; n += static_cast<index_t>(G) * splits) {
     Vec<T, V> r0[K], r1[K], r2[K];
     bool live[K];
+    // Slot k's group in this iteration (recomputed where it is stored: fewer live registers).
+    auto group_at = [&](int k) -> index_t {
+      const index_t nn = n + static_cast<index_t>(k / kq) * splits;
+      const index_t q = threadIdx.x + (k % kq) * kBlockThreads;
+      return (nn * C + c0) * S - sh + q * V;
+    };
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const index_t nn = n + static_cast<index_t>(k / kq) * splits;
       live[k] = nn < N && lo[k] < hi[k];
-      const index_t q = threadIdx.x + (k % kq) * kBlockThreads;
-      if (live[k]) load_group<Op, V, index_t>(a, (nn * C + c0) * S - sh + q * V, lo[k], hi[k],
-                                               r0[k], r1[k], r2[k]);
+      if (live[k]) load_group<Op, V, index_t>(a, group_at(k), lo[k], hi[k], r0[k], r1[k], r2[k]);
     }
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       if (!live[k]) continue;
+      store_in0<Op, V, index_t>(a, group_at(k), lo[k], hi[k], r0[k],
+                                [&](int j) { return j < bnd[k] ? p0[k] : p1[k]; });
       if (lo[k] == 0 && bnd[k] == V) {
         push_group<Op, V>(s0[k], r0[k], r1[k], r2[k], 0, V, p0[k]);
       } else {
@@ -450,6 +508,15 @@ __global__ void __launch_bounds__(kBlockThreads)
           mask_in0<Op, V>(a, offset, 0, V, v0[u]);
           if constexpr (Op::kInputs >= 2) v1[u] = load_vec<T, V>(a.in1 + offset);
           if constexpr (Op::kInputs == 3) v2[u] = load_vec_or_zero<T, V>(a.in2, offset);
+        }
+      }
+      if constexpr (stores_in0<Op>::value) {
+#pragma unroll
+        for (int u = 0; u < K; ++u) {
+          if (u < cnt) {
+            store_in0<Op, V, index_t>(a, (r + static_cast<index_t>(u) * TY) * C + cv * V, 0, V,
+                                      v0[u], [&](int j) { return par[j]; });
+          }
         }
       }
 #pragma unroll

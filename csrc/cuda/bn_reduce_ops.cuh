@@ -291,6 +291,47 @@ struct GradOp {
   }
 };
 
+// Eval mode with grad_weight or grad_bias asked for: Base (GradOp, or an op over (dz, x) whose
+// parameter is GradOp's, the mean) that also writes dx = in0 * a (a = w * invstd: eval mode's dx
+// needs no sums) and, where ReduceArgs::out1 is set, in0 itself (dz, as grad_residual) as the
+// reduction loads in0 (the kStoresIn0 hook of bn_reduce_kernels.cuh): one pass reads dy and x and
+// writes dx. Param: the channel's (mean, a) from chan [2][C] (eval_dx_params_kernel).
+template <class Base>
+struct EvalDxOp : Base {
+  using acc_t = typename Base::acc_t;
+  using Thread = typename Base::Thread;
+  struct Param {
+    acc_t mean, a;
+  };
+  static constexpr bool kStoresIn0 = true;
+
+  template <class Args>
+  __device__ __forceinline__ static Param param(const Args& args, int64_t c) {
+    return {args.chan[c], args.chan[args.C + c]};
+  }
+  __device__ __forceinline__ static acc_t out_scale(const Param& p) { return p.a; }
+  template <int L>
+  __device__ __forceinline__ static void push_all(Thread& s, const acc_t (&dy)[L],
+                                                  const acc_t (&x)[L], const Param& p) {
+    Base::push_all(s, dy, x, p.mean);
+  }
+  template <int L>
+  __device__ __forceinline__ static void push(Thread& s, const acc_t (&dy)[L], const acc_t (&x)[L],
+                                              int lo, int hi, const Param& p) {
+    Base::push(s, dy, x, lo, hi, p.mean);
+  }
+};
+
+// EvalDxOp's parameters [2][C]: the saved mean, a = w * invstd.
+template <typename acc_t>
+__global__ void eval_dx_params_kernel(ChannelPtr weight, const acc_t* mean, const acc_t* invstd,
+                                      acc_t* params, int64_t C) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  params[c] = mean[c];
+  params[C + c] = weight.load<acc_t>(c, acc_t(1)) * invstd[c];
+}
+
 // ---- batch norm's backward per channel, from GradOp's merged sums ------------------------
 // With M values per channel and a = w * invstd (the CPU backend's formulas, bn_backward.cu):
 // grad_weight = invstd * sum dy (x - mean), grad_bias = sum dy, and the dx coefficients of
