@@ -151,19 +151,26 @@ def test_forward_mask_bytes_or_streaming(shape, cl, dtype, persistent_with_mask)
             assert torch.equal(out[4], mask_of(out[0], "leaky_relu"))
 
 
+def check_fallback(op, args, kernel, small, large):
+    """Under the emulator configuration `small` the op falls back to the streaming path, which
+    rewrites every output: those of persistent=False bit for bit; under `large` it takes
+    `kernel`."""
+    with emu_config(**small):
+        out, ks, _ = counted(op, *args)
+        with emu_config(persistent=False):
+            stream = getattr(emu_ops(), op)(*args)
+    assert kernel not in ks, ks
+    assert_all_bitwise(out, stream, "fallback")
+    with emu_config(**large):
+        _, ks, _ = counted(op, *args)
+    assert ks == [kernel], ks
+
+
 def test_forward_streaming_when_the_slab_does_not_fit():
     """(8, 128, 16, 16) float32, 1 MB of x: not on one co-resident CTA of <= 227 KB; 8 SMs x 2
-    hold it. The fallback rewrites every output: those of persistent=False bit for bit."""
+    hold it."""
     args = fwd_args((8, 128, 16, 16), (torch.float32, torch.float32), "relu", True, True)
-    with emu_config(**ONE_CTA):
-        out, ks, _ = counted("act_forward_train", *args)
-        with emu_config(persistent=False):
-            stream = emu_ops().act_forward_train(*args)
-    assert FWD not in ks, ks
-    assert_all_bitwise(out, stream, "fallback")
-    with emu_config(sm_count=8, blocks_per_sm=2):
-        _, ks, _ = counted("act_forward_train", *args)
-    assert ks == [FWD], ks
+    check_fallback("act_forward_train", args, FWD, ONE_CTA, dict(sm_count=8, blocks_per_sm=2))
 
 
 def test_forward_nchw_stays_streaming():
@@ -205,19 +212,12 @@ def test_backward_path(source, act, train, out_mask, cl, expect):
 
 
 def test_backward_streaming_when_the_tiles_do_not_fit():
-    """dy and x of (8, 128, 16, 16) float32 (2 MB) do not fit 4 SMs x 2 CTAs; the fallback's
-    results are those of persistent=False bit for bit; 16 SMs x 1 hold them."""
+    """dy and x of (8, 128, 16, 16) float32 (2 MB) do not fit 4 SMs x 2 CTAs; 16 SMs x 1 hold
+    them."""
     for source, act in ((1, "relu"), (0, "silu")):
         args = bwd_args((8, 128, 16, 16), (torch.float32, torch.float32), act, True, source)
-        with emu_config(sm_count=4, blocks_per_sm=2):
-            out, ks, _ = counted("act_backward", *args)
-            with emu_config(persistent=False):
-                stream = emu_ops().act_backward(*args)
-        assert BWD not in ks, ks
-        assert_all_bitwise(out, stream, "fallback")
-        with emu_config(sm_count=16, blocks_per_sm=1):
-            _, ks, _ = counted("act_backward", *args)
-        assert ks == [BWD], ks
+        check_fallback("act_backward", args, BWD, dict(sm_count=4, blocks_per_sm=2),
+                       dict(sm_count=16, blocks_per_sm=1))
 
 
 # ---- one CTA per column: the streaming path's bits ----------------------------------------------
