@@ -149,9 +149,9 @@ FUSEDBN_HOST_DEVICE V inverse_leaky(V y, V inv_slope) {
   return VMath<V>::select(VMath<V>::gt0(y), y, y * inv_slope);
 }
 
-// Calls f(std::integral_constant<Act, A>{}) for the run-time activation code.
+// Calls f(std::integral_constant<Act, A>{}) for the run-time activation code (host and device).
 template <typename F>
-inline void dispatch_act(Act act, F&& f) {
+FUSEDBN_HOST_DEVICE void dispatch_act(Act act, F&& f) {
   switch (act) {
     case Act::kIdentity: f(std::integral_constant<Act, Act::kIdentity>{}); break;
     case Act::kRelu: f(std::integral_constant<Act, Act::kRelu>{}); break;

@@ -23,9 +23,17 @@
 //   input:  InputGradOp (a three-input op over dy, x, r), DxFromInputFn: dy and x (and r) read
 //           twice, z and act'(z) computed in both passes (5 |x|, + 2 |r|, + 1 with grad_residual);
 //   output: OutputGradOp over dy, y, r, DxFromOutputFn: the same count, y in place of x.
+// In training mode with dx asked for, the rows layout (channels_last, (N, C)) of the mask and
+// the input sources takes the persistent single-read backward instead where its slab of dy and x
+// fits on chip (bn_persistent_backward.cuh with MaskedGradOp / InputGradOp: dz formed from dy and
+// the mask -- or from dy, x and r -- as the reduction loads them and kept in the dy tile, the
+// same sums, epilogue and dx map, grad_residual = dz written from the dx step): dy, x (the mask,
+// r) read once, dx (and grad_residual) written once, 3 |x| (+ 1, + |r|). The streaming passes
+// above are the fallback (too large, the persistent paths off, the cooperative launch refused)
+// and the path of the contiguous layout, of eval mode and of the output source.
 // dz and x_hat / invstd are rounded to the input's dtype where they are formed, as the stored ones
 // were, so the results are those of the unfused passes. Identity from the input is batch norm's
-// backward of dy itself.
+// backward of dy itself (bn_backward.cu's persistent path included).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -37,6 +45,7 @@
 #include "bn_act_ew.cuh"
 #include "bn_cuda_ops.h"
 #include "bn_elementwise.cuh"
+#include "bn_persistent_backward.cuh"
 #include "bn_reduce.cuh"
 
 namespace fusedbn {
@@ -96,7 +105,7 @@ struct DxFromMaskFn {
                                                const ActEwArgs<T>& a) {
     acc_t dz = bit ? in[0] : (a.relu_bits ? acc_t(0) : in[0] * a.slope);
     dz = static_cast<acc_t>(static_cast<T>(dz));  // as GradFromMaskFn stores it
-    out[0] = (dz - p[0]) * p[1] - (in[1] - p[2]) * p[3];
+    out[0] = grad_dx(dz, in[1], p);
     out[1] = dz;
   }
 };
@@ -144,19 +153,32 @@ __device__ __forceinline__ acc_t act_grad_rounded(int act, acc_t z, acc_t dy, ac
 // every activation the same act'(z) as z), dz = act'(z) * dy with z = (x - mean) * scale + bias
 // + r formed as the reduction loads them. Param: the channel's (mean, w * invstd, bias) from
 // chan [3][C] (GradFromInputFn's), the slope and the activation (ReduceArgs::mask_slope, act).
+// The persistent rows backward (bn_persistent_backward.cuh) forms the same dz where it loads dy,
+// x and r (form_dz: kept in its dy tile, r not held), its parameters staged per CTA.
 template <typename T>
 struct InputGradOp : GradOp<T> {
   using Base = GradOp<T>;
   using acc_t = typename Base::acc_t;
   using Thread = typename Base::Thread;
   static constexpr int kInputs = 3;
+  static constexpr int kChanRows = 3;
+  static constexpr bool kFormsDz = true;
   struct Param {
     acc_t mean, scale, bias, slope;
     int act;
   };
+  // Channel c's parameters from chan [3][C].
+  __device__ __forceinline__ static Param param_of(const acc_t* chan, int64_t C, int64_t c,
+                                                   acc_t slope, int act) {
+    return {chan[c], chan[C + c], chan[2 * C + c], slope, act};
+  }
   template <class Args>
   __device__ __forceinline__ static Param param(const Args& a, int64_t c) {
-    return {a.chan[c], a.chan[a.C + c], a.chan[2 * a.C + c], a.mask_slope, a.act};
+    return param_of(a.chan, a.C, c, a.mask_slope, a.act);
+  }
+  __device__ __forceinline__ static acc_t dz(acc_t dy, acc_t x, acc_t r, const Param& p) {
+    const acc_t z = (x - p.mean) * p.scale + p.bias + r;
+    return act_grad_rounded<T>(p.act, z, dy, p.slope);
   }
   template <int L>
   __device__ __forceinline__ static void push(Thread& s, const acc_t (&dy)[L], const acc_t (&x)[L],
@@ -164,10 +186,21 @@ struct InputGradOp : GradOp<T> {
                                               const Param& p) {
 #pragma unroll
     for (int j = 0; j < L; ++j) {
-      if (j >= lo && j < hi) {
-        const acc_t z = (x[j] - p.mean) * p.scale + p.bias + r[j];
-        Base::push_one(s, act_grad_rounded<T>(p.act, z, dy[j], p.slope), x[j], p.mean);
-      }
+      if (j >= lo && j < hi) Base::push_one(s, dz(dy[j], x[j], r[j], p), x[j], p.mean);
+    }
+  }
+  // dz in place of dy in dv for the channels c0 + j of the CTA's staged chan [3][nc], the
+  // residual read at offset (the persistent backward's hook, forms_dz).
+  template <int V, class Args, typename index_t>
+  __device__ __forceinline__ static void form_dz(const Args& a, index_t offset, const acc_t* chan,
+                                                 int nc, int c0, Vec<T, V>& dv,
+                                                 const Vec<T, V>& xv) {
+    const Vec<T, V> rv = load_vec_or_zero<T, V>(a.in2, offset);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const Param p = param_of(chan, nc, c0 + j, a.mask_slope, a.act);
+      dv.v[j] = static_cast<T>(dz(static_cast<acc_t>(dv.v[j]), static_cast<acc_t>(xv.v[j]),
+                                  static_cast<acc_t>(rv.v[j]), p));
     }
   }
   template <int L>
@@ -343,6 +376,21 @@ void launch(const at::Tensor& in0, const at::Tensor& in1, const at::Tensor& in2,
   launch_act_ew<Fn, T>(a, g, in0.get_device());
 }
 
+// The persistent rows backward (bn_persistent_backward.cuh) with Op (MaskedGradOp, InputGradOp)
+// for training mode with dx asked for in the rows layout: dy, x (the mask, r) read once, dx (and
+// grad_residual = dz) written once; epi writes the dx coefficients (k0, a, mean, k3) to coeffs
+// [4][C]; chan: the op's parameters. False (nothing written) where it does not apply or fit.
+template <class Op, typename T>
+bool persistent_act_backward(const at::Tensor& dy, const at::Tensor& x, const ActGrads& o,
+                             const Geometry& g, const at::opmath_type<T>* chan,
+                             const ActEpilogue<at::opmath_type<T>>& epi, const at::Tensor& coeffs,
+                             const ReduceExtras& ex) {
+  if (g.layout != Layout::kChannelsLast) return false;
+  const GradDxStore<T> out{o.dx.mutable_data_ptr<T>(),
+                           o.need_dr ? o.dz.mutable_data_ptr<T>() : nullptr};
+  return persistent_rows_backward_op<T, Op>(dy, x, g.rows(), g.C, chan, epi, coeffs, out, ex);
+}
+
 // The mask source with some of batch norm's gradients asked for (numel > 0); see the top.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_from_mask(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask, const Geometry& g,
@@ -363,11 +411,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_from_mask(
       if (!train && o.need_dx && fits_int32(g.numel())) {
         // Eval mode: dx = dz * w * invstd (and dz as grad_residual) written by the reduction as
         // it forms dz (EvalDxOp): dy, x and the mask read once, dx (and dz) written once.
-        const at::Tensor params = at::empty({2 * g.C}, o.acc_opts);
-        const auto blocks = static_cast<unsigned>(ceil_div<int64_t>(g.C, kBlockThreads));
-        launch_kernel(eval_dx_params_kernel<acc_t>, blocks, kBlockThreads, 0, current_stream(),
-                      channel_ptr(weight), o.mean.const_data_ptr<acc_t>(),
-                      o.invstd.const_data_ptr<acc_t>(), params.mutable_data_ptr<acc_t>(), g.C);
+        const at::Tensor params = eval_dx_params<acc_t>(weight, o.mean, o.invstd);
         ex.out0 = o.dx;
         if (o.need_dr) ex.out1 = o.dz;
         ActEpilogue<acc_t> epi{o.grads<acc_t>(weight, g), nullptr, nullptr, g.C, {-1, -1, -1, -1},
@@ -376,7 +420,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_from_mask(
                          g.C, epi);
         return;
       }
-      const Partials parts = reduce_pass1<Op>(dy, x, o.mean.const_data_ptr<acc_t>(), g, ex);
       // DxFromMaskFn's (k0, k1, k2, k3): channel_grad's; eval (0, a, 0, 0).
       ActEpilogue<acc_t> epi{o.grads<acc_t>(weight, g),
                              o.mean.const_data_ptr<acc_t>(),
@@ -384,7 +427,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_from_mask(
                              g.C,
                              {0, 1, 2, 3},
                              train};
-      reduce_pass2<Op>(parts, g.C, epi);
+      if (train && o.need_dx &&
+          persistent_act_backward<Op, scalar_t>(dy, x, o, g, o.mean.const_data_ptr<acc_t>(), epi,
+                                                coeffs, ex)) {
+        return;
+      }
+      reduce_pass2<Op>(reduce_pass1<Op>(dy, x, o.mean.const_data_ptr<acc_t>(), g, ex), g.C, epi);
     } else {  // eval mode, dx only
       const auto& opts = o.acc_opts;
       const at::Tensor w = defined(weight) ? weight->to(opts) : at::ones({g.C}, opts);
@@ -432,6 +480,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_recomputed(
       ex.slope = act == Act::kIdentity ? 1.0 : slope;
       ex.inv_slope = act == Act::kIdentity ? 1.0 : 1.0 / slope;
       ex.act = static_cast<int>(act);
+      if (!from_output && train && o.need_dx) {
+        // The persistent path: chan = params' (mean, w * invstd, b), dx from channel_grad's
+        // (k0, a, mean, k3).
+        const at::Tensor coeffs = at::empty({kGradParams * g.C}, acc_opts);
+        const ActEpilogue<acc_t> pepi{o.grads<acc_t>(weight, g),
+                                      o.mean.const_data_ptr<acc_t>(),
+                                      coeffs.mutable_data_ptr<acc_t>(),
+                                      g.C,
+                                      {0, 1, 2, 3},
+                                      true};
+        if (persistent_act_backward<InputGradOp<scalar_t>, scalar_t>(dy, saved, o, g, p, pepi,
+                                                                     coeffs, ex)) {
+          return;
+        }
+      }
       ActEpilogue<acc_t> epi{o.grads<acc_t>(weight, g),
                              nullptr,
                              o.need_dx ? p : nullptr,

@@ -161,13 +161,7 @@ __device__ __forceinline__ void act_ew_group(const ActEwArgs<T>& a, index_t e0, 
 template <class Fn, typename T, typename index_t, class Group>
 __device__ __forceinline__ void act_ew_dispatch(const ActEwArgs<T>& a, const Group& group) {
   if constexpr (Fn::kUsesAct) {
-    switch (static_cast<Act>(a.act)) {
-      case Act::kIdentity: group(std::integral_constant<Act, Act::kIdentity>{}); break;
-      case Act::kRelu: group(std::integral_constant<Act, Act::kRelu>{}); break;
-      case Act::kLeakyRelu: group(std::integral_constant<Act, Act::kLeakyRelu>{}); break;
-      case Act::kSilu: group(std::integral_constant<Act, Act::kSilu>{}); break;
-      case Act::kGeluTanh: group(std::integral_constant<Act, Act::kGeluTanh>{}); break;
-    }
+    dispatch_act(static_cast<Act>(a.act), group);
   } else {
     group(std::integral_constant<Act, Act::kIdentity>{});
   }
@@ -224,6 +218,48 @@ __global__ void __launch_bounds__(kBlockThreads) act_ew_rows_kernel(const ActEwA
       act_ew_apply<Fn, decltype(act)::value>(a, e0, kGroup, ps);
     });
   }
+}
+
+// act_forward's map of one element (ApplyFn of bn_act_forward.cu, and its persistent rows store):
+// z = ((x - hi) - lo) * s + b (affine_split, p: the channel's 4 coefficients), + r when has_r,
+// returns act(z); bit: the sign of the output as rounded to T (the mask's bit).
+template <Act A, typename T, typename acc_t>
+__device__ __forceinline__ acc_t act_affine(acc_t x, const acc_t* p, bool has_r, acc_t r,
+                                            acc_t slope, bool relu_bits, bool& bit) {
+  acc_t z = affine_split(x, p);
+  if (has_r) z += r;
+  const acc_t y = ActFn<A>::f(z, slope);
+  bit = positive_output(static_cast<acc_t>(static_cast<T>(y)), relu_bits);
+  return y;
+}
+
+// The mask bits of a vector of V <= 8 elements e0, ..., e0 + V - 1 held by one lane (bit j: element
+// e0 + j) stored into their byte e0 / 8 by threads along a row of the rows layout: the G = 8 / V
+// consecutive lanes of one byte (lane % G == (e0 / V) % G, the group's first at a byte boundary;
+// every lane of the group calls this) OR their bits, shifted to their place, by shuffles within
+// the group, and the group's first lane stores the byte (as act_ew_apply forms the bytes: bit e %
+// 8 of byte e / 8). The byte is written once, by one lane.
+template <int V, typename index_t>
+__device__ __forceinline__ void store_mask_bits(uint8_t* mask, index_t e0, unsigned bits,
+                                                int lane) {
+  constexpr int G = kGroup / V;
+  static_assert(G >= 1 && G * V == kGroup, "V must divide a mask byte's 8 elements");
+  if constexpr (G > 1) {
+    const int m = lane % G;
+    bits <<= m * V;
+    const unsigned group = ((1u << G) - 1u) << (lane - m);
+#pragma unroll
+    for (int o = 1; o < G; o <<= 1) bits |= __shfl_xor_sync(group, bits, o);
+    if (m != 0) return;
+  }
+  mask[e0 >> 3] = static_cast<uint8_t>(bits);
+}
+
+// Whether the lanes of a rows kernel (TX lanes along C, vectors of V channels) can form the mask
+// bytes with store_mask_bits: rows start at byte boundaries (C % 8 == 0) and the lanes of a byte
+// lie in one row of one warp (TX a multiple of 8 / V).
+inline bool rows_mask_bytes_fit(int V, int tx, int64_t C) {
+  return V <= kGroup && C % kGroup == 0 && tx % (kGroup / V) == 0;
 }
 
 inline bool group_aligned(const void* p, int64_t elem_size) {

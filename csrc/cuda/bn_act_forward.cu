@@ -4,7 +4,14 @@
 // Training: the batch statistics and the normalize coefficients [4][C] exactly as forward_train
 // computes them (train_stats in bn_forward.cu: split Welford reduction + per-channel epilogue),
 // then ONE elementwise pass (bn_act_ew.cuh) that reads x and r and writes y and the mask: the
-// residual add and the activation cost no extra pass over memory. Eval: eval_coeffs, then the
+// residual add and the activation cost no extra pass over memory (3 |x| + |r| + mask).
+// The rows layout (channels_last, (N, C)) takes forward_train's persistent single-read path
+// instead where it fits (bn_persistent.cuh with ActStore: x read once into shared memory, the
+// same statistics and epilogue, then ApplyFn's map with r read and y and the mask written from
+// the tile: 2 |x| + |r| + mask); the mask needs C % 8 == 0 and the lanes of a mask byte in one
+// warp row there (rows_mask_bytes_fit), else -- or where the slab does not fit, the persistent
+// paths are off or the cooperative launch is refused -- the streaming passes above run.
+// The contiguous layout (NCHW) stays streaming. Eval: eval_coeffs, then the
 // same pass. No host synchronization; the checks and wording are the CPU backend's
 // (act_common.h).
 #include <ATen/Dispatch.h>
@@ -12,6 +19,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <array>
 #include <tuple>
 
 #include "act_common.h"
@@ -19,6 +27,8 @@
 #include "bn_act_ew.cuh"
 #include "bn_cuda_ops.h"
 #include "bn_elementwise.cuh"
+#include "bn_persistent.cuh"
+#include "bn_train_stats.cuh"
 
 namespace fusedbn {
 namespace cuda {
@@ -33,10 +43,45 @@ struct ApplyFn {
   __device__ __forceinline__ static void apply(const acc_t (&in)[kIn], const acc_t* p, bool,
                                                acc_t (&out)[kOut], bool& bit,
                                                const ActEwArgs<T>& a) {
-    acc_t z = ((in[0] - p[0]) - p[1]) * p[2] + p[3];
-    if (a.in[1] != nullptr) z += in[1];
-    out[0] = ActFn<A>::f(z, a.slope);
-    bit = positive_output(static_cast<acc_t>(static_cast<T>(out[0])), a.relu_bits);
+    out[0] = act_affine<A, T>(in[0], p, a.in[1] != nullptr, in[1], a.slope, a.relu_bits, bit);
+  }
+};
+
+// The persistent rows forward's last step for act_forward_train (bn_persistent.cuh's Store): on
+// each vector of x the tile holds, ApplyFn's map (act_affine) with the residual read there, y
+// written, and the mask bits (store_mask_bits: the lanes of a byte combine theirs) when asked.
+template <typename T>
+struct ActStore {
+  using acc_t = at::opmath_type<T>;
+  T* y;
+  const T* r;     // nullptr: no residual
+  uint8_t* mask;  // nullptr: not saved
+  acc_t slope;
+  int act;
+  bool relu_bits;
+
+  std::array<const void*, 2> ptrs() const { return {y, r}; }
+  bool accepts(int V, int tx, int64_t C) const {
+    return mask == nullptr || rows_mask_bytes_fit(V, tx, C);
+  }
+  template <int V, typename index_t>
+  __device__ __forceinline__ void store(const Vec<T, V>& xv, const acc_t (&cf)[V][4], index_t off,
+                                        int lane) const {
+    const Vec<T, V> rv = load_vec_or_zero<T, V>(r, off);
+    Vec<T, V> yv;
+    unsigned bits = 0;
+    dispatch_act(static_cast<Act>(act), [&](auto A) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        bool bit = false;
+        yv.v[j] = static_cast<T>(act_affine<decltype(A)::value, T>(
+            static_cast<acc_t>(xv.v[j]), cf[j], r != nullptr, static_cast<acc_t>(rv.v[j]), slope,
+            relu_bits, bit));
+        bits |= static_cast<unsigned>(bit) << j;
+      }
+    });
+    store_vec<T, V>(y + off, yv);
+    if (mask != nullptr) store_mask_bits<V>(mask, off, bits, lane);
   }
 };
 
@@ -57,6 +102,32 @@ void apply_act(const at::Tensor& x, const at::Tensor& r, at::Tensor& y, at::Tens
     a.relu_bits = act == Act::kRelu;
     launch_act_ew<ApplyFn, scalar_t>(a, g, x.get_device());
   });
+}
+
+// The persistent single-read forward of the rows layout (bn_persistent.cuh with ActStore), or
+// false (nothing written) where it does not apply: the caller takes the streaming path.
+bool persistent_act_train(const at::Tensor& x, const at::Tensor& r, at::Tensor& y,
+                          at::Tensor& mask, const Geometry& g,
+                          const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias, double eps, at::Tensor& mean,
+                          at::Tensor& invstd, at::Tensor& var, at::Tensor& coeffs, Act act,
+                          double slope) {
+  if (g.layout != Layout::kChannelsLast) return false;
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "fusedbn_act_forward_train_persistent", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ActStore<scalar_t> out{y.mutable_data_ptr<scalar_t>(),
+                                 r.defined() ? r.const_data_ptr<scalar_t>() : nullptr,
+                                 mask.numel() > 0 ? mask.mutable_data_ptr<uint8_t>() : nullptr,
+                                 static_cast<acc_t>(slope), static_cast<int>(act),
+                                 act == Act::kRelu};
+    done = persistent_rows_forward<scalar_t>(
+        x, g.rows(), g.C,
+        train_stats_epilogue<scalar_t>(x, g, weight, bias, eps, mean, invstd, var, coeffs),
+        coeffs, out);
+  });
+  return done;
 }
 
 }  // namespace
@@ -88,8 +159,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> act_forwa
     return {y, mean, invstd, var, mask};
   }
   at::Tensor coeffs = at::empty({kAffineParams * g.C}, stat_opts);
-  train_stats(x, g, weight, bias, eps, mean, invstd, var, coeffs);
-  apply_act(x, r, y, mask, g, coeffs, act, negative_slope);
+  if (!persistent_act_train(x, r, y, mask, g, weight, bias, eps, mean, invstd, var, coeffs, act,
+                            negative_slope)) {
+    train_stats(x, g, weight, bias, eps, mean, invstd, var, coeffs);
+    apply_act(x, r, y, mask, g, coeffs, act, negative_slope);
+  }
   return {y, mean, invstd, var, mask};
 }
 

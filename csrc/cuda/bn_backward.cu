@@ -135,11 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
         if (persistent) return;
       }
       if (eval_fused) {  // dx from the reduction's read of dy
-        const at::Tensor params = at::empty({2 * g.C}, acc_opts);
-        const auto blocks = static_cast<unsigned>(ceil_div<int64_t>(g.C, kBlockThreads));
-        launch_kernel(eval_dx_params_kernel<acc_t>, blocks, kBlockThreads, 0, current_stream(),
-                      channel_ptr(weight), mean_ptr, invstd_c.const_data_ptr<acc_t>(),
-                      params.mutable_data_ptr<acc_t>(), g.C);
+        const at::Tensor params = eval_dx_params<acc_t>(weight, mean_c, invstd_c);
         ReduceExtras ex;
         ex.out0 = grad_input;
         const Partials parts = reduce_pass1<EvalDxOp<Op>>(

@@ -32,7 +32,7 @@ struct AffineFn {
   static constexpr int kInputs = 1;
   static constexpr int kParams = kAffineParams;
   __device__ __forceinline__ static acc_t apply(acc_t x, acc_t, const acc_t (&p)[kParams]) {
-    return ((x - p[0]) - p[1]) * p[2] + p[3];
+    return affine_split(x, p);
   }
 };
 
@@ -41,7 +41,7 @@ struct GradFn {
   static constexpr int kInputs = 2;
   static constexpr int kParams = kGradParams;
   __device__ __forceinline__ static acc_t apply(acc_t dy, acc_t x, const acc_t (&p)[kParams]) {
-    return (dy - p[0]) * p[1] - (x - p[2]) * p[3];
+    return grad_dx(dy, x, p);
   }
 };
 

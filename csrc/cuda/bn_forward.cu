@@ -30,38 +30,12 @@
 #include "bn_persistent.cuh"
 #include "bn_persistent_nchw.cuh"
 #include "bn_reduce.cuh"
+#include "bn_train_stats.cuh"
 #include "common.h"
 
 namespace fusedbn {
 namespace cuda {
 namespace {
-
-// s is the shifted state of WelfordOp (bn_reduce_ops.cuh): the mean is s.mean + shift, saved
-// rounded once; the normalize pass gets the pair (shift, s.mean) unrounded.
-template <typename T, typename acc_t>
-struct TrainStatsEpilogue {
-  acc_t* mean;
-  acc_t* invstd;
-  acc_t* var;
-  acc_t* coeffs;  // [4][C]: shift, shifted mean, invstd * w, b
-  int64_t C;
-  acc_t eps;
-  ChannelPtr weight, bias;
-  ChannelShift<T> shift;
-
-  __device__ void operator()(int64_t c, const fusedbn::WelfordState<acc_t>& s) const {
-    const acc_t v = fusedbn::welford_var(s);
-    const acc_t is = acc_t(1) / ::sqrt(v + eps);
-    const acc_t hi = shift.template load<acc_t>(c);
-    mean[c] = s.mean + hi;
-    var[c] = v;
-    invstd[c] = is;
-    coeffs[c] = hi;
-    coeffs[C + c] = s.mean;
-    coeffs[2 * C + c] = is * weight.load<acc_t>(c, acc_t(1));
-    coeffs[3 * C + c] = bias.load<acc_t>(c, acc_t(0));
-  }
-};
 
 template <typename acc_t>
 __global__ void eval_coeffs_kernel(ChannelPtr running_mean, ChannelPtr running_var,
@@ -96,19 +70,11 @@ void train_stats(const at::Tensor& x, const Geometry& g, const c10::optional<at:
                  at::Tensor& invstd, at::Tensor& var, at::Tensor& coeffs) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "fusedbn_forward_train", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     using Op = WelfordOp<scalar_t>;
     const Partials parts = reduce_pass1<Op>(x, at::Tensor(), nullptr, g);
-    TrainStatsEpilogue<scalar_t, acc_t> epi{mean.mutable_data_ptr<acc_t>(),
-                                  invstd.mutable_data_ptr<acc_t>(),
-                                  var.mutable_data_ptr<acc_t>(),
-                                  coeffs.mutable_data_ptr<acc_t>(),
-                                  g.C,
-                                  static_cast<acc_t>(eps),
-                                  channel_ptr(weight),
-                                  channel_ptr(bias),
-                                  channel_shift<scalar_t>(x, g)};
-    reduce_pass2<Op>(parts, g.C, epi);
+    reduce_pass2<Op>(parts, g.C,
+                     train_stats_epilogue<scalar_t>(x, g, weight, bias, eps, mean, invstd, var,
+                                                    coeffs));
   });
 }
 
@@ -122,18 +88,12 @@ bool persistent_train(const at::Tensor& x, const at::Tensor& out, const Geometry
   bool done = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "fusedbn_forward_train_persistent", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    TrainStatsEpilogue<scalar_t, acc_t> epi{mean.mutable_data_ptr<acc_t>(),
-                                  invstd.mutable_data_ptr<acc_t>(),
-                                  var.mutable_data_ptr<acc_t>(),
-                                  coeffs.mutable_data_ptr<acc_t>(),
-                                  g.C,
-                                  static_cast<acc_t>(eps),
-                                  channel_ptr(weight),
-                                  channel_ptr(bias),
-                                  channel_shift<scalar_t>(x, g)};
+    const auto epi =
+        train_stats_epilogue<scalar_t>(x, g, weight, bias, eps, mean, invstd, var, coeffs);
     done = g.layout == Layout::kChannelsLast
-               ? persistent_rows_forward<scalar_t>(x, out, g.rows(), g.C, epi, coeffs)
+               ? persistent_rows_forward<scalar_t>(
+                     x, g.rows(), g.C, epi, coeffs,
+                     AffineStore<scalar_t>{out.mutable_data_ptr<scalar_t>()})
                : persistent_nchw_forward<scalar_t>(x, out, g, epi, coeffs);
   });
   return done;

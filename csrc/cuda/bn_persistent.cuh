@@ -1,8 +1,8 @@
 // The persistent single-read training forward (issue 15) for the rows layout (channels_last and
 // (N, C)): one cooperative launch per slab of channel columns, every CTA of it co-resident, each
 // holding its tile of x in shared memory from the one read of x to the write of y:
-//   1. the CTA loads its rows [y * rows / gy, (y + 1) * rows / gy) of its TX * V channels (TX lanes along C, one
-//      V-channel vector each, 32 / TX rows per warp, as the streaming rows kernel of
+//   1. the CTA loads its balanced range of rows (cta_rows) of its TX * V channels (TX lanes
+//      along C, one V-channel vector each, 32 / TX rows per warp, as the streaming rows kernel of
 //      bn_reduce_kernels.cuh lays them out) into shared memory, growing per-thread WelfordOp
 //      states on the way (the same shift -- the channel's first value, read once per CTA --, the
 //      same groups of K rows, push_all / push, finish), merges them within the warp by the same
@@ -17,10 +17,13 @@
 //      the split-mean coefficients hi, lo, s, b);
 //   4. grid barrier;
 //   5. each CTA reads the coefficients of its channels (once per CTA, through shared memory) and
-//      normalizes the tile it still holds, y = ((x - hi) - lo) * s + b as the streaming
-//      channel_affine, and writes y.
+//      hands each vector of the tile it still holds to the Store policy: AffineStore (forward_train)
+//      normalizes it, y = ((x - hi) - lo) * s + b as the streaming channel_affine, and writes y;
+//      act_forward_train's store (bn_act_forward.cu) adds the residual (read there), applies the
+//      activation and writes y and the packed sign mask (store_mask_bits, bn_act_ew.cuh).
 // Global traffic: x read once (+ one shift value per channel and CTA), y written once, partials
-// C * gy states written and read, coefficients 4 C written and 4 C per CTA column read.
+// C * gy states written and read, coefficients 4 C written and 4 C per CTA column read (+ what
+// the Store reads and writes besides y: the act store's residual once, mask once).
 // Numerics: the per-thread Welford, the merges and the normalize are the streaming path's
 // (WelfordOp of bn_reduce_ops.cuh, the same trees); only the partition of the rows into partials
 // differs (contiguous ranges of R rows per CTA instead of interleaved chunks), which changes the
@@ -33,6 +36,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 
 #include "bn_reduce.cuh"
@@ -45,13 +49,13 @@ namespace cuda {
 template <typename T, typename acc_t>
 struct PersistentRowsArgs {
   const T* x = nullptr;
-  T* y = nullptr;
   fusedbn::WelfordState<acc_t>* partials = nullptr;  // [C][gy]
   const acc_t* coeffs = nullptr;                     // [4][C], written by the epilogue
   int64_t rows = 0, C = 0;
   int64_t col0 = 0;  // the slab's first CTA column (TX channel vectors each)
   int64_t R = 0;     // rows per CTA, at most (the tile's capacity)
   int64_t gy = 1;    // CTAs per column = partials per channel
+  int64_t rq = 0, rr = 0;  // rows / gy, rows % gy (cta_rows)
   int32_t tx = 32;   // lanes along channels
 };
 
@@ -61,6 +65,16 @@ template <typename T, typename acc_t, int V>
 constexpr size_t persistent_scratch_bytes(int tx) {
   return size_t{kBlockThreads / kWarpSize} * tx * sizeof(fusedbn::WelfordState<acc_t>) +
          size_t{4} * tx * V * sizeof(acc_t);
+}
+
+// CTA row y's rows [r0, r1) of a persistent rows kernel's arguments a: balanced contiguous
+// ranges (the first rows % gy CTAs take one more) from the host's rq = rows / gy, rr = rows % gy,
+// so that the kernel has no 64-bit division (a subroutine call, around which ptxas spilled).
+template <typename index_t, class Args>
+__device__ __forceinline__ void cta_rows(const Args& a, index_t& r0, index_t& r1) {
+  const int64_t y = blockIdx.y;
+  r0 = static_cast<index_t>(y * a.rq + (y < a.rr ? y : a.rr));
+  r1 = r0 + static_cast<index_t>(a.rq + (y < a.rr ? 1 : 0));
 }
 
 // ---- the phases both persistent rows kernels share (this forward, bn_persistent_backward.cuh) ---
@@ -152,9 +166,32 @@ __device__ __forceinline__ void load_column_coeffs(const acc_t* coeffs, acc_t* c
   }
 }
 
-template <typename T, int V, typename index_t, class Epilogue>
+// The forward's last step, the plain one: y = ((x - hi) - lo) * s + b (the streaming
+// channel_affine's map) of the vector xv of V channels at element offset off. A Store policy
+// provides store<V>(xv, cf, off, lane) (lane: the thread's lane in its warp; every lane of a row
+// of the warp calls it for the same rows), ptrs() (the pointers the vector width must suit) and
+// accepts(V, tx, C) (false: the streaming path).
+template <typename T>
+struct AffineStore {
+  T* y;
+
+  std::array<const void*, 2> ptrs() const { return {y, nullptr}; }
+  bool accepts(int /*V*/, int /*tx*/, int64_t /*C*/) const { return true; }
+  template <int V, typename acc_t, typename index_t>
+  __device__ __forceinline__ void store(const Vec<T, V>& xv, const acc_t (&cf)[V][4], index_t off,
+                                        int /*lane*/) const {
+    Vec<T, V> yv;
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      yv.v[j] = static_cast<T>(affine_split(static_cast<acc_t>(xv.v[j]), cf[j]));
+    store_vec<T, V>(y + off, yv);
+  }
+};
+
+template <typename T, int V, typename index_t, class Epilogue, class Store>
 __global__ void __launch_bounds__(kBlockThreads)
-    persistent_rows_kernel(const PersistentRowsArgs<T, at::opmath_type<T>> a, const Epilogue epi) {
+    persistent_rows_kernel(const PersistentRowsArgs<T, at::opmath_type<T>> a, const Epilogue epi,
+                           const Store out) {
   using Op = WelfordOp<T>;
   using acc_t = typename Op::acc_t;
   using Partial = typename Op::Partial;
@@ -168,10 +205,10 @@ __global__ void __launch_bounds__(kBlockThreads)
   const index_t col = static_cast<index_t>(a.col0) + static_cast<index_t>(blockIdx.x);
   const index_t cv = col * TX + tx;  // vector of channels
   const bool active = k < RW && cv < C / V;
-  // Balanced contiguous ranges: CTA y takes rows [y * rows / gy, (y + 1) * rows / gy), at most
-  // R = ceil(rows / gy) of them, at least floor(rows / gy).
-  const index_t r0 = static_cast<index_t>(static_cast<int64_t>(blockIdx.y) * a.rows / a.gy);
-  const index_t r1 = static_cast<index_t>((static_cast<int64_t>(blockIdx.y) + 1) * a.rows / a.gy);
+  // Balanced contiguous ranges (cta_rows): at most R = ceil(rows / gy) rows per CTA, at least
+  // floor(rows / gy).
+  index_t r0, r1;
+  cta_rows(a, r0, r1);
   const index_t R = a.R;
 
   unsigned char* smem = dynamic_shared_memory();
@@ -234,20 +271,12 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   FUSEDBN_GRID_SYNC();
 
-  // Normalize the tile: the coefficients once per CTA through shared memory.
+  // Normalize the tile (the Store's map): the coefficients once per CTA through shared memory.
   acc_t cf[V][4];
   load_column_coeffs<acc_t, V, index_t>(a.coeffs, chan, cf, TX, tx, active, col, C);
   if (active) {
-    for (index_t r = r0 + ty; r < r1; r += TY) {
-      const Vec<T, V> xv = tile[(r - r0) * TX + tx];
-      Vec<T, V> yv;
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const acc_t xj = static_cast<acc_t>(xv.v[j]);
-        yv.v[j] = static_cast<T>(((xj - cf[j][0]) - cf[j][1]) * cf[j][2] + cf[j][3]);
-      }
-      store_vec<T, V>(a.y + r * C + cv * V, yv);
-    }
+    for (index_t r = r0 + ty; r < r1; r += TY)
+      out.template store<V>(tile[(r - r0) * TX + tx], cf, r * C + cv * V, lane);
   }
 }
 
@@ -319,19 +348,20 @@ PersistentRowsPlan plan_persistent_rows(Kernel kernel, int64_t rows, int64_t C, 
                                persistent_scratch_bytes<T, acc_t, V>(tx), device);
 }
 
-// The persistent forward over the rows x [rows][C] -> y, running epi (the streaming path's
-// TrainStatsEpilogue) once per channel; coeffs is what epi writes the coefficients to. Returns
-// false, having written nothing, when the slab does not fit or a launch is refused (the
-// caller runs the streaming path).
-template <typename T, class Epilogue>
-bool persistent_rows_forward(const at::Tensor& x, const at::Tensor& y, int64_t rows, int64_t C,
-                             const Epilogue& epi, const at::Tensor& coeffs) {
+// The persistent forward over the rows x [rows][C], running epi (the streaming path's
+// TrainStatsEpilogue) once per channel and out (AffineStore: y; act_forward_train's store) on
+// every vector of the tiles; coeffs is what epi writes the coefficients to. Returns false, having
+// written nothing, when the Store does not accept the layout, the slab does not fit or a launch is
+// refused (the caller runs the streaming path).
+template <typename T, class Epilogue, class Store>
+bool persistent_rows_forward(const at::Tensor& x, int64_t rows, int64_t C, const Epilogue& epi,
+                             const at::Tensor& coeffs, const Store& out) {
   using acc_t = at::opmath_type<T>;
   if (persistent_disabled()) return false;
   constexpr int VM = max_vec<T>();
   const T* xp = x.const_data_ptr<T>();
-  T* yp = y.mutable_data_ptr<T>();
-  const int vw = widest_vec<T>(C, {xp, yp});
+  int vw = widest_vec<T>(C, {xp});
+  for (const void* p : out.ptrs()) vw = std::min(vw, widest_vec<T>(C, {p}));
   const bool use64 = !fits_int32(rows * C);
   const int device = x.get_device();
   bool done = false;
@@ -339,8 +369,9 @@ bool persistent_rows_forward(const at::Tensor& x, const at::Tensor& y, int64_t r
     using index_t = typename decltype(itag)::type;
     dispatch_vec_width<VM>(vw, [&](auto vtag) {
       constexpr int V = decltype(vtag)::value;
-      auto kernel = persistent_rows_kernel<T, V, index_t, Epilogue>;
+      auto kernel = persistent_rows_kernel<T, V, index_t, Epilogue, Store>;
       const int tx = rows_lanes(C / V);
+      if (!out.accepts(V, tx, C)) return;
       const PersistentRowsPlan plan = plan_persistent_rows<T, V>(kernel, rows, C, tx, device);
       if (!plan.ok) return;
       at::Tensor parts = at::empty(
@@ -348,13 +379,14 @@ bool persistent_rows_forward(const at::Tensor& x, const at::Tensor& y, int64_t r
           x.options().dtype(at::kByte));
       PersistentRowsArgs<T, acc_t> a;
       a.x = xp;
-      a.y = yp;
       a.partials = reinterpret_cast<fusedbn::WelfordState<acc_t>*>(parts.data_ptr());
       a.coeffs = coeffs.const_data_ptr<acc_t>();
       a.rows = rows;
       a.C = C;
       a.R = plan.R;
       a.gy = plan.gy;
+      a.rq = rows / plan.gy;
+      a.rr = rows % plan.gy;
       a.tx = tx;
       const cudaStream_t stream = current_stream();
       for (int64_t c0 = 0; c0 < plan.gx; c0 += plan.gx_slab) {
@@ -362,7 +394,7 @@ bool persistent_rows_forward(const at::Tensor& x, const at::Tensor& y, int64_t r
         const int64_t n = std::min(plan.gx_slab, plan.gx - c0);
         const bool launched = launch_cooperative(
             kernel, dim3(static_cast<unsigned>(n), static_cast<unsigned>(plan.gy)),
-            dim3(kBlockThreads), plan.smem, stream, a, epi);
+            dim3(kBlockThreads), plan.smem, stream, a, epi, out);
         // Refused (an occupancy the query did not foresee): the streaming path the caller runs
         // then rewrites every output, the slabs already done included.
         if (!launched) return;

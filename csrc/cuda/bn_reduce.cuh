@@ -278,6 +278,20 @@ Partials reduce_pass1(const at::Tensor& in0, const at::Tensor& in1,
   return result;
 }
 
+// EvalDxOp's parameters [2][C] (bn_reduce_ops.cuh): the saved mean, a = w * invstd (mean and
+// invstd contiguous, of the accumulation type acc_t).
+template <typename acc_t>
+at::Tensor eval_dx_params(const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
+                          const at::Tensor& invstd) {
+  const int64_t C = mean.numel();
+  at::Tensor params = at::empty({2 * C}, mean.options());
+  const auto blocks = static_cast<unsigned>(ceil_div<int64_t>(C, kBlockThreads));
+  launch_kernel(eval_dx_params_kernel<acc_t>, blocks, kBlockThreads, 0, current_stream(),
+                channel_ptr(weight), mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                params.mutable_data_ptr<acc_t>(), C);
+  return params;
+}
+
 // Pass 2: merges each channel's partials and runs epi(c, merged) once per channel.
 template <class Op, class Epilogue>
 void reduce_pass2(const Partials& parts, int64_t C, const Epilogue& epi) {

@@ -84,6 +84,22 @@ __device__ __forceinline__ Vec<T, V> load_partial(const T* p, int lo, int hi) {
   return r;
 }
 
+// The normalize map of the training forward, the mean split in two (bn_elementwise.cuh:
+// coefficients hi, lo, s, b): ((x - hi) - lo) * s + b. The one place of it: channel_affine's
+// AffineFn, the persistent forwards' AffineStore and act_forward_train's map (bn_act_ew.cuh).
+template <typename acc_t>
+__device__ __forceinline__ acc_t affine_split(acc_t x, const acc_t* p) {
+  return ((x - p[0]) - p[1]) * p[2] + p[3];
+}
+
+// The training backward's dx map (bn_elementwise.cuh: coefficients k0, k1, k2, k3):
+// (dy - k0) * k1 - (x - k2) * k3. Its one place: channel_grad's GradFn, the persistent
+// backward's GradDxStore and act_backward's DxFromMaskFn.
+template <typename acc_t>
+__device__ __forceinline__ acc_t grad_dx(acc_t dy, acc_t x, const acc_t* p) {
+  return (dy - p[0]) * p[1] - (x - p[2]) * p[3];
+}
+
 inline bool aligned_to(const void* p, int bytes) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }
