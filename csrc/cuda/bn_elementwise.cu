@@ -20,30 +20,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include "bn_channel_fns.cuh"
 #include "bn_elementwise.cuh"
 #include "bn_utils.cuh"
 
 namespace fusedbn {
 namespace cuda {
 namespace {
-
-template <typename acc_t>
-struct AffineFn {
-  static constexpr int kInputs = 1;
-  static constexpr int kParams = kAffineParams;
-  __device__ __forceinline__ static acc_t apply(acc_t x, acc_t, const acc_t (&p)[kParams]) {
-    return ((x - p[0]) - p[1]) * p[2] + p[3];
-  }
-};
-
-template <typename acc_t>
-struct GradFn {
-  static constexpr int kInputs = 2;
-  static constexpr int kParams = kGradParams;
-  __device__ __forceinline__ static acc_t apply(acc_t dy, acc_t x, const acc_t (&p)[kParams]) {
-    return (dy - p[0]) * p[1] - (x - p[2]) * p[3];
-  }
-};
 
 template <typename T, typename acc_t>
 struct EwArgs {
