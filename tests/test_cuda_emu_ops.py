@@ -157,20 +157,27 @@ MASKS = list(itertools.product([True, False], repeat=3))
 
 
 def check_backward(x, dy, w, train, mask):
+    """backward under the rule; in training mode with grad_input for NCHW-like inputs also the
+    streaming path (persistent=False), which the persistent NCHW backward otherwise takes the
+    place of at these sizes (as check_forward_train does for the forward)."""
     mean, invstd = CPU.forward_train(x, w, None, EPS)[1:3]
     if not train:
         mean = torch.randn_like(mean)
         invstd = 0.5 + torch.rand_like(invstd)
-    emu = run_emu("backward", dy, x, w, mean, invstd, train, list(mask))
     cpu = CPU.backward(dy, x, w, mean, invstd, train, list(mask))
     ref = R.bwd(dy, x, w, mean, invstd, train)
-    for i, nm in enumerate(("grad_input", "grad_weight", "grad_bias")):
-        if mask[i]:
-            R.assert_rule(nm, emu[i], cpu[i], ref[i])
-        else:
-            assert emu[i].numel() == 0 and emu[i].dtype == cpu[i].dtype
-    if mask[0]:
-        assert emu[0].stride() == cpu[0].stride()
+    both = train and mask[0] and takes_nchw_paths(x)
+    for persistent in (None, False) if both else (None,):
+        with emu_config(persistent=persistent):  # None: as configured (persistent by default)
+            emu = run_emu("backward", dy, x, w, mean, invstd, train, list(mask))
+        for i, nm in enumerate(("grad_input", "grad_weight", "grad_bias")):
+            if mask[i]:
+                R.assert_rule(nm if persistent is None else nm + " (streaming)", emu[i], cpu[i],
+                              ref[i])
+            else:
+                assert emu[i].numel() == 0 and emu[i].dtype == cpu[i].dtype
+        if mask[0]:
+            assert emu[0].stride() == cpu[0].stride()
 
 
 def backward_cases():

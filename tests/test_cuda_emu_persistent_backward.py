@@ -6,7 +6,8 @@ tiles of dy and x in shared memory across two grid barriers.
   training mode with grad_input asked for, where the slab's two tiles fit the co-resident CTAs;
   the streaming launches (reduction, merge, dx pass) where they do not (an SM count and occupancy
   too small -- also where the forward's single tile still fits), when the persistent paths are
-  turned off, for NCHW, in eval mode, and without grad_input (the reduction alone);
+  turned off, in eval mode, and without grad_input (the reduction alone); NCHW takes the
+  contiguous layout's kernel (tests/test_cuda_emu_persistent_nchw_backward.py);
 - the persistent results against the CPU op and the long-double reference (the rule of
   tests/emu_reference.py, as tests/test_cuda_emu_ops.py), every dtype pair, weight None, the
   output masks, odd channel counts (narrow vectors, idle lanes), several slabs, large means,
@@ -66,33 +67,44 @@ def test_rows_layout_takes_the_persistent_path(shape, cl):
         assert ks == STREAMING_CL, ks
 
 
+def check_fallback(dy, x, w, kernel, streaming, refused, forward_kernel, fits):
+    """The streaming launches on each (SM count, blocks per SM) of refused, where the forward's
+    single tile still fits the last of them (forward_kernel runs, in one slab or more); the
+    persistent kernel on fits, within the rule. Returns its OpTraffic."""
+    for sms, bps in refused:
+        with emu_config(sm_count=sms, blocks_per_sm=bps):
+            ks, _ = backward_call(dy, x, w)
+        assert ks == streaming, (sms, bps, ks)
+    with emu_config(sm_count=refused[-1][0], blocks_per_sm=refused[-1][1]), traffic() as t:
+        emu_ops().forward_train(x, w, None, EPS)
+    assert set(t.calls[0].kernels()) == {forward_kernel}, t.calls[0].kernels()
+    with emu_config(sm_count=fits[0], blocks_per_sm=fits[1]):
+        ks, call = backward_call(dy, x, w)
+        assert ks == [kernel], ks
+        check_backward(x, dy, w, True, ALL)
+    return call
+
+
 def test_streaming_when_the_tiles_do_not_fit():
     """dy and x of (8, 128, 16, 16) float32 are 2 MB: more than one co-resident CTA of at most
     227 KB holds, and more than 4 SMs x 2 (8 x 227 KB, where the forward's 1 MB tile of x fits);
     16 SMs x 1 hold them."""
     shape = (8, 128, 16, 16)
     x, dy = rows_input(shape, torch.float32), rows_input(shape, torch.float32, seed=1)
-    w, b = params(128, torch.float32)
-    for sms, bps in ((1, 1), (4, 2)):
-        with emu_config(sm_count=sms, blocks_per_sm=bps):
-            ks, _ = backward_call(dy, x, w)
-        assert ks == STREAMING_CL, (sms, bps, ks)
-    with emu_config(sm_count=4, blocks_per_sm=2), traffic() as t:
-        emu_ops().forward_train(x, w, b, EPS)
-    assert t.calls[0].kernels() == ["persistent_rows_kernel"]
-    with emu_config(sm_count=16, blocks_per_sm=1):
-        ks, _ = backward_call(dy, x, w)
-        assert ks == [PERSISTENT], ks
-        check_backward(x, dy, w, True, ALL)
+    w, _ = params(128, torch.float32)
+    check_fallback(dy, x, w, PERSISTENT, STREAMING_CL, [(1, 1), (4, 2)], "persistent_rows_kernel",
+                   (16, 1))
 
 
-def test_nchw_stays_streaming():
+def test_nchw_takes_the_contiguous_kernel():
+    """NCHW takes the contiguous layout's persistent backward, not this one
+    (tests/test_cuda_emu_persistent_nchw_backward.py tests it)."""
     x = rows_input((4, 8, 6, 6), torch.float32, channels_last=False)
     dy = rows_input((4, 8, 6, 6), torch.float32, channels_last=False, seed=1)
     w, _ = params(8, torch.float32)
     with emu_config(sm_count=8, blocks_per_sm=0):
         ks, _ = backward_call(dy, x, w)
-    assert PERSISTENT not in ks, ks
+    assert ks == ["persistent_nchw_backward_kernel"], ks
 
 
 @pytest.mark.parametrize("train,mask,expect", [
@@ -181,21 +193,14 @@ def test_persistent_large_mean(dtype, shift, scale):
         check_backward(x, dy, w, True, ALL)
 
 
-def test_persistent_nonfinite():
-    """+-Inf and NaN in x (so in the saved statistics) and in dy: NaN and Inf where the CPU op
-    has them, the finite values by the rule, and the same non-finite places as the streaming
-    path."""
-    shape = (4, 8, 5, 5)
-    x, dy = rows_input(shape, torch.float32), rows_input(shape, torch.float32, seed=1)
-    x[1, 2, 3, 4] = float("inf")
-    x[2, 5, 1, 1] = float("nan")
-    dy[0, 3, 0, 0] = float("-inf")
-    dy[3, 6, 2, 2] = float("nan")
-    w, _ = params(8, torch.float32)
+def check_nonfinite(dy, x, w, kernel):
+    """The persistent backward (kernel) on dy, x holding +-Inf / NaN: NaN and Inf where the CPU op
+    has them, the finite values by the rule, the same non-finite places as the streaming path,
+    the same bits under three seeds."""
     mean, invstd = saved_stats(x, w)
     args = (dy, x, w, mean, invstd, True, ALL)
     with emu_config(sm_count=8, blocks_per_sm=0):
-        assert backward_call(dy, x, w)[0] == [PERSISTENT]
+        assert backward_call(dy, x, w)[0] == [kernel]
         pers = emu_ops().backward(*args)
         for seed in (1, 2):
             with emu_config(seed=seed):
@@ -214,22 +219,31 @@ def test_persistent_nonfinite():
         assert torch.equal(torch.isinf(pers[i]), torch.isinf(stream[i])), nm
 
 
+def test_persistent_nonfinite():
+    """+-Inf and NaN in x (so in the saved statistics) and in dy (check_nonfinite)."""
+    shape = (4, 8, 5, 5)
+    x, dy = rows_input(shape, torch.float32), rows_input(shape, torch.float32, seed=1)
+    x[1, 2, 3, 4] = float("inf")
+    x[2, 5, 1, 1] = float("nan")
+    dy[0, 3, 0, 0] = float("-inf")
+    dy[3, 6, 2, 2] = float("nan")
+    w, _ = params(8, torch.float32)
+    check_nonfinite(dy, x, w, PERSISTENT)
+
+
 AGREE_SHAPES = [((2, 256, 14, 14), True), ((2, 64, 28, 28), True), ((512, 256), False)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape,cl", AGREE_SHAPES, ids=["cl14", "cl28", "nc"])
-def test_persistent_and_streaming_agree(shape, cl, dtype):
-    """Both paths on one input, both within the rule (they differ only in how the rows are cut
-    into partials); the persistent results the same bits under two seeds."""
-    x, dy = rows_input(shape, dtype, cl), rows_input(shape, dtype, cl, seed=1)
-    w, _ = params(shape[1], torch.float32)
+def check_agree(dy, x, w, kernel, sm_count=8):
+    """The persistent backward (kernel) and the streaming one on one input, both within the rule
+    (they differ only in how the values are cut into partials); the persistent results the same
+    bits under two seeds."""
     mean, invstd = saved_stats(x, w)
     args = (dy, x, w, mean, invstd, True, ALL)
     ref = R.bwd(dy, x, w, mean, invstd, True)
     cpu = CPU.backward(*args)
-    with emu_config(sm_count=8, blocks_per_sm=0):
-        assert backward_call(dy, x, w)[0] == [PERSISTENT]
+    with emu_config(sm_count=sm_count, blocks_per_sm=0):
+        assert backward_call(dy, x, w)[0] == [kernel]
         runs = []
         for seed in (1, 2):
             with emu_config(seed=seed):
@@ -240,6 +254,14 @@ def test_persistent_and_streaming_agree(shape, cl, dtype):
         R.assert_bitwise_equal(runs[0][i], runs[1][i], nm + " under seeds 1, 2")
         R.assert_rule(nm + " (persistent)", runs[0][i], cpu[i], ref[i])
         R.assert_rule(nm + " (streaming)", stream[i], cpu[i], ref[i])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,cl", AGREE_SHAPES, ids=["cl14", "cl28", "nc"])
+def test_persistent_and_streaming_agree(shape, cl, dtype):
+    x, dy = rows_input(shape, dtype, cl), rows_input(shape, dtype, cl, seed=1)
+    w, _ = params(shape[1], torch.float32)
+    check_agree(dy, x, w, PERSISTENT)
 
 
 # ---- traffic --------------------------------------------------------------------------------
@@ -253,27 +275,23 @@ TRAFFIC_CASES = [("cl14", (2, 256, 14, 14), True, torch.float32),
                  ("nc", (512, 256), False, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("name,shape,cl,dtype", TRAFFIC_CASES,
-                         ids=["%s-%s" % (c[0], str(c[3])[6:]) for c in TRAFFIC_CASES])
-def test_persistent_backward_reads_dy_and_x_once(name, shape, cl, dtype):
+def check_traffic(dy, x, w, kernel):
     """dy read once, x read once, dx written once; beyond them exactly the per-channel extras of
-    the kernel (bn_persistent_backward.cuh), with gy CTAs per column and 4-byte accumulation
-    (float32 for float32 and bfloat16):
+    the persistent backward kernels (bn_persistent_backward.cuh, bn_persistent_nchw_backward.cuh),
+    with gy CTAs per column and 4-byte accumulation (float32 for float32 and bfloat16):
       mean       read  C * gy * 4 (once per CTA) + C * 4 (the epilogue's coefficient k2)
       invstd     read  C * 4;   weight read C * |w|;   grad_weight, grad_bias written C * |w|
       partials   written and read C * gy * 16 (GradPartial: two compensated sums)
       coeffs     written 4 C * 4, read 4 C * 4 per CTA of its column (4 C * gy * 4 in all);
     total = 3 |x| + those; every bulk access within 1.1x of the ideal sectors. The streaming path
-    on the same input moves 5 |x|."""
-    x, dy = rows_input(shape, dtype, cl), rows_input(shape, dtype, cl, seed=1)
-    C = shape[1]
-    w, _ = params(C, dtype)
+    on the same input moves 5 |x|. Every launch (slab) is the kernel."""
+    C = x.shape[1]
     xbytes = x.numel() * x.element_size()
     with emu_config(sm_count=8, blocks_per_sm=0):
         ks, call = backward_call(dy, x, w)
         with emu_config(persistent=False):
             _, stream = backward_call(dy, x, w)
-    assert ks == [PERSISTENT], ks
+    assert ks == [kernel] * len(call.launches), ks
     table = call.table(xbytes)
     gy = call.launches[0].grid[1]
     wb = w.element_size()
@@ -295,3 +313,12 @@ def test_persistent_backward_reads_dy_and_x_once(name, shape, cl, dtype):
                 continue
             for d in (t.read, t.write):
                 assert not d.accesses or d.sector_ratio <= 1.1, table
+
+
+@pytest.mark.parametrize("name,shape,cl,dtype", TRAFFIC_CASES,
+                         ids=["%s-%s" % (c[0], str(c[3])[6:]) for c in TRAFFIC_CASES])
+def test_persistent_backward_reads_dy_and_x_once(name, shape, cl, dtype):
+    """check_traffic on the rows layouts."""
+    x, dy = rows_input(shape, dtype, cl), rows_input(shape, dtype, cl, seed=1)
+    w, _ = params(shape[1], dtype)
+    check_traffic(dy, x, w, PERSISTENT)

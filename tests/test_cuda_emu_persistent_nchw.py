@@ -62,13 +62,17 @@ def sid(v):
 
 # ---- the path ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape,streaming", [
-    ((4, 8, 6, 6), STREAMING_PACKED),      # packed groups of small planes
-    ((2, 3, 40, 40), STREAMING_PLANES),    # S = 1600 float32: two segments per plane
-    ((2, 8, 3, 4, 5), STREAMING_PACKED),   # NCDHW
-    ((4, 6, 33), STREAMING_PACKED),        # (N, C, L)
-], ids=sid)
-def test_nchw_takes_the_persistent_path(shape, streaming):
+# (shape, the streaming reduction kernel) of the path tests (here and of the backward's).
+PATH_CASES = [
+    ((4, 8, 6, 6), "reduce_packed_kernel"),     # packed groups of small planes
+    ((2, 3, 40, 40), "reduce_planes_kernel"),   # S = 1600 float32: two segments per plane
+    ((2, 8, 3, 4, 5), "reduce_packed_kernel"),  # NCDHW
+    ((4, 6, 33), "reduce_packed_kernel"),       # (N, C, L)
+]
+
+
+@pytest.mark.parametrize("shape,reduction", PATH_CASES, ids=sid)
+def test_nchw_takes_the_persistent_path(shape, reduction):
     x = nchw_input(shape, torch.float32)
     w, b = params(shape[1], torch.float32)
     with emu_config(sm_count=8, blocks_per_sm=0):
@@ -76,7 +80,7 @@ def test_nchw_takes_the_persistent_path(shape, streaming):
         assert ks == [PERSISTENT], ks
         with emu_config(persistent=False):
             ks, _ = kernels_of(x, w, b)
-        assert ks == streaming, ks
+        assert ks == [reduction] + STREAMING_PACKED[1:], ks
 
 
 def test_streaming_when_it_does_not_fit():

@@ -16,12 +16,13 @@
 // 1 writes it as it reads dy (EvalDxOp: a per-channel kernel places (mean, a) for it first) and
 // step 2 is not run: dy and x read once, dx written once (3 tensor passes instead of 4); tensors
 // of more than 2^30 elements keep the two steps.
-// In training mode with dx asked for, the rows layout (channels_last, (N, C)) takes the persistent
-// single-read backward instead where its slab of dy and x fits on chip in co-resident CTAs
-// (bn_persistent_backward.cuh: one cooperative launch per slab, dy and x read once, the same
-// GradOp, merge tree, epilogue and dx map): 3 tensor passes instead of 5. The launches above are
-// the fallback (too large, or the cooperative launch refused), and the path of every other case
-// (without dx the reduction reads dy and x once already; eval's dx reads dy alone).
+// In training mode with dx asked for, the persistent single-read backward runs instead where its
+// slab of dy and x fits on chip in co-resident CTAs (one cooperative launch per slab, dy and x
+// read once, the same GradOp, merge tree, epilogue and dx map): bn_persistent_backward.cuh for
+// the rows layout (channels_last, (N, C)), bn_persistent_nchw_backward.cuh for the contiguous one
+// (NCHW, NCDHW, (N, C, L)); 3 tensor passes instead of 5. The launches above are the fallback
+// (too large, or the cooperative launch refused), and the path of every other case (without dx
+// the reduction reads dy and x once already; eval's dx reads dy alone).
 // grad_output is brought to the strides of the canonical input first (common.h match_layout: a
 // copy only when they differ), so that every pass reads dy and x at the same offsets.
 #include <ATen/Dispatch.h>
@@ -34,6 +35,7 @@
 #include "bn_cuda_ops.h"
 #include "bn_elementwise.cuh"
 #include "bn_persistent_backward.cuh"
+#include "bn_persistent_nchw_backward.cuh"
 #include "bn_reduce.cuh"
 #include "common.h"
 
@@ -129,9 +131,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                                   coeffs_ptr,
                                   g.C,
                                   mode};
-      if (mode == DxCoeffs::kTrain && g.layout == Layout::kChannelsLast) {
-        persistent = persistent_rows_backward<scalar_t>(dy, x, grad_input, g.rows(), g.C,
-                                                        mean_ptr, epi, coeffs);
+      if (mode == DxCoeffs::kTrain) {
+        persistent = g.layout == Layout::kChannelsLast
+                         ? persistent_rows_backward<scalar_t>(dy, x, grad_input, g.rows(), g.C,
+                                                              mean_ptr, epi, coeffs)
+                         : persistent_nchw_backward<scalar_t>(dy, x, grad_input, g, mean_ptr,
+                                                              epi, coeffs);
         if (persistent) return;
       }
       if (eval_fused) {  // dx from the reduction's read of dy

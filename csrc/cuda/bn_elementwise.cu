@@ -20,30 +20,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include "bn_channel_fns.cuh"
 #include "bn_elementwise.cuh"
 #include "bn_utils.cuh"
 
 namespace fusedbn {
 namespace cuda {
 namespace {
-
-template <typename acc_t>
-struct AffineFn {
-  static constexpr int kInputs = 1;
-  static constexpr int kParams = kAffineParams;
-  __device__ __forceinline__ static acc_t apply(acc_t x, acc_t, const acc_t (&p)[kParams]) {
-    return affine_split(x, p);
-  }
-};
-
-template <typename acc_t>
-struct GradFn {
-  static constexpr int kInputs = 2;
-  static constexpr int kParams = kGradParams;
-  __device__ __forceinline__ static acc_t apply(acc_t dy, acc_t x, const acc_t (&p)[kParams]) {
-    return grad_dx(dy, x, p);
-  }
-};
 
 template <typename T, typename acc_t>
 struct EwArgs {

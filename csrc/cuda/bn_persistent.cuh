@@ -17,8 +17,8 @@
 //      the split-mean coefficients hi, lo, s, b);
 //   4. grid barrier;
 //   5. each CTA reads the coefficients of its channels (once per CTA, through shared memory) and
-//      hands each vector of the tile it still holds to the Store policy: AffineStore (forward_train)
-//      normalizes it, y = ((x - hi) - lo) * s + b as the streaming channel_affine, and writes y;
+//      hands each vector of the tile it still holds to the Store policy: AffineStore
+//      (forward_train) normalizes it, y = ((x - hi) - lo) * s + b as the streaming channel_affine, and writes y;
 //      act_forward_train's store (bn_act_forward.cu) adds the residual (read there), applies the
 //      activation and writes y and the packed sign mask (store_mask_bits, bn_act_ew.cuh).
 // Global traffic: x read once (+ one shift value per channel and CTA), y written once, partials

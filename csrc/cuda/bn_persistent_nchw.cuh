@@ -1,7 +1,11 @@
-// The persistent single-read training forward (issue 15) for the contiguous layout (N, C, S):
-// NCHW, NCDHW and (N, C, L). One cooperative launch per slab of CTA columns, every CTA of it
-// co-resident, each holding its tile of x in shared memory from the one read of x to the write
-// of y. The work is cut as the streaming pass 1 of bn_reduce_kernels.cuh cuts it:
+// The persistent single-read training passes (issue 15) for the contiguous layout (N, C, S):
+// NCHW, NCDHW and (N, C, L). One body (persistent_nchw_body) and one planner serve the forward
+// (this file: x -> y, WelfordOp, TrainStatsEpilogue, channel_affine's map AffineFn) and the
+// backward (bn_persistent_nchw_backward.cuh: dy, x -> dx, GradOp, BackwardEpilogue, channel_grad's
+// map GradFn). One cooperative launch per slab of CTA columns, every CTA of it co-resident, each
+// holding its tiles of the op's inputs (Op::kInputs: x, or dy and x) in shared memory from their
+// one read to the write of the output. The work is cut as the streaming pass 1 of
+// bn_reduce_kernels.cuh cuts it:
 //  * packed (S <= 256 vectors - V + 1, C * S a multiple of the vector width, else scalar): a unit
 //    is a balanced group of cb or cb - 1 whole planes (the first C % units groups take cb); the
 //    cb * S values of one sample are one contiguous window, read as 16-byte vectors aligned to
@@ -13,38 +17,43 @@
 // (slot k: sample n + k), as the streaming packed kernel does with one vector slot per thread.
 // CTA column x takes a balanced range of the units (whole channels: a channel is never split
 // between slabs), CTA row y a balanced range of the samples:
-//   1. per unit: the channels' shifts (their first values) read once per CTA into shared memory;
-//      the windows of its samples loaded into the tile, growing per-slot WelfordOp states on the
-//      way (two per slot: the vector's channel and the next one; push_group with the element
-//      ranges of the streaming kernels); the slots merged in sample order, one piece pair per
-//      thread to shared memory, then per channel the pieces of its vectors in vector order (a
-//      thread or a warp per channel, the packed kernel's choice) -> partials[c][y];
+//   1. per unit: the channels' op parameters (Op::param: WelfordOp's shift, the channel's first
+//      value; GradOp's saved mean) read once per CTA into shared memory; the windows of its
+//      samples loaded into the tiles, growing per-slot op states on the way (two per slot: the
+//      vector's channel and the next one; push_group with the element ranges of the streaming
+//      kernels); the slots merged in sample order, one piece pair per thread to shared memory,
+//      then per channel the pieces of its vectors in vector order (a thread or a warp per
+//      channel, the packed kernel's choice) -> partials[c][y];
 //   2. grid barrier;
 //   3. the column's channels dealt out to its gy CTAs, a warp per channel: lane l merges partials
 //      l, l + 32, ... in order, then the warp's shuffle tree (the streaming pass 2 with a
-//      32-thread group), and the streaming epilogue (TrainStatsEpilogue);
+//      32-thread group), and the streaming path's epilogue;
 //   4. grid barrier;
-//   5. per unit: the coefficients of its channels read once into shared memory, the tile
-//      normalized, y = ((x - hi) - lo) * s + b as channel_affine, and y written (vector stores
-//      where y sits in its 16-byte lines as x does, else element-wise).
-// Global traffic: x read once (+ one shift value per channel and CTA row, + C by the epilogue),
-// y written once, partials C * gy states written and read, coefficients 4 C written and 4 C per
-// CTA row read.
-// Numerics: the per-vector Welford groups, the Chan merges and the normalize are the streaming
-// path's (WelfordOp, the same element ranges, the same epilogue); only the partition of the
-// samples into partials differs (contiguous ranges per CTA instead of interleaved samples, and a
-// plane's segments merged within the CTA), which changes the rounding, not the error bound.
-// The planner (plan_persistent_nchw) sizes the tile from the occupancy API; a tensor none of
-// whose slabs fits, or a cooperative launch that is refused, leaves the streaming path to the
-// caller.
+//   5. per unit: the 4 coefficients of its channels read once into shared memory, the map of the
+//      streaming element-wise pass applied to the tiles (Fn::apply: y = ((x - hi) - lo) * s + b,
+//      dx = (dy - k0) * a - (x - mean) * k3), and the output written (vector stores where it sits
+//      in its 16-byte lines as the inputs do, else element-wise).
+// Global traffic: each input read once (+ one parameter per channel and CTA row: the forward's
+// shift is a value of x, the backward's mean one of the saved mean), the output written once,
+// partials C * gy states written and read, coefficients 4 C written and 4 C per CTA row read,
+// plus what the epilogue reads and writes per channel.
+// Numerics: the per-vector groups, the merges and the maps are the streaming path's (the same op,
+// element ranges, epilogue and map); only the partition of the samples into partials differs
+// (contiguous ranges per CTA instead of interleaved samples, and a plane's segments merged within
+// the CTA), which changes the rounding, not the error bound.
+// The planner (plan_persistent_nchw) sizes the tiles from the occupancy API (Op::kInputs tiles:
+// the backward's hold about half the forward's values); a tensor none of whose slabs fits, or a
+// cooperative launch that is refused, leaves the streaming path to the caller.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "bn_channel_fns.cuh"
 #include "bn_reduce_kernels.cuh"
 #include "bn_reduce_ops.cuh"
 #include "bn_utils.cuh"
@@ -53,12 +62,17 @@
 namespace fusedbn {
 namespace cuda {
 
-template <typename T, typename acc_t>
+// The arguments of both kernels. The op reads its per-channel parameter through Op::param(a, c)
+// (bn_reduce_ops.cuh): WelfordOp the shift in0[c * shift_stride], GradOp the saved mean chan[c].
+template <typename T, typename acc_t, typename Partial>
 struct PersistentNchwArgs {
-  const T* x = nullptr;
-  T* y = nullptr;
-  fusedbn::WelfordState<acc_t>* partials = nullptr;  // [C][gy]
-  const acc_t* coeffs = nullptr;                     // [4][C], written by the epilogue
+  const T* in0 = nullptr;        // forward: x; backward: dy
+  const T* in1 = nullptr;        // backward: x
+  T* out = nullptr;              // forward: y; backward: dx
+  const acc_t* chan = nullptr;   // backward: the saved mean [C]
+  int64_t shift_stride = 0;      // forward: S (ChannelShift)
+  Partial* partials = nullptr;   // [C][gy]
+  const acc_t* coeffs = nullptr;  // [4][C], written by the epilogue
   int64_t N = 0, C = 0, S = 0;
   // Balanced ranges without a division in the kernel (a 64-bit one is a subroutine call that
   // made ptxas spill): item i of `parts` starts at i * q + min(i, r), q = total / parts,
@@ -77,8 +91,8 @@ struct PersistentNchwArgs {
   int32_t upc = 0;      // units per column, at most
   int32_t spc = 0;      // samples per CTA, at most
   int32_t cbmax = 1;    // channels per unit, at most (the shared channel values)
-  int32_t mis = 0;      // position of x in its 16-byte line, in elements
-  int32_t out_vec = 0;  // 1: y sits in its lines as x does (vector stores)
+  int32_t mis = 0;      // position of the inputs in their 16-byte lines, in elements
+  int32_t out_vec = 0;  // 1: the output sits in its lines as the inputs do (vector stores)
 };
 
 // The start of item i of a balanced split (see PersistentNchwArgs).
@@ -86,10 +100,10 @@ __host__ __device__ __forceinline__ int64_t balanced_start(int64_t i, int64_t q,
   return i * q + (i < r ? i : r);
 }
 
-// Shared memory next to the tile: two pieces per thread, the unit's channel values [4][cbmax].
-template <typename acc_t>
+// Shared memory next to the tiles: two pieces per thread, the unit's channel values [4][cbmax].
+template <typename Partial, typename acc_t>
 constexpr size_t persistent_nchw_scratch_bytes(int cbmax) {
-  return size_t{2} * kBlockThreads * sizeof(fusedbn::WelfordState<acc_t>) +
+  return size_t{2} * kBlockThreads * sizeof(Partial) +
          size_t{4} * static_cast<size_t>(cbmax) * sizeof(acc_t);
 }
 
@@ -100,13 +114,18 @@ struct NchwWindow {
   int W, Sw;
 };
 
-template <typename T, int V, typename index_t, class Epilogue>
-__global__ void __launch_bounds__(kBlockThreads)
-    persistent_nchw_kernel(const PersistentNchwArgs<T, at::opmath_type<T>> a, const Epilogue epi) {
-  using Op = WelfordOp<T>;
+// The kernels' shared body: Op (WelfordOp / GradOp) grows the partials from its inputs, Epilogue
+// turns the merged partial of each channel into its 4 coefficients, Fn maps the tiles with them.
+template <class Op, class Fn, int V, typename index_t, class Args, class Epilogue>
+__device__ __forceinline__ void persistent_nchw_body(const Args& a, const Epilogue& epi) {
+  using T = typename Op::scalar_t;
   using acc_t = typename Op::acc_t;
   using Partial = typename Op::Partial;
+  using Param = typename Op::Param;
+  static_assert(sizeof(Param) == sizeof(acc_t), "the channel values hold one acc_t each");
+  static_assert(Fn::kParams == 4, "4 coefficients per channel");
   constexpr int K = kReduceK;
+  constexpr int NI = Op::kInputs;  // tiles
   constexpr int kWarps = kBlockThreads / kWarpSize;
   const index_t C = a.C, S = a.S;
   const int t = threadIdx.x;
@@ -122,11 +141,12 @@ __global__ void __launch_bounds__(kBlockThreads)
   const index_t mis = a.mis;
 
   unsigned char* smem = dynamic_shared_memory();
-  Vec<T, V>* tile = reinterpret_cast<Vec<T, V>*>(smem);  // [upc][spc][nw][nq]
-  const size_t tile_bytes =
-      (static_cast<size_t>(a.upc) * spc * nw * nq * sizeof(Vec<T, V>) + 15) / 16 * 16;
+  Vec<T, V>* tile = reinterpret_cast<Vec<T, V>*>(smem);  // [NI][upc][spc][nw][nq]
+  const size_t tile_vecs = static_cast<size_t>(a.upc) * spc * nw * nq;
+  const size_t tile_bytes = (NI * tile_vecs * sizeof(Vec<T, V>) + 15) / 16 * 16;
   Partial* pieces = reinterpret_cast<Partial*>(smem + tile_bytes);  // [2 * kBlockThreads]
   acc_t* chan = reinterpret_cast<acc_t*>(pieces + 2 * kBlockThreads);  // [4][cbmax]
+  Param* pchan = reinterpret_cast<Param*>(chan);                        // [cbmax] (phase 1)
 
   // Unit u: channels [c0, c0 + cbn).
   auto unit_channels = [&](int64_t u, int64_t& c0, int& cbn) {
@@ -145,7 +165,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     return {off, W, W};
   };
   // Thread t's vector of the window of sample nn: elements [lo, bnd) of local channel ch,
-  // [bnd, hi) of ch + 1 (lo == hi: none), at x + base.
+  // [bnd, hi) of ch + 1 (lo == hi: none), at in + base.
   struct Slot {
     index_t base;
     int lo, hi, bnd, ch;
@@ -163,19 +183,22 @@ __global__ void __launch_bounds__(kBlockThreads)
     s.bnd = s.lo < s.hi ? min(s.hi, max(s.lo, (s.ch + 1) * win.Sw - rel)) : s.hi;
     return s;
   };
-  auto tile_at = [&](int64_t iu, index_t nn, int w) -> Vec<T, V>& {
-    return tile[((iu * spc + static_cast<int64_t>(nn - n0)) * nw + w) * nq + t];
+  auto tile_at = [&](int i, int64_t iu, index_t nn, int w) -> Vec<T, V>& {
+    return tile[i * tile_vecs + ((iu * spc + static_cast<int64_t>(nn - n0)) * nw + w) * nq + t];
+  };
+  auto load_slot = [&](const T* in, const Slot& s) -> Vec<T, V> {
+    if (s.lo == 0 && s.hi == V) return load_vec<T, V>(in + s.base);
+    return load_partial<T, V>(in + s.base, s.lo, s.hi);
   };
 
-  // ---- 1. load the tile, per-unit partials ----
+  // ---- 1. load the tiles, per-unit partials ----
   for (int64_t u = u_begin; u < u_end; ++u) {
     int64_t c0l;
     int cbn;
     unit_channels(u, c0l, cbn);
     const index_t c0 = static_cast<index_t>(c0l);
     // The previous unit's merges read the pieces this one overwrites (after the barrier below).
-    for (int i = t; i < cbn; i += kBlockThreads)
-      chan[i] = ChannelShift<T>{a.x, a.S}.template load<acc_t>(c0l + i);
+    for (int i = t; i < cbn; i += kBlockThreads) pchan[i] = Op::param(a, c0l + i);
     __syncthreads();
 
     typename Op::Thread s0[K], s1[K];
@@ -187,7 +210,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     for (int w = 0; w < nw; ++w) {
       const NchwWindow win = window(w, cbn);
       for (index_t n = n0; n < n1; n += K) {
-        Vec<T, V> r[K];
+        Vec<T, V> r0[K], r1[K];
         Slot sl[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) {
@@ -195,26 +218,27 @@ __global__ void __launch_bounds__(kBlockThreads)
           sl[k].lo = sl[k].hi = sl[k].bnd = sl[k].ch = 0;
           if (nn < n1) {
             sl[k] = slot(nn, c0, win);
-            if (sl[k].lo == 0 && sl[k].hi == V) {
-              r[k] = load_vec<T, V>(a.x + sl[k].base);
-            } else if (sl[k].lo < sl[k].hi) {
-              r[k] = load_partial<T, V>(a.x + sl[k].base, sl[k].lo, sl[k].hi);
+            if (sl[k].lo < sl[k].hi) {
+              r0[k] = load_slot(a.in0, sl[k]);
+              if constexpr (NI == 2) r1[k] = load_slot(a.in1, sl[k]);
+              tile_at(0, u - u_begin, nn, w) = r0[k];
+              if constexpr (NI == 2) tile_at(1, u - u_begin, nn, w) = r1[k];
             }
-            if (sl[k].lo < sl[k].hi) tile_at(u - u_begin, nn, w) = r[k];
           }
         }
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           const Slot& q = sl[k];
           if (q.lo >= q.hi) continue;
-          const typename Op::Param p0{chan[q.ch]};
+          const Vec<T, V>& rb = NI == 2 ? r1[k] : r0[k];
+          const Param p0 = pchan[q.ch];
           if (q.lo == 0 && q.bnd == V) {
-            push_group<Op, V>(s0[k], r[k], r[k], r[k], 0, V, p0);
+            push_group<Op, V>(s0[k], r0[k], rb, r0[k], 0, V, p0);
           } else {
-            if (q.lo < q.bnd) push_group<Op, V>(s0[k], r[k], r[k], r[k], q.lo, q.bnd, p0);
+            if (q.lo < q.bnd) push_group<Op, V>(s0[k], r0[k], rb, r0[k], q.lo, q.bnd, p0);
             if (q.bnd < q.hi) {
-              const typename Op::Param p1{chan[q.ch + 1]};
-              push_group<Op, V>(s1[k], r[k], r[k], r[k], q.bnd, q.hi, p1);
+              const Param p1 = pchan[q.ch + 1];
+              push_group<Op, V>(s1[k], r0[k], rb, r0[k], q.bnd, q.hi, p1);
             }
           }
         }
@@ -298,14 +322,14 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   FUSEDBN_GRID_SYNC();
 
-  // ---- 5. normalize the tile ----
+  // ---- 5. the map over the tiles ----
   const bool out_vec = a.out_vec != 0;
   for (int64_t u = u_begin; u < u_end; ++u) {
     int64_t c0l;
     int cbn;
     unit_channels(u, c0l, cbn);
     const index_t c0 = static_cast<index_t>(c0l);
-    __syncthreads();  // the previous unit's normalize has read chan
+    __syncthreads();  // the previous unit's map has read chan
     for (int i = t; i < 4 * cbn; i += kBlockThreads) {
       const int kk = i / cbn, q = i % cbn;
       chan[kk * cbmax + q] = a.coeffs[static_cast<int64_t>(kk) * a.C + c0l + q];
@@ -316,29 +340,38 @@ __global__ void __launch_bounds__(kBlockThreads)
       for (index_t nn = n0; nn < n1; ++nn) {
         const Slot q = slot(nn, c0, win);
         if (q.lo >= q.hi) continue;
-        const Vec<T, V> xv = tile_at(u - u_begin, nn, w);
+        const Vec<T, V> v0 = tile_at(0, u - u_begin, nn, w);
+        const Vec<T, V> v1 = tile_at(NI - 1, u - u_begin, nn, w);
         Vec<T, V> yv;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           const int ch = j < q.bnd ? q.ch : q.ch + 1;
           const int cj = j >= q.lo && j < q.hi ? ch : q.ch;  // lanes outside: any channel
-          const acc_t xj = static_cast<acc_t>(xv.v[j]);
-          yv.v[j] = static_cast<T>(((xj - chan[cj]) - chan[cbmax + cj]) * chan[2 * cbmax + cj] +
-                                   chan[3 * cbmax + cj]);
+          const acc_t p[4] = {chan[cj], chan[cbmax + cj], chan[2 * cbmax + cj],
+                              chan[3 * cbmax + cj]};
+          yv.v[j] = static_cast<T>(
+              Fn::apply(static_cast<acc_t>(v0.v[j]), static_cast<acc_t>(v1.v[j]), p));
         }
         if (q.lo == 0 && q.hi == V && out_vec) {
-          store_vec<T, V>(a.y + q.base, yv);
+          store_vec<T, V>(a.out + q.base, yv);
         } else {
 #pragma unroll
           for (int j = 0; j < V; ++j)
-            if (j >= q.lo && j < q.hi) a.y[q.base + j] = yv.v[j];
+            if (j >= q.lo && j < q.hi) a.out[q.base + j] = yv.v[j];
         }
       }
     }
   }
 }
 
-// The plan of one persistent NCHW forward; ok = false: the streaming path.
+template <typename T, int V, typename index_t, class Epilogue>
+__global__ void __launch_bounds__(kBlockThreads) persistent_nchw_kernel(
+    const PersistentNchwArgs<T, at::opmath_type<T>, fusedbn::WelfordState<at::opmath_type<T>>> a,
+    const Epilogue epi) {
+  persistent_nchw_body<WelfordOp<T>, AffineFn<at::opmath_type<T>>, V, index_t>(a, epi);
+}
+
+// The plan of one persistent contiguous pass; ok = false: the streaming path.
 struct PersistentNchwPlan {
   bool ok = false;
   bool packed = false;
@@ -351,18 +384,18 @@ struct PersistentNchwPlan {
 // Units and windows: packed groups of whole planes when a window of 256 vectors holds a plane
 // (at most 256 V - V + 1 values, the window's head in its line included), else one channel per
 // unit cut into segments of at most 255 V values (256 for scalars: a segment at any position
-// in its line spans at most 256 vectors). Then the tile: a CTA holds upc units x spc samples x
-// nseg windows x nq vectors of dynamic shared memory next to the scratch. The candidate budgets
-// run from small to the device's opt-in maximum; for each, the occupancy API says how many CTAs
-// can be co-resident; the first budget at which every column fits one launch wins -- the least
-// shared memory, the most CTAs per SM --, else the largest at which a slab of at least one
-// column fits (slabs of as many columns as fit, one launch each). A budget counts only if its
-// tile holds twice the units (or samples) that make min_values = 8 16-byte vectors per thread
-// (the streaming reductions' rule of work per CTA), or the whole tensor: balanced ranges no
-// larger than the tile then still give every CTA at least min_values. Then the work is spread
-// over as many CTAs as the slab leaves room for (fewer units per column, then more sample
-// ranges), down to min_values values of x per CTA.
-template <typename T, int V, typename Kernel>
+// in its line spans at most 256 vectors). Then the tiles: a CTA holds NI (the op's inputs) x
+// upc units x spc samples x nseg windows x nq vectors of dynamic shared memory next to the
+// scratch. The candidate budgets run from small to the device's opt-in maximum; for each, the
+// occupancy API says how many CTAs can be co-resident; the first budget at which every column
+// fits one launch wins -- the least shared memory, the most CTAs per SM --, else the largest at
+// which a slab of at least one column fits (slabs of as many columns as fit, one launch each). A
+// budget counts only if its tiles hold twice the units (or samples) that make min_values = 8
+// 16-byte vectors per thread of each input (the streaming reductions' rule of work per CTA), or
+// the whole tensor: balanced ranges no larger than the tiles then still give every CTA at least
+// min_values. Then the work is spread over as many CTAs as the slab leaves room for (fewer units
+// per column, then more sample ranges), down to min_values values of each input per CTA.
+template <typename T, int V, int NI, typename Partial, typename Kernel>
 PersistentNchwPlan plan_persistent_nchw(Kernel kernel, int64_t N, int64_t C, int64_t S,
                                         bool packed, int device) {
   using acc_t = at::opmath_type<T>;
@@ -390,8 +423,9 @@ PersistentNchwPlan plan_persistent_nchw(Kernel kernel, int64_t N, int64_t C, int
   }
   p.nq = static_cast<int>((2 * V - 2 + wmax) / V);
   if (p.nq > kBlockThreads) return p;
-  const size_t ub = size_t(p.nseg) * p.nq * V * sizeof(T);  // tile bytes per unit and sample
-  const size_t scratch = persistent_nchw_scratch_bytes<acc_t>(p.cbmax) + 16;
+  // Tile bytes per unit and sample (of every input).
+  const size_t ub = size_t{NI} * p.nseg * p.nq * V * sizeof(T);
+  const size_t scratch = persistent_nchw_scratch_bytes<Partial, acc_t>(p.cbmax) + 16;
   const size_t optin = max_dynamic_shared_memory(device);
   const int64_t numel = N * C * S;
   const int64_t min_values = std::min<int64_t>(numel, min_block_values<T>());
@@ -452,46 +486,59 @@ PersistentNchwPlan plan_persistent_nchw(Kernel kernel, int64_t N, int64_t C, int
   p.upc = static_cast<int>(ceil_div<int64_t>(p.units, gx));
   p.spc = static_cast<int>(ceil_div<int64_t>(N, gy));
   const size_t tile = (size_t(p.upc) * p.spc * ub + 15) / 16 * 16;
-  p.smem = tile + persistent_nchw_scratch_bytes<acc_t>(p.cbmax);
+  p.smem = tile + persistent_nchw_scratch_bytes<Partial, acc_t>(p.cbmax);
   p.ok = p.smem <= best_smem && slab * gy <= cap;
   return p;
 }
 
-// The persistent forward over the contiguous x [N][C][S] -> y, running epi (the streaming path's
-// TrainStatsEpilogue) once per channel; coeffs is what epi writes the coefficients to. Returns
-// false, having written nothing, when no slab fits or a launch is refused (the caller runs the
-// streaming path).
-template <typename T, class Epilogue>
-bool persistent_nchw_forward(const at::Tensor& x, const at::Tensor& y, const Geometry& g,
-                             const Epilogue& epi, const at::Tensor& coeffs) {
-  using acc_t = at::opmath_type<T>;
+// The persistent pass of Op over the contiguous inputs in0 (and in1, Op::kInputs == 2)
+// [N][C][S] -> out: kernel_of(vtag, itag) gives the kernel for the vector width and index type;
+// it runs epi (the streaming path's epilogue) once per channel, which writes the coefficients to
+// coeffs; chan: the op's per-channel array (GradOp's saved mean), or nullptr. Returns false,
+// having written nothing, when no slab fits or a launch is refused (the caller runs the streaming
+// path).
+template <class Op, class Epilogue, class KernelOf>
+bool persistent_nchw_run(KernelOf kernel_of, const at::Tensor& in0, const at::Tensor& in1,
+                         const at::Tensor& out, const Geometry& g,
+                         const typename Op::acc_t* chan, const Epilogue& epi,
+                         const at::Tensor& coeffs) {
+  using T = typename Op::scalar_t;
+  using acc_t = typename Op::acc_t;
+  using Partial = typename Op::Partial;
+  constexpr int NI = Op::kInputs;
   if (persistent_disabled()) return false;
   constexpr int VM = max_vec<T>();
-  const T* xp = x.const_data_ptr<T>();
-  T* yp = y.mutable_data_ptr<T>();
-  const int mis = common_misalignment<T>({xp});
-  const bool packed_vec = g.S >= VM && (g.C * g.S) % VM == 0;
+  const T* p0 = in0.const_data_ptr<T>();
+  const T* p1 = NI == 2 ? in1.const_data_ptr<T>() : nullptr;
+  T* outp = out.mutable_data_ptr<T>();
+  // Vectors need the inputs at one position in their lines (else scalar, as the streaming pass).
+  const int mis = common_misalignment<T>({p0, p1});
+  const bool aligned = mis >= 0;
+  const bool packed_vec = aligned && g.S >= VM && (g.C * g.S) % VM == 0;
   const bool packed = g.S <= (packed_vec ? int64_t{kBlockThreads} * VM - (VM - 1)
                                          : int64_t{kBlockThreads});
-  const bool vec = packed ? packed_vec : true;
+  const bool vec = packed ? packed_vec : aligned;
   const bool use64 = !fits_int32(g.numel());
-  const int device = x.get_device();
+  const int device = in0.get_device();
   bool done = false;
   dispatch_index(use64, [&](auto itag) {
     using index_t = typename decltype(itag)::type;
     dispatch_vec<VM>(vec, [&](auto vtag) {
       constexpr int V = decltype(vtag)::value;
-      auto kernel = persistent_nchw_kernel<T, V, index_t, Epilogue>;
+      auto kernel = kernel_of(vtag, itag);
       const PersistentNchwPlan plan =
-          plan_persistent_nchw<T, V>(kernel, g.N, g.C, g.S, packed, device);
+          plan_persistent_nchw<T, V, NI, Partial>(kernel, g.N, g.C, g.S, packed, device);
       if (!plan.ok) return;
-      at::Tensor parts = at::empty(
-          {g.C * plan.gy * static_cast<int64_t>(sizeof(fusedbn::WelfordState<acc_t>))},
-          x.options().dtype(at::kByte));
-      PersistentNchwArgs<T, acc_t> a;
-      a.x = xp;
-      a.y = yp;
-      a.partials = reinterpret_cast<fusedbn::WelfordState<acc_t>*>(parts.data_ptr());
+      at::Tensor parts =
+          at::empty({g.C * plan.gy * static_cast<int64_t>(sizeof(Partial))},
+                    in0.options().dtype(at::kByte));
+      PersistentNchwArgs<T, acc_t, Partial> a;
+      a.in0 = p0;
+      a.in1 = p1;
+      a.out = outp;
+      a.chan = chan;
+      a.shift_stride = g.S;
+      a.partials = reinterpret_cast<Partial*>(parts.data_ptr());
       a.coeffs = coeffs.const_data_ptr<acc_t>();
       a.N = g.N;
       a.C = g.C;
@@ -513,7 +560,7 @@ bool persistent_nchw_forward(const at::Tensor& x, const at::Tensor& y, const Geo
       a.spc = plan.spc;
       a.cbmax = plan.cbmax;
       a.mis = V == 1 ? 0 : mis;
-      a.out_vec = V == 1 || misalignment(yp, sizeof(T)) == mis ? 1 : 0;
+      a.out_vec = V == 1 || misalignment(outp, sizeof(T)) == mis ? 1 : 0;
       const cudaStream_t stream = current_stream();
       for (int64_t c0 = 0; c0 < plan.gx; c0 += plan.gx_slab) {
         a.col0 = c0;
@@ -529,6 +576,21 @@ bool persistent_nchw_forward(const at::Tensor& x, const at::Tensor& y, const Geo
     });
   });
   return done;
+}
+
+// The persistent forward over the contiguous x [N][C][S] -> y, running epi (the streaming path's
+// TrainStatsEpilogue) once per channel; coeffs is what epi writes the coefficients to. Returns
+// false, having written nothing, when no slab fits or a launch is refused (the caller runs the
+// streaming path).
+template <typename T, class Epilogue>
+bool persistent_nchw_forward(const at::Tensor& x, const at::Tensor& y, const Geometry& g,
+                             const Epilogue& epi, const at::Tensor& coeffs) {
+  auto kernel_of = [](auto vtag, auto itag) {
+    return persistent_nchw_kernel<T, decltype(vtag)::value, typename decltype(itag)::type,
+                                  Epilogue>;
+  };
+  return persistent_nchw_run<WelfordOp<T>>(kernel_of, x, at::Tensor(), y, g, nullptr, epi,
+                                           coeffs);
 }
 
 }  // namespace cuda
