@@ -188,8 +188,11 @@ struct AffineStore {
   }
 };
 
+// At least one block per SM (the tile makes it one or two in practice): without the minimum
+// ptxas held some instantiations to 48-64 registers (more blocks per SM than the tile allows)
+// and spilled.
 template <typename T, int V, typename index_t, class Epilogue, class Store>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, 1)
     persistent_rows_kernel(const PersistentRowsArgs<T, at::opmath_type<T>> a, const Epilogue epi,
                            const Store out) {
   using Op = WelfordOp<T>;

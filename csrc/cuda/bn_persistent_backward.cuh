@@ -133,8 +133,10 @@ constexpr size_t persistent_grad_scratch_bytes(int tx) {
          size_t{4} * tx * V * sizeof(acc_t);
 }
 
+// At least one block per SM (the two tiles make it one in practice): without the minimum ptxas
+// held the half V = 8 instantiations to 128 registers (two blocks per SM) and spilled.
 template <typename T, int V, typename index_t, class Epilogue, class Op, class Store>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, 1)
     persistent_rows_backward_kernel(const PersistentGradArgs<T, at::opmath_type<T>> a,
                                     const Epilogue epi, const Store out) {
   using Base = GradOp<T>;  // the sums of (dz, x): every op's Thread, Partial and merges
