@@ -28,9 +28,11 @@
 // fits on chip (bn_persistent_backward.cuh with MaskedGradOp / InputGradOp: dz formed from dy and
 // the mask -- or from dy, x and r -- as the reduction loads them and kept in the dy tile, the
 // same sums, epilogue and dx map, grad_residual = dz written from the dx step): dy, x (the mask,
-// r) read once, dx (and grad_residual) written once, 3 |x| (+ 1, + |r|). The streaming passes
-// above are the fallback (too large, the persistent paths off, the cooperative launch refused)
-// and the path of the contiguous layout, of eval mode and of the output source.
+// r) read once, dx (and grad_residual) written once, 3 |x| (+ 1, + |r|). So does the contiguous
+// layout (NCHW, NCDHW, (N, C, L)) of the mask source (bn_persistent_nchw_backward.cuh with
+// MaskedGradOp and DxDzNchwStore). The streaming passes above are the fallback (too large, the
+// persistent paths off, the cooperative launch refused) and the path of the input source in the
+// contiguous layout, of eval mode and of the output source.
 // dz and x_hat / invstd are rounded to the input's dtype where they are formed, as the stored ones
 // were, so the results are those of the unfused passes. Identity from the input is batch norm's
 // backward of dy itself (bn_backward.cu's persistent path included).
@@ -46,6 +48,7 @@
 #include "bn_cuda_ops.h"
 #include "bn_elementwise.cuh"
 #include "bn_persistent_backward.cuh"
+#include "bn_persistent_nchw_backward.cuh"
 #include "bn_reduce.cuh"
 
 namespace fusedbn {
@@ -376,18 +379,59 @@ void launch(const at::Tensor& in0, const at::Tensor& in1, const at::Tensor& in2,
   launch_act_ew<Fn, T>(a, g, in0.get_device());
 }
 
-// The persistent rows backward (bn_persistent_backward.cuh) with Op (MaskedGradOp, InputGradOp)
-// for training mode with dx asked for in the rows layout: dy, x (the mask, r) read once, dx (and
-// grad_residual = dz) written once; epi writes the dx coefficients (k0, a, mean, k3) to coeffs
-// [4][C]; chan: the op's parameters. False (nothing written) where it does not apply or fit.
+// The persistent contiguous backward's last step for act_backward's mask source
+// (bn_persistent_nchw.cuh's Store): dx from the tiles (the dy tile holds dz) as MapStore<GradFn>
+// writes it, and dz itself as grad_residual unless dz is nullptr (vector stores where it sits
+// in its lines as the inputs do).
+template <typename T>
+struct DxDzNchwStore : MapStore<GradFn<at::opmath_type<T>>> {
+  T* dz = nullptr;
+  bool dz_vec = false;
+
+  DxDzNchwStore bind(int V, int mis) const {
+    DxDzNchwStore b = *this;
+    b.dz_vec = dz != nullptr && (V == 1 || misalignment(dz, sizeof(T)) == mis);
+    return b;
+  }
+  template <int V, class Args, typename index_t, typename acc_t = typename Args::acc_type>
+  __device__ __forceinline__ void store(const Args& a, const NchwSlot<index_t>& q,
+                                        const Vec<T, V>& dv, const Vec<T, V>& xv,
+                                        const acc_t* chan, int lane) const {
+    MapStore<GradFn<acc_t>>::template store<V>(a, q, dv, xv, chan, lane);
+    if (dz == nullptr) return;
+    if (q.lo == 0 && q.hi == V && dz_vec) {
+      store_vec<T, V>(dz + q.base, dv);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        if (j >= q.lo && j < q.hi) dz[q.base + j] = dv.v[j];
+    }
+  }
+};
+
+// The persistent backward with Op (MaskedGradOp, InputGradOp) for training mode with dx asked
+// for: the rows layout through bn_persistent_backward.cuh (both ops), the contiguous one through
+// bn_persistent_nchw_backward.cuh (MaskedGradOp: its per-lane dz is the mask's, and the body's
+// vectors span two channels, which InputGradOp's form_dz, channel j per lane j, does not
+// handle). dy, x (the mask, r) read once, dx (and grad_residual = dz) written once; epi writes
+// the dx coefficients (k0, a, mean, k3) to coeffs [4][C]; chan: the op's parameters. False
+// (nothing written) where it does not apply or fit.
 template <class Op, typename T>
 bool persistent_act_backward(const at::Tensor& dy, const at::Tensor& x, const ActGrads& o,
                              const Geometry& g, const at::opmath_type<T>* chan,
                              const ActEpilogue<at::opmath_type<T>>& epi, const at::Tensor& coeffs,
                              const ReduceExtras& ex) {
-  if (g.layout != Layout::kChannelsLast) return false;
-  const GradDxStore<T> out{o.dx.mutable_data_ptr<T>(),
-                           o.need_dr ? o.dz.mutable_data_ptr<T>() : nullptr};
+  T* dz = o.need_dr ? o.dz.mutable_data_ptr<T>() : nullptr;
+  if (g.layout != Layout::kChannelsLast) {
+    if constexpr (masks_in0<Op>::value) {
+      DxDzNchwStore<T> out;
+      out.dz = dz;
+      return persistent_nchw_backward<T, ActEpilogue<at::opmath_type<T>>, Op>(
+          dy, x, o.dx, g, chan, epi, coeffs, out, ex);
+    }
+    return false;
+  }
+  const GradDxStore<T> out{o.dx.mutable_data_ptr<T>(), dz};
   return persistent_rows_backward_op<T, Op>(dy, x, g.rows(), g.C, chan, epi, coeffs, out, ex);
 }
 

@@ -2,12 +2,14 @@
 // NCHW, NCDHW and (N, C, L). One body (persistent_nchw_body) and one planner serve the forward
 // (this file: x -> y, WelfordOp, TrainStatsEpilogue, channel_affine's map AffineFn) and the
 // backward (bn_persistent_nchw_backward.cuh: dy, x -> dx, GradOp, BackwardEpilogue, channel_grad's
-// map GradFn). One cooperative launch per slab of CTA columns, every CTA of it co-resident, each
+// map GradFn), and the fused activation ops (act_forward_train: ActNchwStore; act_backward from
+// the mask: MaskedGradOp, dy masked as it is loaded, and DxDzNchwStore). One cooperative launch per slab of CTA columns, every CTA of it co-resident, each
 // holding its tiles of the op's inputs (Op::kInputs: x, or dy and x) in shared memory from their
 // one read to the write of the output. The work is cut as the streaming pass 1 of
 // bn_reduce_kernels.cuh cuts it:
 //  * packed (S <= 256 vectors - V + 1, C * S a multiple of the vector width, else scalar): a unit
-//    is a balanced group of cb or cb - 1 whole planes (the first C % units groups take cb); the
+//    is a balanced group of cb or cb - 1 whole planes (the first C % units groups take cb; with a
+//    Store's chan_group ck > 1, of whole blocks of ck planes: cb and cb - 1 blocks); the
 //    cb * S values of one sample are one contiguous window, read as 16-byte vectors aligned to
 //    the address that cross plane boundaries (a vector spans at most two channels, V <= S);
 //  * planes (larger S): a unit is one channel; its planes are cut into nseg windows (segments)
@@ -29,10 +31,13 @@
 //      l, l + 32, ... in order, then the warp's shuffle tree (the streaming pass 2 with a
 //      32-thread group), and the streaming path's epilogue;
 //   4. grid barrier;
-//   5. per unit: the 4 coefficients of its channels read once into shared memory, the map of the
-//      streaming element-wise pass applied to the tiles (Fn::apply: y = ((x - hi) - lo) * s + b,
-//      dx = (dy - k0) * a - (x - mean) * k3), and the output written (vector stores where it sits
-//      in its 16-byte lines as the inputs do, else element-wise).
+//   5. per unit: the 4 coefficients of its channels read once into shared memory, and the Store
+//      policy run on every vector of the tiles: MapStore<Fn> applies the map of the streaming
+//      element-wise pass (Fn::apply: y = ((x - hi) - lo) * s + b, dx = (dy - k0) * a - (x -
+//      mean) * k3) and writes the output (vector stores where it sits in its 16-byte lines as
+//      the inputs do, else element-wise); the fused activation ops' stores
+//      (bn_act_forward.cu, bn_act_backward.cu) add the residual, the activation and the mask,
+//      or grad_residual.
 // Global traffic: each input read once (+ one parameter per channel and CTA row: the forward's
 // shift is a value of x, the backward's mean one of the saved mean), the output written once,
 // partials C * gy states written and read, coefficients 4 C written and 4 C per CTA row read,
@@ -54,6 +59,7 @@
 #include <cstdint>
 
 #include "bn_channel_fns.cuh"
+#include "bn_reduce.cuh"
 #include "bn_reduce_kernels.cuh"
 #include "bn_reduce_ops.cuh"
 #include "bn_utils.cuh"
@@ -66,6 +72,8 @@ namespace cuda {
 // (bn_reduce_ops.cuh): WelfordOp the shift in0[c * shift_stride], GradOp the saved mean chan[c].
 template <typename T, typename acc_t, typename Partial>
 struct PersistentNchwArgs {
+  using scalar_t = T;
+  using acc_type = acc_t;
   const T* in0 = nullptr;        // forward: x; backward: dy
   const T* in1 = nullptr;        // backward: x
   T* out = nullptr;              // forward: y; backward: dx
@@ -78,7 +86,8 @@ struct PersistentNchwArgs {
   // made ptxas spill): item i of `parts` starts at i * q + min(i, r), q = total / parts,
   // r = total % parts (the first r get q + 1).
   int64_t units = 0;            // channel groups (packed) or channels (planes)
-  int64_t cq = 1, cr = 0;       // packed: channels of group u (C over units)
+  int64_t ck = 1;               // packed: units are made of blocks of ck channels (C % ck == 0)
+  int64_t cq = 1, cr = 0;       // packed: blocks of unit u (C / ck over units)
   int64_t gx = 1;               // CTA columns in all
   int64_t uq = 1, ur = 0;       // units of column x (units over gx)
   int64_t col0 = 0;             // the launch's first column
@@ -93,6 +102,11 @@ struct PersistentNchwArgs {
   int32_t cbmax = 1;    // channels per unit, at most (the shared channel values)
   int32_t mis = 0;      // position of the inputs in their 16-byte lines, in elements
   int32_t out_vec = 0;  // 1: the output sits in its lines as the inputs do (vector stores)
+  // kMaskedIn0 ops (act_backward's MaskedGradOp): the mask, and what dy becomes where its bit is
+  // clear (0: mask_zero, else dy * mask_slope), applied as in0 is loaded (the tile holds dz).
+  const uint8_t* mask = nullptr;
+  acc_t mask_slope = acc_t(0);
+  bool mask_zero = false;
 };
 
 // The start of item i of a balanced split (see PersistentNchwArgs).
@@ -107,6 +121,65 @@ constexpr size_t persistent_nchw_scratch_bytes(int cbmax) {
          size_t{4} * static_cast<size_t>(cbmax) * sizeof(acc_t);
 }
 
+// Thread t's vector of the window of one sample: elements [lo, bnd) of the unit's local channel
+// ch, [bnd, hi) of ch + 1 (lo == hi: none), at element offset base.
+template <typename index_t>
+struct NchwSlot {
+  index_t base;
+  int lo, hi, bnd, ch;
+};
+
+// The unit-local channel of lane j of slot q (lanes outside [lo, hi): q's first, any would do).
+template <typename index_t>
+__device__ __forceinline__ int nchw_lane_channel(const NchwSlot<index_t>& q, int j) {
+  return j >= q.lo && j < q.hi && j >= q.bnd ? q.ch + 1 : q.ch;
+}
+
+// The 4 coefficients of unit-local channel cj from the shared channel values [4][cbmax].
+template <typename acc_t>
+__device__ __forceinline__ void nchw_coeffs(const acc_t* chan, int cbmax, int cj, acc_t (&p)[4]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) p[k] = chan[k * cbmax + cj];
+}
+
+// The body's last step, the plain one (the forward's y, the backward's dx): Fn::apply of the
+// tiles' vectors v0 (and v1) with each lane's channel coefficients, the output a.out written
+// (vector stores where it sits in its lines as the inputs do, else element-wise). A Store policy
+// provides that device step, store<V>(a, q, v0, v1, chan, lane) (every thread of the CTA calls it
+// for the same samples and windows, lanes with elements only), and the host's questions:
+// chan_group(S) (packed units made of blocks of that many channels), seg_align() (planes:
+// segments a multiple of that many values), accepts(V, mis, C, S, packed) (false: the streaming
+// path) and bind(V, mis) (the policy as launched, for the vector width and the inputs' position
+// in their lines).
+template <class Fn>
+struct MapStore {
+  int chan_group(int64_t /*S*/) const { return 1; }
+  int seg_align() const { return 1; }
+  bool accepts(int, int, int64_t, int64_t, bool) const { return true; }
+  MapStore bind(int /*V*/, int /*mis*/) const { return *this; }
+  template <int V, class Args, typename index_t, typename T = typename Args::scalar_t,
+            typename acc_t = typename Args::acc_type>
+  __device__ __forceinline__ void store(const Args& a, const NchwSlot<index_t>& q,
+                                        const Vec<T, V>& v0, const Vec<T, V>& v1,
+                                        const acc_t* chan, int /*lane*/) const {
+    Vec<T, V> yv;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      acc_t p[4];
+      nchw_coeffs(chan, a.cbmax, nchw_lane_channel(q, j), p);
+      yv.v[j] = static_cast<T>(
+          Fn::apply(static_cast<acc_t>(v0.v[j]), static_cast<acc_t>(v1.v[j]), p));
+    }
+    if (q.lo == 0 && q.hi == V && a.out_vec) {
+      store_vec<T, V>(a.out + q.base, yv);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        if (j >= q.lo && j < q.hi) a.out[q.base + j] = yv.v[j];
+    }
+  }
+};
+
 // One window of a unit: values [off, off + W) of each of its planes' concatenation (packed: W =
 // cb * S, channel boundaries every S values; planes: one channel, W = the segment's length).
 struct NchwWindow {
@@ -115,15 +188,16 @@ struct NchwWindow {
 };
 
 // The kernels' shared body: Op (WelfordOp / GradOp) grows the partials from its inputs, Epilogue
-// turns the merged partial of each channel into its 4 coefficients, Fn maps the tiles with them.
-template <class Op, class Fn, int V, typename index_t, class Args, class Epilogue>
-__device__ __forceinline__ void persistent_nchw_body(const Args& a, const Epilogue& epi) {
+// turns the merged partial of each channel into its 4 coefficients, the Store maps the tiles with
+// them and writes the outputs.
+template <class Op, int V, typename index_t, class Args, class Epilogue, class Store>
+__device__ __forceinline__ void persistent_nchw_body(const Args& a, const Epilogue& epi,
+                                                     const Store& store) {
   using T = typename Op::scalar_t;
   using acc_t = typename Op::acc_t;
   using Partial = typename Op::Partial;
   using Param = typename Op::Param;
   static_assert(sizeof(Param) == sizeof(acc_t), "the channel values hold one acc_t each");
-  static_assert(Fn::kParams == 4, "4 coefficients per channel");
   constexpr int K = kReduceK;
   constexpr int NI = Op::kInputs;  // tiles
   constexpr int kWarps = kBlockThreads / kWarpSize;
@@ -151,8 +225,8 @@ __device__ __forceinline__ void persistent_nchw_body(const Args& a, const Epilog
   // Unit u: channels [c0, c0 + cbn).
   auto unit_channels = [&](int64_t u, int64_t& c0, int& cbn) {
     if (a.packed) {
-      c0 = balanced_start(u, a.cq, a.cr);
-      cbn = static_cast<int>(a.cq + (u < a.cr ? 1 : 0));
+      c0 = a.ck * balanced_start(u, a.cq, a.cr);
+      cbn = static_cast<int>(a.ck * (a.cq + (u < a.cr ? 1 : 0)));
     } else {
       c0 = u;
       cbn = 1;
@@ -164,12 +238,7 @@ __device__ __forceinline__ void persistent_nchw_body(const Args& a, const Epilog
     const int W = static_cast<int>(a.S - off < a.seg_len ? a.S - off : a.seg_len);
     return {off, W, W};
   };
-  // Thread t's vector of the window of sample nn: elements [lo, bnd) of local channel ch,
-  // [bnd, hi) of ch + 1 (lo == hi: none), at in + base.
-  struct Slot {
-    index_t base;
-    int lo, hi, bnd, ch;
-  };
+  using Slot = NchwSlot<index_t>;
   auto slot = [&](index_t nn, index_t c0, const NchwWindow& win) -> Slot {
     Slot s;
     const index_t start = (nn * C + c0) * S + static_cast<index_t>(win.off);
@@ -220,6 +289,8 @@ __device__ __forceinline__ void persistent_nchw_body(const Args& a, const Epilog
             sl[k] = slot(nn, c0, win);
             if (sl[k].lo < sl[k].hi) {
               r0[k] = load_slot(a.in0, sl[k]);
+              if constexpr (masks_in0<Op>::value)
+                Op::template mask_in0<V>(a, sl[k].base, sl[k].lo, sl[k].hi, r0[k]);
               if constexpr (NI == 2) r1[k] = load_slot(a.in1, sl[k]);
               tile_at(0, u - u_begin, nn, w) = r0[k];
               if constexpr (NI == 2) tile_at(1, u - u_begin, nn, w) = r1[k];
@@ -323,7 +394,6 @@ __device__ __forceinline__ void persistent_nchw_body(const Args& a, const Epilog
   FUSEDBN_GRID_SYNC();
 
   // ---- 5. the map over the tiles ----
-  const bool out_vec = a.out_vec != 0;
   for (int64_t u = u_begin; u < u_end; ++u) {
     int64_t c0l;
     int cbn;
@@ -342,33 +412,17 @@ __device__ __forceinline__ void persistent_nchw_body(const Args& a, const Epilog
         if (q.lo >= q.hi) continue;
         const Vec<T, V> v0 = tile_at(0, u - u_begin, nn, w);
         const Vec<T, V> v1 = tile_at(NI - 1, u - u_begin, nn, w);
-        Vec<T, V> yv;
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const int ch = j < q.bnd ? q.ch : q.ch + 1;
-          const int cj = j >= q.lo && j < q.hi ? ch : q.ch;  // lanes outside: any channel
-          const acc_t p[4] = {chan[cj], chan[cbmax + cj], chan[2 * cbmax + cj],
-                              chan[3 * cbmax + cj]};
-          yv.v[j] = static_cast<T>(
-              Fn::apply(static_cast<acc_t>(v0.v[j]), static_cast<acc_t>(v1.v[j]), p));
-        }
-        if (q.lo == 0 && q.hi == V && out_vec) {
-          store_vec<T, V>(a.out + q.base, yv);
-        } else {
-#pragma unroll
-          for (int j = 0; j < V; ++j)
-            if (j >= q.lo && j < q.hi) a.out[q.base + j] = yv.v[j];
-        }
+        store.template store<V>(a, q, v0, v1, static_cast<const acc_t*>(chan), lane);
       }
     }
   }
 }
 
-template <typename T, int V, typename index_t, class Epilogue>
+template <typename T, int V, typename index_t, class Epilogue, class Store>
 __global__ void __launch_bounds__(kBlockThreads) persistent_nchw_kernel(
     const PersistentNchwArgs<T, at::opmath_type<T>, fusedbn::WelfordState<at::opmath_type<T>>> a,
-    const Epilogue epi) {
-  persistent_nchw_body<WelfordOp<T>, AffineFn<at::opmath_type<T>>, V, index_t>(a, epi);
+    const Epilogue epi, const Store store) {
+  persistent_nchw_body<WelfordOp<T>, V, index_t>(a, epi, store);
 }
 
 // The plan of one persistent contiguous pass; ok = false: the streaming path.
@@ -376,6 +430,7 @@ struct PersistentNchwPlan {
   bool ok = false;
   bool packed = false;
   int64_t units = 0, gx = 0, gx_slab = 0, gy = 0;
+  int64_t ck = 1;  // packed: channels per block (units are whole blocks)
   int64_t nseg = 1, seg_len = 0;
   int nq = 0, upc = 0, spc = 0, cbmax = 1;
   size_t smem = 0;
@@ -395,26 +450,36 @@ struct PersistentNchwPlan {
 // the whole tensor: balanced ranges no larger than the tiles then still give every CTA at least
 // min_values. Then the work is spread over as many CTAs as the slab leaves room for (fewer units
 // per column, then more sample ranges), down to min_values values of each input per CTA.
+// The Store's constraints: packed units are made of whole blocks of ck channels (C % ck == 0: the
+// window of a unit then starts and ends where the store needs it to, e.g. at mask bytes), and the
+// planes' segments are a multiple of seg_align values (a power of two, at most 8); either one may
+// leave no plan.
 template <typename T, int V, int NI, typename Partial, typename Kernel>
 PersistentNchwPlan plan_persistent_nchw(Kernel kernel, int64_t N, int64_t C, int64_t S,
-                                        bool packed, int device) {
+                                        bool packed, int device, int64_t ck = 1,
+                                        int64_t seg_align = 1) {
   using acc_t = at::opmath_type<T>;
   PersistentNchwPlan p;
   p.packed = packed;
+  p.ck = packed ? ck : 1;
   int64_t wmax = 0, unit_values = 0;  // values of the smallest unit per sample
   if (packed) {
     const int64_t cap = int64_t{kBlockThreads} * V - (V - 1);
-    const int64_t per = std::max<int64_t>(cap / S, 1);
-    p.units = ceil_div<int64_t>(C, per);
-    p.cbmax = static_cast<int>(ceil_div<int64_t>(C, p.units));
+    const int64_t blocks = C / p.ck;
+    const int64_t per = cap / (p.ck * S);  // blocks per unit, at most
+    if (per < 1 || blocks * p.ck != C) return p;
+    p.units = ceil_div<int64_t>(blocks, per);
+    p.cbmax = static_cast<int>(p.ck * ceil_div<int64_t>(blocks, p.units));
     p.nseg = 1;
     p.seg_len = S;
     wmax = p.cbmax * S;
-    unit_values = C / p.units * S;
+    unit_values = blocks / p.units * p.ck * S;
   } else {
-    const int64_t cap = V == 1 ? int64_t{kBlockThreads} : int64_t{kBlockThreads - 1} * V;
+    const int64_t align = std::max<int64_t>(V, seg_align);  // both powers of two
+    const int64_t cap = (V == 1 ? int64_t{kBlockThreads} : int64_t{kBlockThreads - 1} * V) /
+                        align * align;
     p.nseg = ceil_div<int64_t>(S, cap);
-    p.seg_len = ceil_div<int64_t>(ceil_div<int64_t>(S, p.nseg), V) * V;
+    p.seg_len = ceil_div<int64_t>(ceil_div<int64_t>(S, p.nseg), align) * align;
     p.nseg = ceil_div<int64_t>(S, p.seg_len);
     p.units = C;
     p.cbmax = 1;
@@ -497,11 +562,15 @@ PersistentNchwPlan plan_persistent_nchw(Kernel kernel, int64_t N, int64_t C, int
 // coeffs; chan: the op's per-channel array (GradOp's saved mean), or nullptr. Returns false,
 // having written nothing, when no slab fits or a launch is refused (the caller runs the streaming
 // path).
-template <class Op, class Epilogue, class KernelOf>
+// store: the Store policy of the last step (MapStore<Fn>, or the fused activation's); a layout it
+// does not accept is left to the streaming path too. ex: the mask of kMaskedIn0 ops (ex.mask,
+// ex.slope, ex.mask_zero).
+template <class Op, class Epilogue, class KernelOf, class Store>
 bool persistent_nchw_run(KernelOf kernel_of, const at::Tensor& in0, const at::Tensor& in1,
                          const at::Tensor& out, const Geometry& g,
                          const typename Op::acc_t* chan, const Epilogue& epi,
-                         const at::Tensor& coeffs) {
+                         const at::Tensor& coeffs, const Store& store,
+                         const ReduceExtras& ex = ReduceExtras()) {
   using T = typename Op::scalar_t;
   using acc_t = typename Op::acc_t;
   using Partial = typename Op::Partial;
@@ -526,9 +595,12 @@ bool persistent_nchw_run(KernelOf kernel_of, const at::Tensor& in0, const at::Te
     dispatch_vec<VM>(vec, [&](auto vtag) {
       constexpr int V = decltype(vtag)::value;
       auto kernel = kernel_of(vtag, itag);
-      const PersistentNchwPlan plan =
-          plan_persistent_nchw<T, V, NI, Partial>(kernel, g.N, g.C, g.S, packed, device);
+      const int amis = V == 1 ? 0 : mis;
+      if (!store.accepts(V, amis, g.C, g.S, packed)) return;
+      const PersistentNchwPlan plan = plan_persistent_nchw<T, V, NI, Partial>(
+          kernel, g.N, g.C, g.S, packed, device, store.chan_group(g.S), store.seg_align());
       if (!plan.ok) return;
+      const Store bound = store.bind(V, amis);
       at::Tensor parts =
           at::empty({g.C * plan.gy * static_cast<int64_t>(sizeof(Partial))},
                     in0.options().dtype(at::kByte));
@@ -544,8 +616,9 @@ bool persistent_nchw_run(KernelOf kernel_of, const at::Tensor& in0, const at::Te
       a.C = g.C;
       a.S = g.S;
       a.units = plan.units;
-      a.cq = g.C / plan.units;
-      a.cr = g.C % plan.units;
+      a.ck = plan.ck;
+      a.cq = g.C / plan.ck / plan.units;
+      a.cr = g.C / plan.ck % plan.units;
       a.gx = plan.gx;
       a.uq = plan.units / plan.gx;
       a.ur = plan.units % plan.gx;
@@ -559,7 +632,10 @@ bool persistent_nchw_run(KernelOf kernel_of, const at::Tensor& in0, const at::Te
       a.upc = plan.upc;
       a.spc = plan.spc;
       a.cbmax = plan.cbmax;
-      a.mis = V == 1 ? 0 : mis;
+      a.mis = amis;
+      a.mask = ex.mask;
+      a.mask_slope = static_cast<acc_t>(ex.slope);
+      a.mask_zero = ex.mask_zero;
       a.out_vec = V == 1 || misalignment(outp, sizeof(T)) == mis ? 1 : 0;
       const cudaStream_t stream = current_stream();
       for (int64_t c0 = 0; c0 < plan.gx; c0 += plan.gx_slab) {
@@ -567,7 +643,7 @@ bool persistent_nchw_run(KernelOf kernel_of, const at::Tensor& in0, const at::Te
         const int64_t n = std::min(plan.gx_slab, plan.gx - c0);
         const bool launched = launch_cooperative(
             kernel, dim3(static_cast<unsigned>(n), static_cast<unsigned>(plan.gy)),
-            dim3(kBlockThreads), plan.smem, stream, a, epi);
+            dim3(kBlockThreads), plan.smem, stream, a, epi, bound);
         // Refused (an occupancy the query did not foresee): the streaming path the caller runs
         // then rewrites every output, the slabs already done included.
         if (!launched) return;
@@ -582,15 +658,17 @@ bool persistent_nchw_run(KernelOf kernel_of, const at::Tensor& in0, const at::Te
 // TrainStatsEpilogue) once per channel; coeffs is what epi writes the coefficients to. Returns
 // false, having written nothing, when no slab fits or a launch is refused (the caller runs the
 // streaming path).
-template <typename T, class Epilogue>
+// store: MapStore<AffineFn> (y), or act_forward_train's store (bn_act_forward.cu).
+template <typename T, class Epilogue, class Store = MapStore<AffineFn<at::opmath_type<T>>>>
 bool persistent_nchw_forward(const at::Tensor& x, const at::Tensor& y, const Geometry& g,
-                             const Epilogue& epi, const at::Tensor& coeffs) {
+                             const Epilogue& epi, const at::Tensor& coeffs,
+                             const Store& store = Store()) {
   auto kernel_of = [](auto vtag, auto itag) {
     return persistent_nchw_kernel<T, decltype(vtag)::value, typename decltype(itag)::type,
-                                  Epilogue>;
+                                  Epilogue, Store>;
   };
   return persistent_nchw_run<WelfordOp<T>>(kernel_of, x, at::Tensor(), y, g, nullptr, epi,
-                                           coeffs);
+                                           coeffs, store);
 }
 
 }  // namespace cuda

@@ -43,11 +43,11 @@ namespace cuda {
 // At least one block per SM (the tiles make it one or two in practice): without the bound ptxas
 // held the scalar 64-bit-index instantiations to 80 registers (three blocks per SM) and spilled;
 // with it they take 100, no spill.
-template <typename T, int V, typename index_t, class Epilogue>
+template <typename T, int V, typename index_t, class Epilogue, class Store, class Op>
 __global__ void __launch_bounds__(kBlockThreads, 1) persistent_nchw_backward_kernel(
     const PersistentNchwArgs<T, at::opmath_type<T>, GradPartial<at::opmath_type<T>>> a,
-    const Epilogue epi) {
-  persistent_nchw_body<GradOp<T>, GradFn<at::opmath_type<T>>, V, index_t>(a, epi);
+    const Epilogue epi, const Store store) {
+  persistent_nchw_body<Op, V, index_t>(a, epi, store);
 }
 
 // The persistent training backward over the contiguous dy, x [N][C][S] -> dx, running epi (the
@@ -55,15 +55,21 @@ __global__ void __launch_bounds__(kBlockThreads, 1) persistent_nchw_backward_ker
 // coefficients to coeffs) once per channel; mean: the saved mean. Returns false, having written
 // nothing, when no slab fits or a launch is refused (the caller runs the streaming path, which
 // rewrites every output).
-template <typename T, class Epilogue>
+// Op: GradOp (backward), or act_backward's MaskedGradOp (bn_act_backward.cu: dz = dy masked as
+// it is loaded, ex its mask and slope; the tile of dy holds dz), Store: MapStore<GradFn> (dx),
+// or act_backward's (dx and grad_residual).
+template <typename T, class Epilogue, class Op = GradOp<T>,
+          class Store = MapStore<GradFn<at::opmath_type<T>>>>
 bool persistent_nchw_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx,
                               const Geometry& g, const at::opmath_type<T>* mean,
-                              const Epilogue& epi, const at::Tensor& coeffs) {
+                              const Epilogue& epi, const at::Tensor& coeffs,
+                              const Store& store = Store(),
+                              const ReduceExtras& ex = ReduceExtras()) {
   auto kernel_of = [](auto vtag, auto itag) {
     return persistent_nchw_backward_kernel<T, decltype(vtag)::value,
-                                           typename decltype(itag)::type, Epilogue>;
+                                           typename decltype(itag)::type, Epilogue, Store, Op>;
   };
-  return persistent_nchw_run<GradOp<T>>(kernel_of, dy, x, dx, g, mean, epi, coeffs);
+  return persistent_nchw_run<Op>(kernel_of, dy, x, dx, g, mean, epi, coeffs, store, ex);
 }
 
 }  // namespace cuda
