@@ -9,11 +9,10 @@ from the dx step).
 - the path taken (kernel names from the traffic counter): persistent for the rows layouts
   (channels_last 2-D / 3-D, (N, C)) in training mode (the backward: with grad_input asked for);
   the streaming launches where the slab does not fit, when the persistent paths are turned off,
-  in eval mode, without grad_input, for the output source (and the input source in NCHW; the
-  contiguous layout's persistent paths: tests/test_cuda_emu_persistent_act_nchw.py), and -- the
-  forward with save_mask -- where the lanes cannot form whole mask bytes (C % 8 != 0, or the
-  lanes of a byte across two warp rows: float64 C = 40 has TX = 10 lanes of 2 channels, 4 lanes
-  a byte);
+  in eval mode, without grad_input, for the output source (the contiguous layout's persistent
+  paths: tests/test_cuda_emu_persistent_act_nchw.py), and -- the forward with save_mask -- where
+  the lanes cannot form whole mask bytes (C % 8 != 0, or the lanes of a byte across two warp
+  rows: float64 C = 40 has TX = 10 lanes of 2 channels, 4 lanes a byte);
 - what is bitwise and what is judged by the float64 rule: on one CTA per channel column (1 SM x
   1 block: gy = 1 partial per channel, the streaming reduction then has 1 split) both paths cut
   the rows the same way, so every output -- y, mean, invstd, var, mask; dx, dweight, dbias,
@@ -185,12 +184,12 @@ def test_forward_streaming_when_the_slab_does_not_fit():
     (0, "silu", True, [False, True, True, False], True, None),
     (2, "leaky_relu", True, ALL4, True, None),                 # the output source
     (1, "relu", True, ALL4, "nchw", ["persistent_nchw_backward_kernel"]),
-    (0, "gelu_tanh", True, ALL4, "nchw", None),  # the input source: rows only
+    (0, "gelu_tanh", True, ALL4, "nchw", ["persistent_nchw_backward_kernel"]),
 ])
 def test_backward_path(source, act, train, out_mask, cl, expect):
     """Persistent for the mask and the input sources in training mode with grad_input, in the
-    rows layouts, and for the mask source in NCHW (tests/test_cuda_emu_persistent_act_nchw.py);
-    the streaming launches otherwise (and with the persistent paths off)."""
+    rows layouts and in NCHW (tests/test_cuda_emu_persistent_act_nchw.py); the streaming
+    launches otherwise (and with the persistent paths off)."""
     shape = (300, 24) if cl is False else (4, 32, 6, 6)
     args = list(bwd_args(shape, (torch.float32, torch.float32), act, True, source, out_mask,
                          cl=cl is True))

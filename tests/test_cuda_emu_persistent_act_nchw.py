@@ -2,14 +2,15 @@
 layout (issue 15) under the CUDA emulation: NCHW, NCDHW and (N, C, L) inputs.
 act_forward_train runs persistent_nchw_kernel (csrc/cuda/bn_persistent_nchw.cuh) with
 ActNchwStore (csrc/cuda/bn_act_forward.cu: act_affine with the residual read, y and the packed
-mask written from the tile of x); act_backward from the mask runs
-persistent_nchw_backward_kernel with MaskedGradOp (csrc/cuda/bn_act_backward.cu: dz = the
-masked dy formed as dy is loaded and kept in its tile, the sums, epilogue and dx map of backward,
+mask written from the tile of x); act_backward from the mask or the input runs
+persistent_nchw_backward_kernel with MaskedGradOp / InputGradOp (csrc/cuda/bn_act_backward.cu:
+dz -- the masked dy, or act'(z) dy with z recomputed from x and the residual read there --
+formed as dy is loaded and kept in its tile, the sums, epilogue and dx map of backward,
 grad_residual = dz written from the dx step).
 
 - the path taken (kernel names from the traffic counter): persistent in training mode (the
-  backward: mask source, grad_input asked for); the streaming launches where the slab does not
-  fit, when the persistent paths are off, in eval mode, for the input and output sources; and --
+  backward: mask and input sources, grad_input asked for); the streaming launches where the slab
+  does not fit, when the persistent paths are off, in eval mode, for the output source; and --
   the forward with save_mask -- where the mask's bytes would not be whole in every window: a
   thread's vector is V consecutive elements, so the forward needs x at the start of its 16-byte
   line (or scalar vectors), packed units of whole blocks of 8 / gcd(S, 8) channels with C a
@@ -26,8 +27,8 @@ grad_residual = dz written from the dx step).
   on / off, every dtype pair, packed small planes (S = 36: blocks of 2 channels for the mask, 49:
   of 8, 25 with C * S odd: scalars), segmented large planes, NCDHW, (N, C, L), inputs inside a
   16-byte line, +-Inf and NaN;
-- traffic: x read once (+ the shift values), r once, y and the mask written once; dy, x and the
-  mask read once, dx and grad_residual written once (tests/test_cuda_emu_traffic.py asserts it
+- traffic: x read once (+ the shift values), r once, y and the mask written once; dy, x (the
+  mask, r) read once, dx and grad_residual written once (tests/test_cuda_emu_traffic.py asserts it
   at the ResNet shapes as well).
 """
 import numpy as np
@@ -292,29 +293,35 @@ OUT_MASKS = [ALL4, [True, False, False, True], [True, True, True, False],
              [True, False, True, False]]
 
 
+BWD_COMBOS = [(1, "relu"), (1, "leaky_relu"), (0, "silu"), (0, "gelu_tanh"), (0, "relu"),
+              (0, "leaky_relu")]
+
+
 def backward_cases():
     out = []
-    for i, act in enumerate(MASKED):
+    for i, (source, act) in enumerate(BWD_COMBOS):
         for j, shape in enumerate(BWD_SHAPES):
             pair = DTYPE_PAIRS[(i + 2 * j) % len(DTYPE_PAIRS)]
             residual = (i + j) % 2 == 0
             weight = (i + j) % 3 != 2
             om = OUT_MASKS[(i + j) % len(OUT_MASKS)]
             out.append(pytest.param(
-                act, shape, pair, residual, weight, om, id="%s-%s-%s-%s-%s-%s" % (
-                    act, shape_id(shape), pair_id(pair), "res" if residual else "nores",
+                source, act, shape, pair, residual, weight, om,
+                id="src%d-%s-%s-%s-%s-%s-%s" % (
+                    source, act, shape_id(shape), pair_id(pair), "res" if residual else "nores",
                     "w" if weight else "now", "".join("1" if v else "0" for v in om))))
     return out
 
 
-@pytest.mark.parametrize("act,shape,pair,residual,weight,out_mask", backward_cases())
-def test_backward_from_mask(act, shape, pair, residual, weight, out_mask):
-    check_backward(bwd_args(shape, pair, act, residual, 1, out_mask, weight))
+@pytest.mark.parametrize("source,act,shape,pair,residual,weight,out_mask", backward_cases())
+def test_backward(source, act, shape, pair, residual, weight, out_mask):
+    check_backward(bwd_args(shape, pair, act, residual, source, out_mask, weight))
 
 
-def test_backward_several_sample_ranges():
+@pytest.mark.parametrize("source,act", [(1, "relu"), (0, "silu")])
+def test_backward_several_sample_ranges(source, act):
     """(64, 2, 32, 32) float32 on 8 SMs: more than one CTA row per column (gy > 1)."""
-    args = bwd_args((64, 2, 32, 32), (torch.float32, torch.float32), "relu", True)
+    args = bwd_args((64, 2, 32, 32), (torch.float32, torch.float32), act, True, source)
     with emu_config(**MANY):
         _, ks, call = counted("act_backward", *args)
     assert ks == [BWD] and call.launches[0].grid[1] > 1, call.launches
@@ -322,30 +329,40 @@ def test_backward_several_sample_ranges():
 
 
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-def test_backward_every_dtype_bitwise_on_dz(pair):
+@pytest.mark.parametrize("source,act", [(1, "leaky_relu"), (0, "gelu_tanh")])
+def test_backward_every_dtype_bitwise_on_dz(pair, source, act):
     for shape in ((4, 8, 6, 6), (2, 4, 40, 40)):
-        check_backward(bwd_args(shape, pair, "leaky_relu", True))
+        check_backward(bwd_args(shape, pair, act, True, source))
 
 
+@pytest.mark.parametrize("source,act", [(1, "relu"), (0, "silu")])
 @pytest.mark.parametrize("offset", [1, 3])
-def test_backward_unaligned_dy(offset):
+def test_backward_unaligned_dy(offset, source, act):
     """dy inside a 16-byte line (x aligned): scalar vectors, the mask bits of each element read
     from the bytes they sit in."""
-    check_backward(bwd_args((4, 8, 6, 6), (torch.float32,) * 2, "relu", True, offset=offset),
-                   same_plan=False)
+    check_backward(bwd_args((4, 8, 6, 6), (torch.float32,) * 2, act, True, source,
+                            offset=offset), same_plan=False)
+
+
+@pytest.mark.parametrize("act", ["silu", "leaky_relu"])
+def test_backward_residual_unaligned(act):
+    """The input source with r at another position in its lines than dy and x: r read
+    element-wise, the same results."""
+    args = list(bwd_args((4, 8, 6, 6), (torch.float32,) * 2, act, True, 0))
+    args[2] = placed(args[2].shape, torch.float32, 1)
+    args[2].copy_(nchw_input(args[2].shape, torch.float32, seed=5))
+    check_backward(tuple(args))
 
 
 @pytest.mark.parametrize("source,act,train,out_mask", [
-    (0, "silu", True, ALL4),                         # the input source: streaming (see below)
-    (0, "relu", True, [True, True, True, False]),
     (2, "leaky_relu", True, ALL4),                   # the output source
     (1, "relu", False, ALL4),                        # eval mode
+    (0, "silu", False, ALL4),
     (1, "relu", True, [False, True, True, True]),    # no grad_input
+    (0, "gelu_tanh", True, [False, True, True, False]),
 ])
 def test_backward_streaming_paths(source, act, train, out_mask):
-    """The input source stays streaming in the contiguous layout (InputGradOp forms dz with
-    channel j's parameters in lane j, the rows layout's vectors, not the body's two-channel
-    ones); the output source, eval mode and no grad_input have no persistent path."""
+    """The output source, eval mode and no grad_input have no persistent path."""
     args = list(bwd_args((4, 32, 6, 6), (torch.float32,) * 2, act, True, source, out_mask))
     if source == 2:
         args[1] = CPU.act_forward_train(args[1], args[4], args[5], args[2], EPS, *ACTS[act],
@@ -371,9 +388,10 @@ def test_backward_streaming_when_the_tiles_do_not_fit():
             assert_all_bitwise(out, stream, "fallback")
 
 
-def test_backward_nonfinite():
+@pytest.mark.parametrize("source,act", [(1, "leaky_relu"), (0, "silu")])
+def test_backward_nonfinite(source, act):
     shape = (4, 16, 6, 6)
-    args = list(bwd_args(shape, (torch.float32, torch.float32), "leaky_relu", True))
+    args = list(bwd_args(shape, (torch.float32, torch.float32), act, True, source))
     args[0][0, 3, 0, 0] = float("-inf")
     args[0][3, 6, 2, 2] = float("nan")
     emu = check_backward(tuple(args))
@@ -410,12 +428,13 @@ def test_forward_traffic(dtype, shape, residual):
                     assert not d.accesses or d.sector_ratio <= 1.1, table
 
 
+@pytest.mark.parametrize("source,act,residual", [(1, "relu", False), (0, "silu", True)])
 @pytest.mark.parametrize("shape", TRAFFIC_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_traffic(dtype, shape):
-    """dy, x read once, the mask once (one byte per vector; the partial vectors at a window's
-    ends may ask two), dx and grad_residual written once."""
-    args = bwd_args(shape, (dtype, dtype), "relu", False)
+def test_backward_traffic(dtype, shape, source, act, residual):
+    """dy, x (r) read once, the mask once (one byte per vector; the partial vectors at a
+    window's ends may ask two), dx and grad_residual written once."""
+    args = bwd_args(shape, (dtype, dtype), act, residual, source)
     x = args[1]
     xbytes = x.numel() * x.element_size()
     with emu_config(**MANY):
@@ -425,7 +444,9 @@ def test_backward_traffic(dtype, shape):
     assert call.read("grad_output") == xbytes and call.read("saved") == xbytes, table
     assert call.written("grad_input") == xbytes and call.written("grad_residual") == xbytes, table
     assert call.read("grad_input") == 0 and call.read("grad_residual") == 0, table
+    assert call.read("residual") == (xbytes if residual else 0), table
     V = 16 // x.element_size()
     windows = shape[0] * shape[1]
-    assert x.numel() // V <= call.read("mask") <= x.numel() // V + windows, table
-    assert call.total(big=xbytes // 2) == 4 * xbytes, table
+    if source == 1:
+        assert x.numel() // V <= call.read("mask") <= x.numel() // V + windows, table
+    assert call.total(big=xbytes // 2) == (4 + residual) * xbytes, table

@@ -29,10 +29,10 @@
 // the mask -- or from dy, x and r -- as the reduction loads them and kept in the dy tile, the
 // same sums, epilogue and dx map, grad_residual = dz written from the dx step): dy, x (the mask,
 // r) read once, dx (and grad_residual) written once, 3 |x| (+ 1, + |r|). So does the contiguous
-// layout (NCHW, NCDHW, (N, C, L)) of the mask source (bn_persistent_nchw_backward.cuh with
-// MaskedGradOp and DxDzNchwStore). The streaming passes above are the fallback (too large, the
-// persistent paths off, the cooperative launch refused) and the path of the input source in the
-// contiguous layout, of eval mode and of the output source.
+// layout (NCHW, NCDHW, (N, C, L); bn_persistent_nchw_backward.cuh with MaskedGradOp or
+// InputGradOp's form_dz_slot, and DxDzNchwStore). The streaming passes above are the fallback
+// (too large, the persistent paths off, the cooperative launch refused) and the path of eval
+// mode and of the output source.
 // dz and x_hat / invstd are rounded to the input's dtype where they are formed, as the stored ones
 // were, so the results are those of the unfused passes. Identity from the input is batch norm's
 // backward of dy itself (bn_backward.cu's persistent path included).
@@ -202,6 +202,31 @@ struct InputGradOp : GradOp<T> {
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const Param p = param_of(chan, nc, c0 + j, a.mask_slope, a.act);
+      dv.v[j] = static_cast<T>(dz(static_cast<acc_t>(dv.v[j]), static_cast<acc_t>(xv.v[j]),
+                                  static_cast<acc_t>(rv.v[j]), p));
+    }
+  }
+  // The same for the contiguous persistent backward's slot q (bn_persistent_nchw.cuh): lanes
+  // [lo, hi) of dv, lane j in the unit's local channel nchw_lane_channel(q, j) of the CTA's
+  // staged chan [3][cbmax]; the residual read there (vector loads where it sits in its lines as
+  // dy and x do).
+  template <int V, class Args, typename index_t>
+  __device__ __forceinline__ static void form_dz_slot(const Args& a, const NchwSlot<index_t>& q,
+                                                      const acc_t* chan, int cbmax,
+                                                      Vec<T, V>& dv, const Vec<T, V>& xv) {
+    Vec<T, V> rv;
+    if (a.in2 == nullptr) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) rv.v[j] = static_cast<T>(0.0f);
+    } else if (q.lo == 0 && q.hi == V && a.in2_vec) {
+      rv = load_vec<T, V>(a.in2 + q.base);
+    } else {
+      rv = load_partial<T, V>(a.in2 + q.base, q.lo, q.hi);
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      if (j < q.lo || j >= q.hi) continue;
+      const Param p = param_of(chan, cbmax, nchw_lane_channel(q, j), a.mask_slope, a.act);
       dv.v[j] = static_cast<T>(dz(static_cast<acc_t>(dv.v[j]), static_cast<acc_t>(xv.v[j]),
                                   static_cast<acc_t>(rv.v[j]), p));
     }
@@ -410,10 +435,9 @@ struct DxDzNchwStore : MapStore<GradFn<at::opmath_type<T>>> {
 };
 
 // The persistent backward with Op (MaskedGradOp, InputGradOp) for training mode with dx asked
-// for: the rows layout through bn_persistent_backward.cuh (both ops), the contiguous one through
-// bn_persistent_nchw_backward.cuh (MaskedGradOp: its per-lane dz is the mask's, and the body's
-// vectors span two channels, which InputGradOp's form_dz, channel j per lane j, does not
-// handle). dy, x (the mask, r) read once, dx (and grad_residual = dz) written once; epi writes
+// for: the rows layout through bn_persistent_backward.cuh, the contiguous one through
+// bn_persistent_nchw_backward.cuh (InputGradOp's form_dz_slot there: a vector may span two
+// channels). dy, x (the mask, r) read once, dx (and grad_residual = dz) written once; epi writes
 // the dx coefficients (k0, a, mean, k3) to coeffs [4][C]; chan: the op's parameters. False
 // (nothing written) where it does not apply or fit.
 template <class Op, typename T>
@@ -423,13 +447,10 @@ bool persistent_act_backward(const at::Tensor& dy, const at::Tensor& x, const Ac
                              const ReduceExtras& ex) {
   T* dz = o.need_dr ? o.dz.mutable_data_ptr<T>() : nullptr;
   if (g.layout != Layout::kChannelsLast) {
-    if constexpr (masks_in0<Op>::value) {
-      DxDzNchwStore<T> out;
-      out.dz = dz;
-      return persistent_nchw_backward<T, ActEpilogue<at::opmath_type<T>>, Op>(
-          dy, x, o.dx, g, chan, epi, coeffs, out, ex);
-    }
-    return false;
+    DxDzNchwStore<T> out;
+    out.dz = dz;
+    return persistent_nchw_backward<T, ActEpilogue<at::opmath_type<T>>, Op>(
+        dy, x, o.dx, g, chan, epi, coeffs, out, ex);
   }
   const GradDxStore<T> out{o.dx.mutable_data_ptr<T>(), dz};
   return persistent_rows_backward_op<T, Op>(dy, x, g.rows(), g.C, chan, epi, coeffs, out, ex);

@@ -85,13 +85,9 @@ template <class Op>
 struct chan_rows<Op, std::void_t<decltype(Op::kChanRows)>>
     : std::integral_constant<int, Op::kChanRows> {};
 
-// Ops that form dz from what the load step read, declaring kFormsDz (InputGradOp):
+// Ops that form dz from what the load step read (forms_dz, bn_reduce_kernels.cuh: InputGradOp):
 // Op::form_dz<V>(a, offset, chan, nc, c0, dv, xv) rewrites dv (dy) into dz from dv, xv and what
 // else it reads at offset, with channel c0 + j's parameters at chan[i * nc + c0 + j].
-template <class Op, class = void>
-struct forms_dz : std::false_type {};
-template <class Op>
-struct forms_dz<Op, std::void_t<decltype(Op::kFormsDz)>> : std::bool_constant<Op::kFormsDz> {};
 
 // dz in place of dy in the loaded vector dv (x: xv) of the V channels c0.. at offset, as the
 // streaming reduction forms it (GradOp: dz = dy; MaskedGradOp: its mask_in0; InputGradOp:

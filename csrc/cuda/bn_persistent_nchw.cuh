@@ -107,6 +107,25 @@ struct PersistentNchwArgs {
   const uint8_t* mask = nullptr;
   acc_t mask_slope = acc_t(0);
   bool mask_zero = false;
+  // forms_dz ops (act_backward's InputGradOp): the residual (nullptr: zeros), read as in0 and in1
+  // are loaded (vector loads where it sits in its lines as they do: in2_vec), the activation;
+  // their slope is mask_slope, their parameters chan [3][C] (mean, w * invstd, b).
+  const T* in2 = nullptr;
+  int32_t in2_vec = 0;
+  int32_t act = 0;
+};
+
+// The op whose partials the body grows: Op, or a forms_dz op's Base (GradOp over (dz, x)); and
+// the tiles it holds: Op::kInputs, a forms_dz op's dy (as dz) and x.
+template <class Op, bool = forms_dz<Op>::value>
+struct nchw_reduce_op {
+  using type = Op;
+  static constexpr int kTiles = Op::kInputs;
+};
+template <class Op>
+struct nchw_reduce_op<Op, true> {
+  using type = typename Op::Base;
+  static constexpr int kTiles = 2;
 };
 
 // The start of item i of a balanced split (see PersistentNchwArgs).
@@ -193,13 +212,15 @@ struct NchwWindow {
 template <class Op, int V, typename index_t, class Args, class Epilogue, class Store>
 __device__ __forceinline__ void persistent_nchw_body(const Args& a, const Epilogue& epi,
                                                      const Store& store) {
-  using T = typename Op::scalar_t;
-  using acc_t = typename Op::acc_t;
-  using Partial = typename Op::Partial;
-  using Param = typename Op::Param;
+  using ROp = typename nchw_reduce_op<Op>::type;  // the partials' op
+  using T = typename ROp::scalar_t;
+  using acc_t = typename ROp::acc_t;
+  using Partial = typename ROp::Partial;
+  using Param = typename ROp::Param;
   static_assert(sizeof(Param) == sizeof(acc_t), "the channel values hold one acc_t each");
+  constexpr bool kDz = forms_dz<Op>::value;
   constexpr int K = kReduceK;
-  constexpr int NI = Op::kInputs;  // tiles
+  constexpr int NI = nchw_reduce_op<Op>::kTiles;  // tiles
   constexpr int kWarps = kBlockThreads / kWarpSize;
   const index_t C = a.C, S = a.S;
   const int t = threadIdx.x;
@@ -267,14 +288,22 @@ __device__ __forceinline__ void persistent_nchw_body(const Args& a, const Epilog
     unit_channels(u, c0l, cbn);
     const index_t c0 = static_cast<index_t>(c0l);
     // The previous unit's merges read the pieces this one overwrites (after the barrier below).
-    for (int i = t; i < cbn; i += kBlockThreads) pchan[i] = Op::param(a, c0l + i);
+    // A forms_dz op: its 3 parameter rows [3][cbmax], the first the mean (ROp's parameter).
+    for (int i = t; i < cbn; i += kBlockThreads) {
+      if constexpr (kDz) {
+#pragma unroll
+        for (int kk = 0; kk < 3; ++kk) chan[kk * cbmax + i] = a.chan[kk * a.C + c0l + i];
+      } else {
+        pchan[i] = Op::param(a, c0l + i);
+      }
+    }
     __syncthreads();
 
-    typename Op::Thread s0[K], s1[K];
+    typename ROp::Thread s0[K], s1[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      s0[k] = Op::init();
-      s1[k] = Op::init();
+      s0[k] = ROp::init();
+      s1[k] = ROp::init();
     }
     for (int w = 0; w < nw; ++w) {
       const NchwWindow win = window(w, cbn);
@@ -289,9 +318,12 @@ __device__ __forceinline__ void persistent_nchw_body(const Args& a, const Epilog
             sl[k] = slot(nn, c0, win);
             if (sl[k].lo < sl[k].hi) {
               r0[k] = load_slot(a.in0, sl[k]);
+              if constexpr (NI == 2) r1[k] = load_slot(a.in1, sl[k]);
               if constexpr (masks_in0<Op>::value)
                 Op::template mask_in0<V>(a, sl[k].base, sl[k].lo, sl[k].hi, r0[k]);
-              if constexpr (NI == 2) r1[k] = load_slot(a.in1, sl[k]);
+              if constexpr (kDz)
+                Op::template form_dz_slot<V>(a, sl[k], static_cast<const acc_t*>(chan), cbmax,
+                                             r0[k], r1[k]);
               tile_at(0, u - u_begin, nn, w) = r0[k];
               if constexpr (NI == 2) tile_at(1, u - u_begin, nn, w) = r1[k];
             }
@@ -304,12 +336,12 @@ __device__ __forceinline__ void persistent_nchw_body(const Args& a, const Epilog
           const Vec<T, V>& rb = NI == 2 ? r1[k] : r0[k];
           const Param p0 = pchan[q.ch];
           if (q.lo == 0 && q.bnd == V) {
-            push_group<Op, V>(s0[k], r0[k], rb, r0[k], 0, V, p0);
+            push_group<ROp, V>(s0[k], r0[k], rb, r0[k], 0, V, p0);
           } else {
-            if (q.lo < q.bnd) push_group<Op, V>(s0[k], r0[k], rb, r0[k], q.lo, q.bnd, p0);
+            if (q.lo < q.bnd) push_group<ROp, V>(s0[k], r0[k], rb, r0[k], q.lo, q.bnd, p0);
             if (q.bnd < q.hi) {
               const Param p1 = pchan[q.ch + 1];
-              push_group<Op, V>(s1[k], r0[k], rb, r0[k], q.bnd, q.hi, p1);
+              push_group<ROp, V>(s1[k], r0[k], rb, r0[k], q.bnd, q.hi, p1);
             }
           }
         }
@@ -317,11 +349,11 @@ __device__ __forceinline__ void persistent_nchw_body(const Args& a, const Epilog
     }
 
     // Slots merged in sample order -> pieces[2 t + side] -> per channel in vector order.
-    Partial f0 = Op::finish(s0[0]), f1 = Op::finish(s1[0]);
+    Partial f0 = ROp::finish(s0[0]), f1 = ROp::finish(s1[0]);
 #pragma unroll
     for (int k = 1; k < K; ++k) {
-      Op::merge(f0, Op::finish(s0[k]));
-      Op::merge(f1, Op::finish(s1[k]));
+      ROp::merge(f0, ROp::finish(s0[k]));
+      ROp::merge(f1, ROp::finish(s1[k]));
     }
     pieces[2 * t] = f0;
     pieces[2 * t + 1] = f1;
@@ -354,18 +386,18 @@ __device__ __forceinline__ void persistent_nchw_body(const Args& a, const Epilog
       for (int ch = t; ch < cbn; ch += kBlockThreads) {
         int q_first, q_last;
         q_range(ch, q_first, q_last);
-        Partial acc = Op::empty();
-        for (int q = q_first; q <= q_last; ++q) Op::merge(acc, piece(ch, q, q_first));
+        Partial acc = ROp::empty();
+        for (int q = q_first; q <= q_last; ++q) ROp::merge(acc, piece(ch, q, q_first));
         out[(c0l + ch) * a.gy + blockIdx.y] = acc;
       }
     } else {
       for (int ch = warp; ch < cbn; ch += kWarps) {
         int q_first, q_last;
         q_range(ch, q_first, q_last);
-        Partial acc = Op::empty();
+        Partial acc = ROp::empty();
         for (int q = q_first + lane; q <= q_last; q += kWarpSize)
-          Op::merge(acc, piece(ch, q, q_first));
-        acc = warp_reduce<Op>(acc);
+          ROp::merge(acc, piece(ch, q, q_first));
+        acc = warp_reduce<ROp>(acc);
         if (lane == 0) out[(c0l + ch) * a.gy + blockIdx.y] = acc;
       }
     }
@@ -384,9 +416,9 @@ __device__ __forceinline__ void persistent_nchw_body(const Args& a, const Epilog
     for (int64_t q = static_cast<int64_t>(blockIdx.y) + static_cast<int64_t>(warp) * gy;
          q < cb1 - cb0; q += static_cast<int64_t>(kWarps) * gy) {
       const int64_t c = cb0 + q;
-      Partial acc = Op::empty();
-      for (int64_t i = lane; i < gy; i += kWarpSize) Op::merge(acc, a.partials[c * gy + i]);
-      acc = warp_reduce<Op>(acc);
+      Partial acc = ROp::empty();
+      for (int64_t i = lane; i < gy; i += kWarpSize) ROp::merge(acc, a.partials[c * gy + i]);
+      acc = warp_reduce<ROp>(acc);
       if (lane == 0) epi(c, acc);
     }
   }
@@ -564,7 +596,8 @@ PersistentNchwPlan plan_persistent_nchw(Kernel kernel, int64_t N, int64_t C, int
 // path).
 // store: the Store policy of the last step (MapStore<Fn>, or the fused activation's); a layout it
 // does not accept is left to the streaming path too. ex: the mask of kMaskedIn0 ops (ex.mask,
-// ex.slope, ex.mask_zero).
+// ex.slope, ex.mask_zero); the residual, slope and activation of forms_dz ops (ex.in2, ex.slope,
+// ex.act).
 template <class Op, class Epilogue, class KernelOf, class Store>
 bool persistent_nchw_run(KernelOf kernel_of, const at::Tensor& in0, const at::Tensor& in1,
                          const at::Tensor& out, const Geometry& g,
@@ -574,7 +607,7 @@ bool persistent_nchw_run(KernelOf kernel_of, const at::Tensor& in0, const at::Te
   using T = typename Op::scalar_t;
   using acc_t = typename Op::acc_t;
   using Partial = typename Op::Partial;
-  constexpr int NI = Op::kInputs;
+  constexpr int NI = nchw_reduce_op<Op>::kTiles;
   if (persistent_disabled()) return false;
   constexpr int VM = max_vec<T>();
   const T* p0 = in0.const_data_ptr<T>();
@@ -636,6 +669,9 @@ bool persistent_nchw_run(KernelOf kernel_of, const at::Tensor& in0, const at::Te
       a.mask = ex.mask;
       a.mask_slope = static_cast<acc_t>(ex.slope);
       a.mask_zero = ex.mask_zero;
+      a.in2 = ex.in2.defined() ? ex.in2.const_data_ptr<T>() : nullptr;
+      a.in2_vec = a.in2 != nullptr && (V == 1 || misalignment(a.in2, sizeof(T)) == amis);
+      a.act = ex.act;
       a.out_vec = V == 1 || misalignment(outp, sizeof(T)) == mis ? 1 : 0;
       const cudaStream_t stream = current_stream();
       for (int64_t c0 = 0; c0 < plan.gx; c0 += plan.gx_slab) {

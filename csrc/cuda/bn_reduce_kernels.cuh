@@ -90,6 +90,14 @@ template <class Op>
 struct masks_in0<Op, std::void_t<decltype(Op::kMaskedIn0)>>
     : std::bool_constant<Op::kMaskedIn0> {};
 
+// An op that declares kFormsDz (act_backward's InputGradOp) is, to the persistent backward
+// kernels, its Base op (GradOp over (dz, x)) whose dz it forms from the loaded dy, x and the
+// residual it reads itself (its form_dz hooks), so that the tiles hold dz.
+template <class Op, class = void>
+struct forms_dz : std::false_type {};
+template <class Op>
+struct forms_dz<Op, std::void_t<decltype(Op::kFormsDz)>> : std::bool_constant<Op::kFormsDz> {};
+
 template <class Op, int V, typename index_t>
 __device__ __forceinline__ void mask_in0(
     const ReduceArgs<typename Op::scalar_t, typename Op::acc_t>& a, index_t offset,
