@@ -360,3 +360,66 @@ def test_act_backward_recomputed(act, slope, source, shape, cl, r_offset):
                     R.assert_rule("%s (train %s)" % (name, train), emu[i], cpu[i], ref)
                 else:
                     assert emu[i].numel() == 0, name
+
+
+@pytest.mark.parametrize("act,slope,source", [(3, 0.0, 0), (4, 0.0, 0), (2, 0.1, 0), (2, 0.1, 2),
+                                              (0, 0.0, 2)], ids=str)
+@pytest.mark.parametrize("shape,dtype,offset,cl,residual", [
+    ((2, 3, 40, 40), torch.float32, 0, False, True),     # planes
+    ((2, 3, 40, 40), torch.bfloat16, 3, False, False),   # planes, unaligned head
+    ((3, 2, 70, 70), torch.float16, 0, False, True),     # planes, 2 segments
+    ((4, 8, 5, 5), torch.float16, 0, False, True),       # packed, vectors across planes
+    ((4, 3, 7, 7), torch.float32, 2, False, False),      # packed, scalar (C*S odd)
+    ((64, 12), torch.float64, 0, False, True),           # (N, C) rows
+    ((16, 6, 9, 9), torch.float32, 0, True, True),       # channels_last, 8-byte vectors
+    ((16, 32, 5, 5), torch.bfloat16, 1, True, False)],   # channels_last, offset: scalar
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_act_backward_eval_dx_from_the_reduction(act, slope, source, shape, dtype, offset, cl,
+                                                 residual):
+    """The input and output sources in eval mode with dx and grad_weight / grad_bias asked for:
+    pass 1 forms dz from dy, x (y) and r and writes dx = dz * w * invstd (and dz as
+    grad_residual) as it reads them (bn_act_backward.cu EvalInputDxOp, EvalOutputDxOp, which
+    also recovers x_hat / invstd from y for the sums): dx and grad_residual the same bits as the
+    passes without the sums (the element-wise DxFromInputFn / DxFromOutputFn, GradFromInputFn /
+    RecoverFn), whatever the grid; grad_weight and grad_bias under the rule."""
+    x = placed(shape, dtype, offset, channels_last=cl)
+    dy = placed(shape, dtype, offset, channels_last=cl)
+    r = placed(shape, dtype, offset, channels_last=cl) if residual else None
+    C = shape[1]
+    w, b = params(C, torch.float32)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32  # the saved statistics' dtype
+    mean, invstd = torch.randn(C, dtype=acc), 0.5 + torch.rand(C, dtype=acc)
+    saved = x
+    if source == 2:  # y of an eval forward with the statistics the backward gets
+        y = CPU.act_forward_eval(x, w, b, mean, 1 / invstd ** 2 - EPS, r, EPS, act, slope,
+                                 False)[0]
+        saved = placed(shape, dtype, offset, channels_last=cl)
+        saved.copy_(y)
+    ops = emu_ops()
+
+    def call(out_mask):
+        return ops.act_backward(dy, saved, r, None, w, b, mean, invstd, False, act, slope, source,
+                                out_mask)
+
+    dx_only = call([True, False, False, False])[0]
+    dz_only = call([False, False, False, True])[3]
+    z = R.act_z(x, w, b, r, R.ld(mean), R.ld(invstd))
+    dz = torch.from_numpy(R.act_grad(z, R.ld(dy), act, slope).astype(R.np.float64))
+    ref = R.bwd(dz, x, w, mean, invstd, False)
+    for sms, bps in ((132, 0), (1, 1), (3, 1)):
+        with emu_config(sm_count=sms, blocks_per_sm=bps):
+            for mask in ([True, True, True, False], [True, False, True, True],
+                         [True, True, False, True]):
+                out = call(mask)
+                assert torch.equal(dx_only, out[0]), "eval dx with the sums: %s" % mask
+                if mask[3]:
+                    assert torch.equal(dz_only, out[3]), "grad_residual with the sums: %s" % mask
+                cpu = CPU.act_backward(dy, saved, r, None, w, b, mean, invstd, False, act, slope,
+                                       source, mask)
+                for i, nm in ((1, "grad_weight"), (2, "grad_bias")):
+                    if mask[i]:
+                        R.assert_rule(nm, out[i], cpu[i], ref[i])
+    cpu = CPU.act_backward(dy, saved, r, None, w, b, mean, invstd, False, act, slope, source,
+                           [True, False, False, True])
+    R.assert_rule("grad_input", dx_only, cpu[0], ref[0])
+    R.assert_rule("grad_residual", dz_only, cpu[3], dz)

@@ -1,16 +1,17 @@
 """The fused batch norm + activation ops on the persistent single-read rows paths (issue 15) under
 the CUDA emulation: act_forward_train through persistent_rows_kernel with ActStore
 (csrc/cuda/bn_act_forward.cu: ApplyFn's map, the residual read and y and the packed mask written
-from the tile of x), act_backward from the mask and from the input through
-persistent_rows_backward_kernel with MaskedGradOp / InputGradOp (csrc/cuda/bn_act_backward.cu:
-dz formed where dy, x, the mask and r are loaded, kept in the dy tile, grad_residual = dz written
-from the dx step).
+from the tile of x), act_backward from the mask, the input and the output through
+persistent_rows_backward_kernel with MaskedGradOp / InputGradOp / OutputGradOp
+(csrc/cuda/bn_act_backward.cu: dz formed where dy, x (y), the mask and r are loaded, kept in the
+dy tile -- and, from the output, x_hat / invstd recovered from y in the x tile --, grad_residual =
+dz written from the dx step).
 
 - the path taken (kernel names from the traffic counter): persistent for the rows layouts
   (channels_last 2-D / 3-D, (N, C)) in training mode (the backward: with grad_input asked for);
   the streaming launches where the slab does not fit, when the persistent paths are turned off,
-  in eval mode, without grad_input, for the output source (the contiguous layout's persistent
-  paths: tests/test_cuda_emu_persistent_act_nchw.py), and -- the forward with save_mask -- where
+  in eval mode, without grad_input (the contiguous layout's persistent paths:
+  tests/test_cuda_emu_persistent_act_nchw.py), and -- the forward with save_mask -- where
   the lanes cannot form whole mask bytes (C % 8 != 0, or the lanes of a byte across two warp
   rows: float64 C = 40 has TX = 10 lanes of 2 channels, 4 lanes a byte);
 - what is bitwise and what is judged by the float64 rule: on one CTA per channel column (1 SM x
@@ -28,7 +29,7 @@ from the dx step).
   of the persistent tests (float32, float64, float16, bfloat16 inputs; float32 parameters with
   half inputs), +-Inf and NaN;
 - traffic (tests/test_cuda_emu_traffic.py asserts it at the ResNet shapes): x read once (+ the
-  shift values), r once, y and the mask written once; dy, x and the mask read once, dx and
+  shift values), r once, y and the mask written once; dy, x (y) and the mask read once, dx and
   grad_residual written once.
 """
 import numpy as np
@@ -90,7 +91,8 @@ def fwd_args(shape, pair, act, residual, save, cl=True, seed=0):
 
 
 def bwd_args(shape, pair, act, residual, source, out_mask=ALL4, cl=True, weight=True):
-    """act_backward's arguments from the CPU forward (training mode); source 1: the mask."""
+    """act_backward's arguments from the CPU forward (training mode); source 1: the mask, 2: the
+    output (the forward's y in place of x; the reference recomputes from x_of(shape, pair))."""
     x = rows_input(shape, pair[0], cl)
     dy = rows_input(shape, pair[0], cl, seed=1)
     r = rows_input(shape, pair[0], cl, seed=5) if residual else None
@@ -98,9 +100,9 @@ def bwd_args(shape, pair, act, residual, source, out_mask=ALL4, cl=True, weight=
     if not weight:
         w = None
     code, slope = ACTS[act]
-    _, mean, invstd, _, mask = CPU.act_forward_train(x, w, b, r, EPS, code, slope, source == 1)
-    return (dy, x, r, mask if source == 1 else None, w, b, mean, invstd, True, code, slope,
-            source, list(out_mask))
+    y, mean, invstd, _, mask = CPU.act_forward_train(x, w, b, r, EPS, code, slope, source == 1)
+    return (dy, y if source == 2 else x, r, mask if source == 1 else None, w, b, mean, invstd,
+            True, code, slope, source, list(out_mask))
 
 
 def assert_all_bitwise(a, b, what):
@@ -182,20 +184,21 @@ def test_forward_streaming_when_the_slab_does_not_fit():
     (1, "relu", False, ALL4, True, None),                     # eval mode
     (1, "relu", True, [False, True, True, True], True, None),  # no grad_input
     (0, "silu", True, [False, True, True, False], True, None),
-    (2, "leaky_relu", True, ALL4, True, None),                 # the output source
+    (2, "leaky_relu", True, ALL4, True, [BWD]),                # the output source
+    (2, "identity", True, [True, True, True, False], False, [BWD]),
+    (2, "leaky_relu", False, ALL4, True, None),                # eval mode
+    (2, "identity", True, [False, True, True, True], True, None),
     (1, "relu", True, ALL4, "nchw", ["persistent_nchw_backward_kernel"]),
     (0, "gelu_tanh", True, ALL4, "nchw", ["persistent_nchw_backward_kernel"]),
+    (2, "leaky_relu", True, ALL4, "nchw", ["persistent_nchw_backward_kernel"]),
 ])
 def test_backward_path(source, act, train, out_mask, cl, expect):
-    """Persistent for the mask and the input sources in training mode with grad_input, in the
-    rows layouts and in NCHW (tests/test_cuda_emu_persistent_act_nchw.py); the streaming
+    """Persistent for the mask, input and output sources in training mode with grad_input, in
+    the rows layouts and in NCHW (tests/test_cuda_emu_persistent_act_nchw.py); the streaming
     launches otherwise (and with the persistent paths off)."""
     shape = (300, 24) if cl is False else (4, 32, 6, 6)
     args = list(bwd_args(shape, (torch.float32, torch.float32), act, True, source, out_mask,
                          cl=cl is True))
-    if source == 2:
-        args[1] = CPU.act_forward_train(args[1], args[4], args[5], args[2], EPS, *ACTS[act],
-                                        False)[0]
     args[8] = train
     with emu_config(**MANY):
         _, ks, _ = counted("act_backward", *args)
@@ -247,7 +250,7 @@ def test_forward_one_cta_is_the_streaming_path_bitwise(act, shape, cl, pair, res
 
 def backward_bitwise_cases():
     combos = [(1, "relu"), (1, "leaky_relu"), (0, "relu"), (0, "leaky_relu"), (0, "silu"),
-              (0, "gelu_tanh")]
+              (0, "gelu_tanh"), (2, "leaky_relu"), (2, "identity")]
     masks = [ALL4, [True, False, False, True], [True, True, True, False],
              [True, False, True, False]]
     out = []
@@ -329,7 +332,8 @@ def test_forward_many_ctas_rule(act, shape, cl, pair, residual):
 
 def backward_many_cases():
     out = []
-    combos = [(1, "relu"), (1, "leaky_relu"), (0, "silu"), (0, "gelu_tanh"), (0, "relu")]
+    combos = [(1, "relu"), (1, "leaky_relu"), (0, "silu"), (0, "gelu_tanh"), (0, "relu"),
+              (2, "leaky_relu"), (2, "identity")]
     for i, (source, act) in enumerate(combos):
         for j, (shape, cl) in enumerate(MANY_SHAPES):
             pair = DTYPE_PAIRS[(i + 3 * j) % len(DTYPE_PAIRS)]
@@ -356,6 +360,8 @@ def test_backward_many_ctas_rule(source, act, shape, cl, pair, residual):
             stream = emu_ops().act_backward(*args)
     cpu = CPU.act_backward(*args)
     dy, x, r, _, w, b, mean, invstd = args[:8]
+    if source == 2:  # the reference from x, not from the y the op recovers x_hat from
+        x = rows_input(shape, pair[0], cl)
     code, slope = ACTS[act]
     z = R.act_z(x, w, b, r, R.ld(mean), R.ld(invstd))
     dz = R.act_grad(z, R.ld(dy), code, slope)
@@ -405,7 +411,8 @@ def test_forward_nonfinite(act):
         assert torch.equal(emu[4], mask_of(emu[0], act))
 
 
-@pytest.mark.parametrize("source,act", [(1, "relu"), (1, "leaky_relu"), (0, "silu")])
+@pytest.mark.parametrize("source,act", [(1, "relu"), (1, "leaky_relu"), (0, "silu"),
+                                        (2, "leaky_relu")])
 def test_backward_nonfinite(source, act):
     """+-Inf and NaN in x (so in the saved statistics), in dy and in r: the non-finite places of
     the streaming path, grad_residual its bits, the finite values by the rule."""
@@ -418,9 +425,9 @@ def test_backward_nonfinite(source, act):
     nonfinite_fill(r, [((1, 9, 2, 3), float("inf"))])
     w, b = params(16, torch.float32)
     code, slope = ACTS[act]
-    _, mean, invstd, _, mask = CPU.act_forward_train(x, w, b, r, EPS, code, slope, source == 1)
-    args = (dy, x, r, mask if source == 1 else None, w, b, mean, invstd, True, code, slope,
-            source, ALL4)
+    y, mean, invstd, _, mask = CPU.act_forward_train(x, w, b, r, EPS, code, slope, source == 1)
+    args = (dy, y if source == 2 else x, r, mask if source == 1 else None, w, b, mean, invstd,
+            True, code, slope, source, ALL4)
     with emu_config(**MANY):
         _, ks, _ = counted("act_backward", *args)
         assert ks == [BWD], ks
@@ -469,7 +476,8 @@ def test_forward_traffic(dtype, residual):
                     assert not d.accesses or d.sector_ratio <= 1.1, table
 
 
-@pytest.mark.parametrize("source,act,residual", [(1, "relu", False), (0, "silu", True)])
+@pytest.mark.parametrize("source,act,residual", [(1, "relu", False), (0, "silu", True),
+                                                 (2, "leaky_relu", True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_traffic(dtype, source, act, residual):
     """dy, x (the mask: one byte per vector; r) read once, dx and grad_residual written once."""

@@ -2,15 +2,16 @@
 layout (issue 15) under the CUDA emulation: NCHW, NCDHW and (N, C, L) inputs.
 act_forward_train runs persistent_nchw_kernel (csrc/cuda/bn_persistent_nchw.cuh) with
 ActNchwStore (csrc/cuda/bn_act_forward.cu: act_affine with the residual read, y and the packed
-mask written from the tile of x); act_backward from the mask or the input runs
-persistent_nchw_backward_kernel with MaskedGradOp / InputGradOp (csrc/cuda/bn_act_backward.cu:
-dz -- the masked dy, or act'(z) dy with z recomputed from x and the residual read there --
-formed as dy is loaded and kept in its tile, the sums, epilogue and dx map of backward,
+mask written from the tile of x); act_backward from the mask, the input or the output runs
+persistent_nchw_backward_kernel with MaskedGradOp / InputGradOp / OutputGradOp
+(csrc/cuda/bn_act_backward.cu: dz -- the masked dy, or act'(z) dy with z recomputed from x and
+the residual read there, or from y -- formed as dy is loaded and kept in its tile, and from the
+output x_hat / invstd recovered from y in the x tile; the sums, epilogue and dx map of backward,
 grad_residual = dz written from the dx step).
 
 - the path taken (kernel names from the traffic counter): persistent in training mode (the
-  backward: mask and input sources, grad_input asked for); the streaming launches where the slab
-  does not fit, when the persistent paths are off, in eval mode, for the output source; and --
+  backward: grad_input asked for); the streaming launches where the slab does not fit, when
+  the persistent paths are off, in eval mode, without grad_input; and --
   the forward with save_mask -- where the mask's bytes would not be whole in every window: a
   thread's vector is V consecutive elements, so the forward needs x at the start of its 16-byte
   line (or scalar vectors), packed units of whole blocks of 8 / gcd(S, 8) channels with C a
@@ -20,9 +21,10 @@ grad_residual = dz written from the dx step).
   which can group the units differently), and with the identity and no residual its y too;
   act_backward's grad_residual is the streaming path's (dz depends on no reduction), and its dx,
   dweight and dbias are backward's persistent results on that dz (the same GradOp, partition,
-  epilogue and map); the rest by the float64 rule against the CPU op and the long-double
-  reference; the mask exactly the bits of the persistent y; every result the same bits under two
-  seeds (run_emu: the emulator shuffles the CTAs' order between grid barriers);
+  epilogue and map; not for the output source, whose sums and map run on x_hat / invstd); the
+  rest by the float64 rule against the CPU op and the long-double reference; the mask exactly
+  the bits of the persistent y; every result the same bits under two seeds (run_emu: the
+  emulator shuffles the CTAs' order between grid barriers);
 - activations identity, relu, leaky_relu, silu, gelu_tanh, residual present / absent, save_mask
   on / off, every dtype pair, packed small planes (S = 36: blocks of 2 channels for the mask, 49:
   of 8, 25 with C * S odd: scalars), segmented large planes, NCDHW, (N, C, L), inputs inside a
@@ -62,7 +64,8 @@ def fwd_args(shape, pair, act, residual, save, seed=0, offset=0):
 
 
 def bwd_args(shape, pair, act, residual, source=1, out_mask=ALL4, weight=True, offset=0):
-    """act_backward's arguments from the CPU forward (training mode); source 1: the mask."""
+    """act_backward's arguments from the CPU forward (training mode); source 1: the mask, 2: the
+    output (the forward's y in place of x, x = nchw_input(shape, pair[0]) for the reference)."""
     x = nchw_input(shape, pair[0])
     dy = placed(shape, pair[0], offset) if offset else nchw_input(shape, pair[0], seed=1)
     r = nchw_input(shape, pair[0], seed=5) if residual else None
@@ -70,9 +73,9 @@ def bwd_args(shape, pair, act, residual, source=1, out_mask=ALL4, weight=True, o
     if not weight:
         w = None
     code, slope = ACTS[act]
-    _, mean, invstd, _, mask = CPU.act_forward_train(x, w, b, r, EPS, code, slope, source == 1)
-    return (dy, x, r, mask if source == 1 else None, w, b, mean, invstd, True, code, slope,
-            source, list(out_mask))
+    y, mean, invstd, _, mask = CPU.act_forward_train(x, w, b, r, EPS, code, slope, source == 1)
+    return (dy, y if source == 2 else x, r, mask if source == 1 else None, w, b, mean, invstd,
+            True, code, slope, source, list(out_mask))
 
 
 def run_seeds(name, *args):
@@ -260,13 +263,16 @@ def check_backward(args, expect_persistent=True, same_plan=True):
     dz, a fresh tensor, sits in its lines as dy does, so backward plans the same vectors), all
     by the rule against the CPU op and the long-double reference, two seeds alike."""
     dy, x, r, mask, w, b, mean, invstd, train, code, slope, source, om = args
+    if source == 2:  # the reference from x, not from the y the op recovers x_hat from
+        x = nchw_input(tuple(x.shape), x.dtype)
     with emu_config(**MANY):
         _, ks, _ = counted("act_backward", *args)
         assert (ks == [BWD]) == expect_persistent, ks
         emu = run_seeds("act_backward", *args)
         with emu_config(persistent=False):
             stream = emu_ops().act_backward(*args)
-        if om[3] and om[0] and same_plan:
+        # (the output source's sums and map run on x_hat / invstd recovered from y, not on x)
+        if om[3] and om[0] and same_plan and source != 2:
             plain = emu_ops().backward(emu[3], x, w, mean, invstd, True, om[:3])
             for i, nm in enumerate(("grad_input", "grad_weight", "grad_bias")):
                 if om[i]:
@@ -294,7 +300,7 @@ OUT_MASKS = [ALL4, [True, False, False, True], [True, True, True, False],
 
 
 BWD_COMBOS = [(1, "relu"), (1, "leaky_relu"), (0, "silu"), (0, "gelu_tanh"), (0, "relu"),
-              (0, "leaky_relu")]
+              (0, "leaky_relu"), (2, "leaky_relu"), (2, "identity")]
 
 
 def backward_cases():
@@ -329,13 +335,13 @@ def test_backward_several_sample_ranges(source, act):
 
 
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-@pytest.mark.parametrize("source,act", [(1, "leaky_relu"), (0, "gelu_tanh")])
+@pytest.mark.parametrize("source,act", [(1, "leaky_relu"), (0, "gelu_tanh"), (2, "leaky_relu")])
 def test_backward_every_dtype_bitwise_on_dz(pair, source, act):
     for shape in ((4, 8, 6, 6), (2, 4, 40, 40)):
         check_backward(bwd_args(shape, pair, act, True, source))
 
 
-@pytest.mark.parametrize("source,act", [(1, "relu"), (0, "silu")])
+@pytest.mark.parametrize("source,act", [(1, "relu"), (0, "silu"), (2, "leaky_relu")])
 @pytest.mark.parametrize("offset", [1, 3])
 def test_backward_unaligned_dy(offset, source, act):
     """dy inside a 16-byte line (x aligned): scalar vectors, the mask bits of each element read
@@ -344,29 +350,27 @@ def test_backward_unaligned_dy(offset, source, act):
                             offset=offset), same_plan=False)
 
 
-@pytest.mark.parametrize("act", ["silu", "leaky_relu"])
-def test_backward_residual_unaligned(act):
-    """The input source with r at another position in its lines than dy and x: r read
-    element-wise, the same results."""
-    args = list(bwd_args((4, 8, 6, 6), (torch.float32,) * 2, act, True, 0))
+@pytest.mark.parametrize("source,act", [(0, "silu"), (0, "leaky_relu"), (2, "leaky_relu")])
+def test_backward_residual_unaligned(source, act):
+    """The input and output sources with r at another position in its lines than dy and x (y):
+    r read element-wise, the same results."""
+    args = list(bwd_args((4, 8, 6, 6), (torch.float32,) * 2, act, True, source))
     args[2] = placed(args[2].shape, torch.float32, 1)
     args[2].copy_(nchw_input(args[2].shape, torch.float32, seed=5))
     check_backward(tuple(args))
 
 
 @pytest.mark.parametrize("source,act,train,out_mask", [
-    (2, "leaky_relu", True, ALL4),                   # the output source
     (1, "relu", False, ALL4),                        # eval mode
     (0, "silu", False, ALL4),
+    (2, "leaky_relu", False, ALL4),
     (1, "relu", True, [False, True, True, True]),    # no grad_input
     (0, "gelu_tanh", True, [False, True, True, False]),
+    (2, "identity", True, [False, True, True, True]),
 ])
 def test_backward_streaming_paths(source, act, train, out_mask):
-    """The output source, eval mode and no grad_input have no persistent path."""
+    """Eval mode (its reduction writes dx) and no grad_input have no persistent path."""
     args = list(bwd_args((4, 32, 6, 6), (torch.float32,) * 2, act, True, source, out_mask))
-    if source == 2:
-        args[1] = CPU.act_forward_train(args[1], args[4], args[5], args[2], EPS, *ACTS[act],
-                                        False)[0]
     args[8] = train
     with emu_config(**MANY):
         _, ks, _ = counted("act_backward", *args)
@@ -388,7 +392,7 @@ def test_backward_streaming_when_the_tiles_do_not_fit():
             assert_all_bitwise(out, stream, "fallback")
 
 
-@pytest.mark.parametrize("source,act", [(1, "leaky_relu"), (0, "silu")])
+@pytest.mark.parametrize("source,act", [(1, "leaky_relu"), (0, "silu"), (2, "leaky_relu")])
 def test_backward_nonfinite(source, act):
     shape = (4, 16, 6, 6)
     args = list(bwd_args(shape, (torch.float32, torch.float32), act, True, source))
@@ -428,7 +432,8 @@ def test_forward_traffic(dtype, shape, residual):
                     assert not d.accesses or d.sector_ratio <= 1.1, table
 
 
-@pytest.mark.parametrize("source,act,residual", [(1, "relu", False), (0, "silu", True)])
+@pytest.mark.parametrize("source,act,residual", [(1, "relu", False), (0, "silu", True),
+                                                 (2, "leaky_relu", True)])
 @pytest.mark.parametrize("shape", TRAFFIC_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_traffic(dtype, shape, source, act, residual):

@@ -21,7 +21,9 @@ What is asserted (issue 15):
     float32: 3.2 MB against 8 x 227 KB, where nchw56 float32 takes two slabs of whole
     channels); in eval mode with every gradient asked for, it reads dy and x once and writes dx
     once in every layout (the reduction writes dx = dy * w * invstd), and so does the fused
-    activation backward from the mask (dx = dz * w * invstd, the mask read once);
+    activation backward from the mask (dx = dz * w * invstd, the mask read once), from the
+    input (dz formed from dy, x and the residual, each read once) and from the output (dz and
+    x_hat / invstd from dy, y and the residual);
   * act_forward_train reads x at most 3 times and writes y once; wherever forward_train takes the
     persistent forward (every layout here) it does too, with the activation store
     (bn_persistent.cuh / bn_persistent_nchw.cuh, bn_act_forward.cu): x read exactly once plus
@@ -364,9 +366,10 @@ ACT_RECOMPUTED = {
 
 
 @functools.lru_cache(maxsize=None)
-def measured_act_backward(act, layout, dtype_name, residual, dr):
-    """act_backward of a recomputing source under the traffic counter (training mode, every
-    gradient of batch norm, grad_residual when dr): (OpTraffic, |x| in bytes)."""
+def measured_act_backward(act, layout, dtype_name, residual, dr, train=True):
+    """act_backward of a recomputing source under the traffic counter (training mode unless
+    train is False, every gradient of batch norm, grad_residual when dr): (OpTraffic, |x| in
+    bytes)."""
     require_emu()
     ops = emu_ops()
     code, slope, source = ACT_RECOMPUTED[act]
@@ -381,7 +384,7 @@ def measured_act_backward(act, layout, dtype_name, residual, dr):
     saved = y if source == 2 else x
     with emu_config(sm_count=SMS, blocks_per_sm=0):
         with traffic() as t:
-            ops.act_backward(dy, saved, r, None, w, b, mean, invstd, True, code, slope, source,
+            ops.act_backward(dy, saved, r, None, w, b, mean, invstd, train, code, slope, source,
                              [True, True, True, dr])
     assert len(t.calls) == 1, [c.op for c in t.calls]
     return t.calls[0], x.numel() * x.element_size()
@@ -415,6 +418,30 @@ def test_act_backward_recomputed_passes(act, layout, dtype, residual, dr):
     if dr:
         assert call.written("grad_residual") == xbytes, call.table(xbytes)
         assert call.read("grad_residual") == 0, call.table(xbytes)
+    bad = sector_excess(call, xbytes)
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "leaky_relu_input", "leaky_relu_output",
+                                 "identity_output"])
+@pytest.mark.parametrize("layout", ["nchw56", "nchw7", "cl14", "nc"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("residual,dr", [(False, False), (True, True)])
+def test_act_backward_eval_recomputed_one_pass(act, layout, dtype, residual, dr):
+    """The input and output sources in eval mode with dx and the sums: the reduction forms dz
+    (and x_hat / invstd) from dy, x or y (and r) and writes dx (and grad_residual) as it reads
+    them (EvalInputDxOp, EvalOutputDxOp): each read once, each written once, 3 passes (+ 1 with
+    grad_residual, + 1 for r); no element-wise launch; aligned accesses within 1.1x of the ideal
+    sectors."""
+    call, xbytes = measured_act_backward(act, layout, dtype, residual, dr, train=False)
+    assert passes(call, xbytes) <= 3 + (2 if residual else 0) + 1e-9, call.table(xbytes)
+    for name in ("grad_output", "saved") + (("residual",) if residual else ()):
+        assert call.read(name) == xbytes, call.table(xbytes)
+    assert call.written("grad_input") == xbytes, call.table(xbytes)
+    if dr:
+        assert call.written("grad_residual") == xbytes, call.table(xbytes)
+        assert call.read("grad_residual") == 0, call.table(xbytes)
+    assert not any("act_ew" in k for k in call.kernels()), call.kernels()
     bad = sector_excess(call, xbytes)
     assert not bad, "\n".join(bad)
 

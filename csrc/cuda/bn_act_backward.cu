@@ -13,7 +13,9 @@
 // In eval mode with dx and dweight or dbias asked for, the mask source's reduction writes dx = dz *
 // w * invstd (and dz as grad_residual) as it forms dz (EvalDxOp of bn_reduce_ops.cuh): dy, x and
 // the mask read once, dx written once (3 |x|, 4 with grad_residual); no dx pass (tensors of more
-// than 2^30 elements: the dx pass, as in training).
+// than 2^30 elements: the dx pass, as in training). So do the input source's (EvalInputDxOp:
+// dz formed from dy, x and r once they are loaded, the kFormsIn0 hook) and the output source's
+// (EvalOutputDxOp: dz and x_hat / invstd from dy, y and r): 3 |x| + |r| (+ 1).
 // With batch norm's gradients asked for, no source stores dz to read it back (7 |x| of traffic,
 // 10 for the output source, which also stored x_hat / invstd): dz (and x_hat / invstd) is formed
 // where dy (and x or y) are read -- in the split reduction and in the dx pass -- and dz is written
@@ -30,9 +32,11 @@
 // same sums, epilogue and dx map, grad_residual = dz written from the dx step): dy, x (the mask,
 // r) read once, dx (and grad_residual) written once, 3 |x| (+ 1, + |r|). So does the contiguous
 // layout (NCHW, NCDHW, (N, C, L); bn_persistent_nchw_backward.cuh with MaskedGradOp or
-// InputGradOp's form_dz_slot, and DxDzNchwStore). The streaming passes above are the fallback
-// (too large, the persistent paths off, the cooperative launch refused) and the path of eval
-// mode and of the output source.
+// InputGradOp's form_dz_slot, and DxDzNchwStore). The output source does the same with
+// OutputGradOp's hooks in both layouts (dz in the dy tile, x_hat / invstd recovered from y in
+// the x tile, mean 0): dy, y (r) read once, dx (and grad_residual) written once. The streaming
+// passes above are the fallback (too large, the persistent paths off, the cooperative launch
+// refused) and the path of eval mode (where the reduction writes dx, see above).
 // dz and x_hat / invstd are rounded to the input's dtype where they are formed, as the stored ones
 // were, so the results are those of the unfused passes. Identity from the input is batch norm's
 // backward of dy itself (bn_backward.cu's persistent path included).
@@ -152,6 +156,15 @@ __device__ __forceinline__ acc_t act_grad_rounded(int act, acc_t z, acc_t dy, ac
   return static_cast<acc_t>(static_cast<T>(g));
 }
 
+// The residual of the contiguous persistent backward's slot q (bn_persistent_nchw.cuh): zeros
+// where absent, one vector load where it sits in its lines as dy and x do, else lanes [lo, hi).
+template <typename T, int V, class Args, typename index_t>
+__device__ __forceinline__ Vec<T, V> residual_slot(const Args& a, const NchwSlot<index_t>& q) {
+  if (a.in2 == nullptr) return zero_vec<T, V>();
+  if (q.lo == 0 && q.hi == V && a.in2_vec) return load_vec<T, V>(a.in2 + q.base);
+  return load_partial<T, V>(a.in2 + q.base, q.lo, q.hi);
+}
+
 // GradOp over (dz, x) for the input source: inputs dy, x, r (r absent: zeros, and z + 0 gives
 // every activation the same act'(z) as z), dz = act'(z) * dy with z = (x - mean) * scale + bias
 // + r formed as the reduction loads them. Param: the channel's (mean, w * invstd, bias) from
@@ -214,15 +227,7 @@ struct InputGradOp : GradOp<T> {
   __device__ __forceinline__ static void form_dz_slot(const Args& a, const NchwSlot<index_t>& q,
                                                       const acc_t* chan, int cbmax,
                                                       Vec<T, V>& dv, const Vec<T, V>& xv) {
-    Vec<T, V> rv;
-    if (a.in2 == nullptr) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) rv.v[j] = static_cast<T>(0.0f);
-    } else if (q.lo == 0 && q.hi == V && a.in2_vec) {
-      rv = load_vec<T, V>(a.in2 + q.base);
-    } else {
-      rv = load_partial<T, V>(a.in2 + q.base, q.lo, q.hi);
-    }
+    const Vec<T, V> rv = residual_slot<T, V>(a, q);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       if (j < q.lo || j >= q.hi) continue;
@@ -239,22 +244,91 @@ struct InputGradOp : GradOp<T> {
   }
 };
 
+// The input source in eval mode with dx and grad_weight or grad_bias asked for: InputGradOp's dz
+// formed into dy's vector once dy, x and r are loaded (kFormsIn0), then written as EvalDxOp
+// writes it -- dx = dz * w * invstd (the parameter's scale: eval mode's dx needs no sums) and dz
+// as grad_residual where ReduceArgs::out1 is set -- and pushed as GradOp's (dz, x): dy, x, r
+// read once, dx (and dz) written once. Param: the channel's (mean, w * invstd, bias) from chan
+// [3][C]; the slope and the activation, the same for every channel, are read from the arguments
+// where dz is formed (not held per vector slot: the packed kernel's scalar instantiations
+// spilled with them).
+template <typename T>
+struct EvalInputDxOp : InputGradOp<T> {
+  using In = InputGradOp<T>;
+  using Base = GradOp<T>;
+  using acc_t = typename Base::acc_t;
+  using Thread = typename Base::Thread;
+  struct Param {
+    acc_t mean, scale, bias;
+  };
+  static constexpr bool kStoresIn0 = true;
+  static constexpr bool kFormsIn0 = true;
+  template <class Args>
+  __device__ __forceinline__ static Param param(const Args& a, int64_t c) {
+    return {a.chan[c], a.chan[a.C + c], a.chan[2 * a.C + c]};
+  }
+  __device__ __forceinline__ static acc_t out_scale(const Param& p) { return p.scale; }
+  template <int V, class Args, class ParamOf>
+  __device__ __forceinline__ static void form_in0(const Args& a, int lo, int hi, Vec<T, V>& dv,
+                                                  const Vec<T, V>& xv, const Vec<T, V>& rv,
+                                                  ParamOf param_of) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      if (j >= lo && j < hi) {
+        const Param p = param_of(j);
+        const typename In::Param q{p.mean, p.scale, p.bias, a.mask_slope, a.act};
+        dv.v[j] = static_cast<T>(In::dz(static_cast<acc_t>(dv.v[j]), static_cast<acc_t>(xv.v[j]),
+                                        static_cast<acc_t>(rv.v[j]), q));
+      }
+    }
+  }
+  template <int L>
+  __device__ __forceinline__ static void push(Thread& s, const acc_t (&dz)[L], const acc_t (&x)[L],
+                                              const acc_t (&)[L], int lo, int hi,
+                                              const Param& p) {
+    Base::push(s, dz, x, lo, hi, p.mean);
+  }
+  template <int L>
+  __device__ __forceinline__ static void push_all(Thread& s, const acc_t (&dz)[L],
+                                                  const acc_t (&x)[L], const acc_t (&)[L],
+                                                  const Param& p) {
+    Base::push_all(s, dz, x, p.mean);
+  }
+};
+
 // GradOp over (dz, x_hat / invstd) for the output source (identity: slope 1, or leaky_relu):
 // inputs dy, y, r; z = y > 0 ? y : y / slope, x_hat / invstd = (z - b - r) / (w * invstd),
 // dz = y > 0 ? dy : slope * dy (RecoverFn's), both rounded to T; the mean is 0 (x_hat / invstd
 // is centred). Param: (b, 1 / (w * invstd)) from chan [2][C], the slope and its inverse.
+// The persistent backward kernels form dz and x_hat / invstd where they load dy, y and r (the
+// forms_dz hooks: kept in the dy and x tiles, so that GradOp's sums and the dx map, with mean 0,
+// run on them), from their staged chan [3][nc]: (0 -- GradOp's mean --, b, 1 / (w * invstd)).
 template <typename T>
 struct OutputGradOp : GradOp<T> {
   using Base = GradOp<T>;
   using acc_t = typename Base::acc_t;
   using Thread = typename Base::Thread;
   static constexpr int kInputs = 3;
+  static constexpr int kChanRows = 3;
+  static constexpr bool kFormsDz = true;
   struct Param {
     acc_t bias, inv_scale, slope, inv_slope;
   };
   template <class Args>
   __device__ __forceinline__ static Param param(const Args& a, int64_t c) {
     return {a.chan[c], a.chan[a.C + c], a.mask_slope, a.inv_slope};
+  }
+  // Channel c's parameters from a persistent kernel's staged chan [3][nc].
+  template <class Args>
+  __device__ __forceinline__ static Param staged(const Args& a, const acc_t* chan, int nc, int c) {
+    return {chan[nc + c], chan[2 * nc + c], a.mask_slope, a.inv_slope};
+  }
+  // dz and x_hat / invstd of one element, each rounded to T.
+  __device__ __forceinline__ static void recover(acc_t dy, acc_t y, acc_t r, const Param& p,
+                                                 acc_t& dz, acc_t& xc) {
+    dz = static_cast<acc_t>(static_cast<T>(ActFn<Act::kLeakyRelu>::grad(y, dy, p.slope)));
+    const acc_t z = inverse_leaky(y, p.inv_slope) - p.bias - r;
+    xc = static_cast<acc_t>(static_cast<T>(z * p.inv_scale));
   }
   template <int L>
   __device__ __forceinline__ static void push(Thread& s, const acc_t (&dy)[L], const acc_t (&y)[L],
@@ -263,12 +337,43 @@ struct OutputGradOp : GradOp<T> {
 #pragma unroll
     for (int j = 0; j < L; ++j) {
       if (j >= lo && j < hi) {
-        const acc_t dz = static_cast<acc_t>(
-            static_cast<T>(ActFn<Act::kLeakyRelu>::grad(y[j], dy[j], p.slope)));
-        const acc_t z = inverse_leaky(y[j], p.inv_slope) - p.bias - r[j];
-        const acc_t xc = static_cast<acc_t>(static_cast<T>(z * p.inv_scale));
+        acc_t dz, xc;
+        recover(dy[j], y[j], r[j], p, dz, xc);
         Base::push_one(s, dz, xc, acc_t(0));
       }
+    }
+  }
+  // dz in place of dy in dv, x_hat / invstd in place of y in yv, for the channels c0 + j (the
+  // persistent rows backward's hook); the residual read at offset.
+  template <int V, class Args, typename index_t>
+  __device__ __forceinline__ static void form_dz(const Args& a, index_t offset, const acc_t* chan,
+                                                 int nc, int c0, Vec<T, V>& dv, Vec<T, V>& yv) {
+    const Vec<T, V> rv = load_vec_or_zero<T, V>(a.in2, offset);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      acc_t dz, xc;
+      recover(static_cast<acc_t>(dv.v[j]), static_cast<acc_t>(yv.v[j]),
+              static_cast<acc_t>(rv.v[j]), staged(a, chan, nc, c0 + j), dz, xc);
+      dv.v[j] = static_cast<T>(dz);
+      yv.v[j] = static_cast<T>(xc);
+    }
+  }
+  // The same for the contiguous persistent backward's slot q: lanes [lo, hi), lane j in the
+  // unit's local channel nchw_lane_channel(q, j).
+  template <int V, class Args, typename index_t>
+  __device__ __forceinline__ static void form_dz_slot(const Args& a, const NchwSlot<index_t>& q,
+                                                      const acc_t* chan, int cbmax,
+                                                      Vec<T, V>& dv, Vec<T, V>& yv) {
+    const Vec<T, V> rv = residual_slot<T, V>(a, q);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      if (j < q.lo || j >= q.hi) continue;
+      acc_t dz, xc;
+      recover(static_cast<acc_t>(dv.v[j]), static_cast<acc_t>(yv.v[j]),
+              static_cast<acc_t>(rv.v[j]), staged(a, chan, cbmax, nchw_lane_channel(q, j)), dz,
+              xc);
+      dv.v[j] = static_cast<T>(dz);
+      yv.v[j] = static_cast<T>(xc);
     }
   }
   template <int L>
@@ -276,6 +381,57 @@ struct OutputGradOp : GradOp<T> {
                                                   const acc_t (&y)[L], const acc_t (&r)[L],
                                                   const Param& p) {
     push(s, dy, y, r, 0, L, p);
+  }
+};
+
+// The output source in eval mode with dx and grad_weight or grad_bias asked for: OutputGradOp's
+// dz and x_hat / invstd formed into dy's and y's vectors once dy, y and r are loaded
+// (kFormsIn0), dx = dz * w * invstd (and dz as grad_residual) written as EvalDxOp writes it, and
+// GradOp's (dz, x_hat / invstd) pushed with mean 0: dy, y, r read once, dx (and dz) written
+// once. Param: OutputGradOp's and a = w * invstd, from chan [3][C] (b, 1 / (w * invstd), a).
+template <typename T>
+struct EvalOutputDxOp : OutputGradOp<T> {
+  using Out = OutputGradOp<T>;
+  using Base = GradOp<T>;
+  using acc_t = typename Base::acc_t;
+  using Thread = typename Base::Thread;
+  struct Param {
+    typename Out::Param out;
+    acc_t a;
+  };
+  static constexpr bool kStoresIn0 = true;
+  static constexpr bool kFormsIn0 = true;
+  template <class Args>
+  __device__ __forceinline__ static Param param(const Args& a, int64_t c) {
+    return {Out::param(a, c), a.chan[2 * a.C + c]};
+  }
+  __device__ __forceinline__ static acc_t out_scale(const Param& p) { return p.a; }
+  template <int V, class Args, class ParamOf>
+  __device__ __forceinline__ static void form_in0(const Args&, int lo, int hi, Vec<T, V>& dv,
+                                                  Vec<T, V>& yv, const Vec<T, V>& rv,
+                                                  ParamOf param_of) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      if (j >= lo && j < hi) {
+        acc_t dz, xc;
+        Out::recover(static_cast<acc_t>(dv.v[j]), static_cast<acc_t>(yv.v[j]),
+                     static_cast<acc_t>(rv.v[j]), param_of(j).out, dz, xc);
+        dv.v[j] = static_cast<T>(dz);
+        yv.v[j] = static_cast<T>(xc);
+      }
+    }
+  }
+  template <int L>
+  __device__ __forceinline__ static void push(Thread& s, const acc_t (&dz)[L],
+                                              const acc_t (&xc)[L], const acc_t (&)[L], int lo,
+                                              int hi, const Param&) {
+    Base::push(s, dz, xc, lo, hi, acc_t(0));
+  }
+  template <int L>
+  __device__ __forceinline__ static void push_all(Thread& s, const acc_t (&dz)[L],
+                                                  const acc_t (&xc)[L], const acc_t (&)[L],
+                                                  const Param&) {
+    Base::push_all(s, dz, xc, acc_t(0));
   }
 };
 
@@ -545,18 +701,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_recomputed(
       ex.slope = act == Act::kIdentity ? 1.0 : slope;
       ex.inv_slope = act == Act::kIdentity ? 1.0 : 1.0 / slope;
       ex.act = static_cast<int>(act);
-      if (!from_output && train && o.need_dx) {
-        // The persistent path: chan = params' (mean, w * invstd, b), dx from channel_grad's
-        // (k0, a, mean, k3).
+      if (!train && o.need_dx && fits_int32(g.numel())) {
+        // Eval mode: dx = dz * w * invstd (and dz as grad_residual) written by the reduction as
+        // it forms dz (EvalInputDxOp, EvalOutputDxOp): dy, x (y) and r read once, dx (and dz)
+        // written once.
+        ex.out0 = o.dx;
+        if (o.need_dr) ex.out1 = o.dz;
+        ActEpilogue<acc_t> eepi{o.grads<acc_t>(weight, g), nullptr, nullptr, g.C,
+                                {-1, -1, -1, -1}, train};
+        if (from_output) {
+          using Op = EvalOutputDxOp<scalar_t>;
+          // (b, 1 / (w * invstd), w * invstd): params' rows 0, 1 and 3.
+          const at::Tensor ochan =
+              at::cat({params.narrow(0, 0, 2 * g.C), params.narrow(0, 3 * g.C, g.C)});
+          reduce_pass2<Op>(reduce_pass1<Op>(dy, saved, ochan.const_data_ptr<acc_t>(), g, ex),
+                           g.C, eepi);
+        } else {
+          using Op = EvalInputDxOp<scalar_t>;
+          reduce_pass2<Op>(reduce_pass1<Op>(dy, saved, p, g, ex), g.C, eepi);
+        }
+        return;
+      }
+      if (train && o.need_dx) {
+        // The persistent path, dx from channel_grad's (k0, a, mean, k3): the input source's chan
+        // is params' (mean, w * invstd, b); the output source's (0, b, 1 / (w * invstd)), its
+        // tiles holding x_hat / invstd (mean 0 in the sums and in the map).
         const at::Tensor coeffs = at::empty({kGradParams * g.C}, acc_opts);
         const ActEpilogue<acc_t> pepi{o.grads<acc_t>(weight, g),
-                                      o.mean.const_data_ptr<acc_t>(),
+                                      from_output ? nullptr : o.mean.const_data_ptr<acc_t>(),
                                       coeffs.mutable_data_ptr<acc_t>(),
                                       g.C,
                                       {0, 1, 2, 3},
                                       true};
-        if (persistent_act_backward<InputGradOp<scalar_t>, scalar_t>(dy, saved, o, g, p, pepi,
-                                                                     coeffs, ex)) {
+        if (from_output) {
+          const at::Tensor pchan = at::cat({zeros, params.narrow(0, 0, 2 * g.C)});
+          if (persistent_act_backward<OutputGradOp<scalar_t>, scalar_t>(
+                  dy, saved, o, g, pchan.const_data_ptr<acc_t>(), pepi, coeffs, ex)) {
+            return;
+          }
+        } else if (persistent_act_backward<InputGradOp<scalar_t>, scalar_t>(dy, saved, o, g, p,
+                                                                            pepi, coeffs, ex)) {
           return;
         }
       }

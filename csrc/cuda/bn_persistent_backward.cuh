@@ -75,6 +75,7 @@ struct PersistentGradArgs {
   bool mask_zero = false;
   const T* in2 = nullptr;
   int act = 0;
+  acc_t inv_slope = acc_t(1);  // OutputGradOp's 1 / slope
 };
 
 // Rows of PersistentGradArgs::chan an op reads per channel: 1 (the saved mean) unless it
@@ -85,9 +86,10 @@ template <class Op>
 struct chan_rows<Op, std::void_t<decltype(Op::kChanRows)>>
     : std::integral_constant<int, Op::kChanRows> {};
 
-// Ops that form dz from what the load step read (forms_dz, bn_reduce_kernels.cuh: InputGradOp):
-// Op::form_dz<V>(a, offset, chan, nc, c0, dv, xv) rewrites dv (dy) into dz from dv, xv and what
-// else it reads at offset, with channel c0 + j's parameters at chan[i * nc + c0 + j].
+// Ops that form dz from what the load step read (forms_dz, bn_reduce_kernels.cuh: InputGradOp,
+// OutputGradOp): Op::form_dz<V>(a, offset, chan, nc, c0, dv, xv) rewrites dv (dy) into dz from
+// dv, xv and what else it reads at offset, with channel c0 + j's parameters at chan[i * nc + c0
+// + j]; OutputGradOp also xv (y) into x_hat / invstd (and its chan's row 0, GradOp's mean, is 0).
 
 // dz in place of dy in the loaded vector dv (x: xv) of the V channels c0.. at offset, as the
 // streaming reduction forms it (GradOp: dz = dy; MaskedGradOp: its mask_in0; InputGradOp:
@@ -95,7 +97,7 @@ struct chan_rows<Op, std::void_t<decltype(Op::kChanRows)>>
 template <class Op, int V, typename T, typename acc_t, typename index_t>
 __device__ __forceinline__ void persistent_dz(const PersistentGradArgs<T, acc_t>& a,
                                               index_t offset, const acc_t* chan, int nc, int c0,
-                                              Vec<T, V>& dv, const Vec<T, V>& xv) {
+                                              Vec<T, V>& dv, Vec<T, V>& xv) {
   if constexpr (masks_in0<Op>::value) Op::template mask_in0<V>(a, offset, 0, V, dv);
   if constexpr (forms_dz<Op>::value) Op::template form_dz<V>(a, offset, chan, nc, c0, dv, xv);
 }
@@ -297,6 +299,7 @@ bool persistent_rows_backward_op(const at::Tensor& dy, const at::Tensor& x, int6
       a.mask_zero = ex.mask_zero;
       a.in2 = in2;
       a.act = ex.act;
+      a.inv_slope = static_cast<acc_t>(ex.inv_slope);
       const cudaStream_t stream = current_stream();
       for (int64_t c0 = 0; c0 < plan.gx; c0 += plan.gx_slab) {
         a.col0 = c0;

@@ -107,12 +107,14 @@ struct PersistentNchwArgs {
   const uint8_t* mask = nullptr;
   acc_t mask_slope = acc_t(0);
   bool mask_zero = false;
-  // forms_dz ops (act_backward's InputGradOp): the residual (nullptr: zeros), read as in0 and in1
-  // are loaded (vector loads where it sits in its lines as they do: in2_vec), the activation;
-  // their slope is mask_slope, their parameters chan [3][C] (mean, w * invstd, b).
+  // forms_dz ops (act_backward's InputGradOp, OutputGradOp): the residual (nullptr: zeros), read
+  // as in0 and in1 are loaded (vector loads where it sits in its lines as they do: in2_vec), the
+  // activation; their slope is mask_slope, their parameters chan [3][C] (InputGradOp: mean,
+  // w * invstd, b; OutputGradOp: 0, b, 1 / (w * invstd)).
   const T* in2 = nullptr;
   int32_t in2_vec = 0;
   int32_t act = 0;
+  acc_t inv_slope = acc_t(1);  // OutputGradOp's 1 / slope
 };
 
 // The op whose partials the body grows: Op, or a forms_dz op's Base (GradOp over (dz, x)); and
@@ -597,7 +599,7 @@ PersistentNchwPlan plan_persistent_nchw(Kernel kernel, int64_t N, int64_t C, int
 // store: the Store policy of the last step (MapStore<Fn>, or the fused activation's); a layout it
 // does not accept is left to the streaming path too. ex: the mask of kMaskedIn0 ops (ex.mask,
 // ex.slope, ex.mask_zero); the residual, slope and activation of forms_dz ops (ex.in2, ex.slope,
-// ex.act).
+// ex.inv_slope, ex.act).
 template <class Op, class Epilogue, class KernelOf, class Store>
 bool persistent_nchw_run(KernelOf kernel_of, const at::Tensor& in0, const at::Tensor& in1,
                          const at::Tensor& out, const Geometry& g,
@@ -672,6 +674,7 @@ bool persistent_nchw_run(KernelOf kernel_of, const at::Tensor& in0, const at::Te
       a.in2 = ex.in2.defined() ? ex.in2.const_data_ptr<T>() : nullptr;
       a.in2_vec = a.in2 != nullptr && (V == 1 || misalignment(a.in2, sizeof(T)) == amis);
       a.act = ex.act;
+      a.inv_slope = static_cast<acc_t>(ex.inv_slope);
       a.out_vec = V == 1 || misalignment(outp, sizeof(T)) == mis ? 1 : 0;
       const cudaStream_t stream = current_stream();
       for (int64_t c0 = 0; c0 < plan.gx; c0 += plan.gx_slab) {

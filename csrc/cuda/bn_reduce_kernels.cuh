@@ -130,13 +130,24 @@ template <class Op>
 struct stores_in0<Op, std::void_t<decltype(Op::kStoresIn0)>>
     : std::bool_constant<Op::kStoresIn0> {};
 
+// A kStoresIn0 op that also declares kFormsIn0 (act_backward's input and output sources in eval
+// mode) first rewrites in0's elements [lo, hi) into what it stores and pushes -- dz from dy, x
+// (y) and r; the output source also in1's, y into x_hat / invstd -- with
+// Op::form_in0<V>(a, lo, hi, r0, r1, r2, param_of), where the other hooks see only in0.
+template <class Op, class = void>
+struct forms_in0 : std::false_type {};
+template <class Op>
+struct forms_in0<Op, std::void_t<decltype(Op::kFormsIn0)>> : std::bool_constant<Op::kFormsIn0> {};
+
 template <class Op, int V, typename index_t, class ParamOf>
 __device__ __forceinline__ void store_in0(
     const ReduceArgs<typename Op::scalar_t, typename Op::acc_t>& a, index_t offset, int lo,
-    int hi, const Vec<typename Op::scalar_t, V>& r, ParamOf param_of) {
+    int hi, Vec<typename Op::scalar_t, V>& r, Vec<typename Op::scalar_t, V>& r1,
+    const Vec<typename Op::scalar_t, V>& r2, ParamOf param_of) {
   if constexpr (stores_in0<Op>::value) {
     using T = typename Op::scalar_t;
     using acc_t = typename Op::acc_t;
+    if constexpr (forms_in0<Op>::value) Op::template form_in0<V>(a, lo, hi, r, r1, r2, param_of);
     Vec<T, V> out;
 #pragma unroll
     for (int j = 0; j < V; ++j)
@@ -293,7 +304,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         if (lo[k] < hi[k]) {
-          store_in0<Op, V, index_t>(a, at[k], lo[k], hi[k], r0[k], [&](int) { return par; });
+          store_in0<Op, V, index_t>(a, at[k], lo[k], hi[k], r0[k], r1[k], r2[k],
+                                    [&](int) { return par; });
           push_group<Op, V>(st, r0[k], r1[k], r2[k], lo[k], hi[k], par);
         }
       }
@@ -374,7 +386,7 @@ __device__ __forceinline__ void reduce_packed_group(
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       if (!live[k]) continue;
-      store_in0<Op, V, index_t>(a, group_at(k), lo[k], hi[k], r0[k],
+      store_in0<Op, V, index_t>(a, group_at(k), lo[k], hi[k], r0[k], r1[k], r2[k],
                                 [&](int j) { return j < bnd[k] ? p0[k] : p1[k]; });
       if (lo[k] == 0 && bnd[k] == V) {
         push_group<Op, V>(s0[k], r0[k], r1[k], r2[k], 0, V, p0[k]);
@@ -523,7 +535,7 @@ __global__ void __launch_bounds__(kBlockThreads)
         for (int u = 0; u < K; ++u) {
           if (u < cnt) {
             store_in0<Op, V, index_t>(a, (r + static_cast<index_t>(u) * TY) * C + cv * V, 0, V,
-                                      v0[u], [&](int j) { return par[j]; });
+                                      v0[u], v1[u], v2[u], [&](int j) { return par[j]; });
           }
         }
       }
